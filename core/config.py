@@ -1,0 +1,146 @@
+"""`GuardConfig`: every knob of the safe-decoding search, validated at construction.
+
+The defaults are sized for interactive use on one GPU. The paper's settings
+(arXiv 2502.01208, appendix) are `block_size=32, num_candidates=128, beam_width=32,
+max_new_tokens=128, resample_rounds=2, budget=10`; pass them explicitly to reproduce it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class GuardConfig(BaseModel):
+    """Configuration of InferenceGuard and of the baselines that share its interface.
+
+    Frozen: derive a changed copy with `config.with_overrides(field=value, ...)`,
+    which validates like the constructor does.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    budget: float = Field(
+        0.0,
+        description="Safety budget d: a response is safe iff its cost C(x, y) <= budget. "
+        "Any finite number; with a non-negative cost model, a negative budget is unreachable.",
+    )
+    num_candidates: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="N: candidate blocks sampled and scored per search step, per prompt.",
+    )
+    beam_width: int = Field(
+        4,
+        ge=1,
+        le=4096,
+        description="K: beams kept after each step; num_candidates must be a multiple of it.",
+    )
+    block_size: int = Field(
+        8, ge=1, le=4096, description="Tokens per candidate block (scored at block ends)."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=65536, description="Most tokens in a response.")
+    resample_rounds: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="M: times a block is resampled with penalised logits when every "
+        "candidate of a prompt is over budget.",
+    )
+    unsafe_penalty: float = Field(
+        1e4,
+        ge=0,
+        description="n: an over-budget candidate scores -n + z (z < 0), below any safe one.",
+    )
+    unsafe_logit_penalty: float = Field(
+        5.0,
+        ge=0,
+        description="Subtracted, when resampling, from the logits of tokens seen in unsafe "
+        "candidates.",
+    )
+    safety_discount: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="gamma_c of the safety state z_{t+1} = (z_t - c_t) / gamma_c, in (0, 1].",
+    )
+    temperature: float = Field(
+        1.0, ge=0, le=100, description="Sampling temperature; 0 decodes greedily."
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1]; 1 disables it."
+    )
+    top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens; 0 disables it.")
+    scorer: Literal["auto", "models"] = Field(
+        "auto",
+        description="How candidates are scored: 'models' runs the cost and reward models on "
+        "the candidate text; 'auto' picks the best mode available.",
+    )
+    on_unsafe: Literal["refuse", "return", "raise"] = Field(
+        "refuse",
+        description="When the final response is over budget: return refusal_text (refuse), "
+        "return it flagged safe=False (return), or raise UnsafeGenerationError (raise).",
+    )
+    refusal_text: str = Field(
+        "I'm sorry, but I can't help with that.",
+        description="Text returned instead of an over-budget response when on_unsafe='refuse'.",
+    )
+    stop: tuple[str, ...] = Field(
+        (), description="Stop strings: a response ends before the first one it contains."
+    )
+    stream_commit: Literal["agreement", "block"] = Field(
+        "agreement",
+        description="Streaming: 'agreement' emits the prefix all beams share (same text as "
+        "generate); 'block' commits the best block each step (lower latency, weaker search).",
+    )
+    seed: int | None = Field(
+        None, ge=0, description="Seed of each prompt's sampler; None draws a fresh one per call."
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_is_finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"budget must be a finite number, got {value}")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must be non-empty; remove '' from stop")
+        return value
+
+    @model_validator(mode="after")
+    def _candidates_fill_beams(self) -> GuardConfig:
+        if self.num_candidates % self.beam_width:
+            nearest = self.beam_width * max(1, round(self.num_candidates / self.beam_width))
+            raise ValueError(
+                f"num_candidates ({self.num_candidates}) must be a multiple of beam_width "
+                f"({self.beam_width}) so that every beam gets the same number of children; "
+                f"try num_candidates={nearest}"
+            )
+        return self
+
+    @property
+    def children_per_beam(self) -> int:
+        """Candidate blocks sampled from each live beam: `num_candidates // beam_width`."""
+        return self.num_candidates // self.beam_width
+
+    def with_overrides(self, **overrides: Any) -> GuardConfig:
+        """Return a validated copy with `overrides` applied (unknown names are rejected)."""
+        if not overrides:
+            return self
+        return type(self).model_validate({**self.model_dump(), **overrides})

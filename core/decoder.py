@@ -1,0 +1,252 @@
+"""`Decoder`: the interface every decoder shares (InferenceGuard and the baselines).
+
+A decoder turns prompts into `GuardResult`s. This base class owns what is common:
+prompt validation, per-call config overrides, seeds, the final safety record, and
+the sync/async/streaming entry points. Subclasses implement `_decode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from core.config import GuardConfig
+from core.errors import InvalidPromptError, MissingCostModelError, PromptTooLongError
+from core.lm import CausalLM, EncodedPrompt, PromptInput
+from core.results import FinishReason, GenerationStats, GuardResult
+from core.scorers import Scorer
+from core.search import PromptSearch
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """A decoded response before its safety record is attached."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    reward: float | None = None
+    blocks: int = 0
+    candidates_scored: int = 0
+    resample_rounds: int = 0
+
+    @classmethod
+    def of(cls, search: PromptSearch) -> Response:
+        """The best finished response of a block search."""
+        best = search.best()
+        return cls(
+            token_ids=best.token_ids,
+            text=best.text,
+            finish_reason=best.finish_reason,
+            reward=best.reward,
+            blocks=search.blocks,
+            candidates_scored=search.candidates_scored,
+            resample_rounds=search.resample_rounds,
+        )
+
+
+class Decoder(ABC):
+    """Base of all decoders: generate, generate_batch, stream and their async forms.
+
+    Args:
+        lm: the base model.
+        cost: cost model C(x, y); every decoder reports the cost of what it returns.
+        reward: reward model R(x, y), or None.
+        config: defaults for every call; each call may override fields by keyword.
+    """
+
+    def __init__(
+        self,
+        lm: CausalLM,
+        cost: Scorer | None,
+        reward: Scorer | None = None,
+        config: GuardConfig | None = None,
+    ) -> None:
+        if cost is None:
+            raise MissingCostModelError(
+                f"{type(self).__name__} needs a cost model: pass cost=KeywordCost([...]), "
+                "RegexCost(...), ClassifierScorer.from_pretrained(...) or GuardModelCost(...)"
+            )
+        for name, scorer in (("cost", cost), ("reward", reward)):
+            if scorer is not None and not isinstance(scorer, Scorer):
+                raise TypeError(
+                    f"{name} must be a core.scorers.Scorer (e.g. KeywordCost, ClassifierScorer, "
+                    f"or CallableScorer(fn) around a function), got {type(scorer).__name__}"
+                )
+        if config is not None and not isinstance(config, GuardConfig):
+            raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+        self.lm = lm
+        self.cost = cost
+        self.reward = reward
+        self.config = config or GuardConfig()
+        self.last_result: GuardResult | None = None
+
+    # ----------------------------------------------------------------- public API
+    def generate(self, prompt: PromptInput, **overrides: Any) -> GuardResult:
+        """Generate one response.
+
+        Args:
+            prompt: plain text (used as is) or a chat message list (chat template applied).
+            **overrides: `GuardConfig` fields for this call only.
+        """
+        return self.generate_batch([prompt], **overrides)[0]
+
+    def generate_batch(self, prompts: Sequence[PromptInput], **overrides: Any) -> list[GuardResult]:
+        """Generate one response per prompt, all prompts decoded together."""
+        config = self.config.with_overrides(**overrides)
+        encoded = self.encode_prompts(prompts, config)
+        started = time.perf_counter()
+        responses = self._decode(encoded, config, self._seeds(len(encoded), config))
+        results = self._finalize(encoded, responses, config, time.perf_counter() - started)
+        self.last_result = results[-1]
+        return results
+
+    def stream(self, prompt: PromptInput, **overrides: Any) -> Iterator[str]:
+        """Yield the response as text deltas that can no longer change.
+
+        This default yields the whole response at once; decoders that can commit text
+        earlier override it. `self.last_result` holds the full result afterwards.
+        """
+        result = self.generate(prompt, **overrides)
+        if result.text:
+            yield result.text
+
+    async def agenerate(self, prompt: PromptInput, **overrides: Any) -> GuardResult:
+        """`generate` in a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.generate, prompt, **overrides)
+
+    async def agenerate_batch(
+        self, prompts: Sequence[PromptInput], **overrides: Any
+    ) -> list[GuardResult]:
+        """`generate_batch` in a worker thread."""
+        return await asyncio.to_thread(self.generate_batch, prompts, **overrides)
+
+    async def astream(self, prompt: PromptInput, **overrides: Any) -> AsyncIterator[str]:
+        """`stream` driven from a worker thread; deltas arrive as they are committed.
+
+        Leaving the loop early stops the search after its current step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                for delta in self.stream(prompt, **overrides):
+                    if cancelled.is_set():
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
+            except BaseException as error:  # handed to the consumer, never lost
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "delta":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            cancelled.set()
+            await worker
+
+    # ------------------------------------------------------------------ internals
+    def encode_prompts(
+        self, prompts: Sequence[PromptInput], config: GuardConfig
+    ) -> list[EncodedPrompt]:
+        """Validate and tokenize prompts, checking they fit the context window."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidPromptError(
+                "generate_batch takes a list of prompts; for a single prompt call generate()"
+            )
+        if not prompts:
+            raise InvalidPromptError("no prompts given; pass at least one prompt")
+        window = self.lm.context_window
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, (str, list, tuple)):
+                raise InvalidPromptError(
+                    f"prompt {index} must be a string or a list of {{'role', 'content'}} "
+                    f"messages, got {type(prompt).__name__}"
+                )
+            item = self.lm.encode(prompt)
+            if not item.ids:
+                raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
+            if window is not None and len(item.ids) + config.max_new_tokens > window:
+                raise PromptTooLongError(
+                    f"prompt {index} has {len(item.ids)} tokens and max_new_tokens is "
+                    f"{config.max_new_tokens}, but the model's context window is {window} "
+                    f"tokens; shorten the prompt or lower max_new_tokens to at most "
+                    f"{max(window - len(item.ids), 0)}"
+                )
+            encoded.append(item)
+        return encoded
+
+    @staticmethod
+    def _seeds(count: int, config: GuardConfig) -> list[int]:
+        if config.seed is not None:
+            return [config.seed] * count
+        return torch.randint(0, 2**62, (count,)).tolist()
+
+    @abstractmethod
+    def _decode(
+        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+    ) -> list[Response]:
+        """Decode one response per prompt."""
+
+    def _finalize(
+        self,
+        prompts: list[EncodedPrompt],
+        responses: list[Response],
+        config: GuardConfig,
+        seconds: float,
+    ) -> list[GuardResult]:
+        """Score the responses with the real cost model (and the reward model where the
+        search did not) and build the results. Baselines report; InferenceGuard enforces."""
+        prompt_texts = [p.text for p in prompts]
+        texts = [r.text for r in responses]
+        costs = self.cost(prompt_texts, texts).tolist()
+        rewards: list[float | None] = [r.reward for r in responses]
+        missing = [i for i, r in enumerate(rewards) if r is None]
+        if self.reward is not None and missing:
+            scored = self.reward([prompt_texts[i] for i in missing], [texts[i] for i in missing])
+            for i, value in zip(missing, scored.tolist(), strict=True):
+                rewards[i] = value
+        results = []
+        for prompt, response, cost, reward in zip(prompts, responses, costs, rewards, strict=True):
+            result = GuardResult(
+                text=response.text,
+                token_ids=response.token_ids,
+                safe=cost <= config.budget,
+                cost=cost,
+                reward=reward,
+                refused=False,
+                finish_reason=response.finish_reason,
+                budget=config.budget,
+                stats=GenerationStats(
+                    blocks=response.blocks,
+                    candidates_scored=response.candidates_scored,
+                    resample_rounds=response.resample_rounds,
+                    prompt_tokens=len(prompt.ids),
+                    completion_tokens=len(response.token_ids),
+                    seconds=seconds,
+                ),
+            )
+            results.append(result)
+        return self._enforce(results, config)
+
+    def _enforce(self, results: list[GuardResult], config: GuardConfig) -> list[GuardResult]:
+        """What to do with scored results; baselines report them as they are."""
+        return results

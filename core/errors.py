@@ -1,0 +1,51 @@
+"""Typed errors raised by the safe-decoding core.
+
+Every error says what was wrong and how to fix the call. All inherit from
+`SafeguardError`, so callers can catch the package's errors in one place; the ones
+caused by a bad argument are also `ValueError`s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.results import GuardResult
+
+
+class SafeguardError(Exception):
+    """Base class of every error raised by the package."""
+
+
+class InvalidPromptError(SafeguardError, ValueError):
+    """A prompt is empty, not text, or not a well-formed message list."""
+
+
+class PromptTooLongError(InvalidPromptError):
+    """A prompt plus `max_new_tokens` does not fit in the model's context window."""
+
+
+class ChatTemplateError(SafeguardError, ValueError):
+    """A message list was given but the tokenizer has no chat template."""
+
+
+class MissingCostModelError(SafeguardError, ValueError):
+    """A safe decoder was built without the cost model it needs."""
+
+
+class ScorerOutputError(SafeguardError, ValueError):
+    """A scorer returned the wrong number of scores or non-finite values."""
+
+
+class UnsafeGenerationError(SafeguardError):
+    """The search found no response within the safety budget and `on_unsafe="raise"`.
+
+    Attributes:
+        result: the first over-budget `GuardResult`, flagged `safe=False`.
+        results: every result of the call, in prompt order, so that nothing is lost.
+    """
+
+    def __init__(self, message: str, result: GuardResult, results: list[GuardResult]) -> None:
+        super().__init__(message)
+        self.result = result
+        self.results = results

@@ -1,0 +1,74 @@
+"""`GuardResult`: what a decoder returns for one prompt, with its safety record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "safety"]
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Work done for one response.
+
+    Attributes:
+        blocks: search steps (blocks decoded) for this prompt.
+        candidates_scored: candidate blocks passed to the scorers, resamples included.
+        resample_rounds: times this prompt's block was resampled with penalised logits.
+        prompt_tokens: tokens of the prompt as fed to the model.
+        completion_tokens: tokens of the returned text.
+        seconds: wall time of the call that produced this result.
+    """
+
+    blocks: int = 0
+    candidates_scored: int = 0
+    resample_rounds: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """One generated response and its safety outcome.
+
+    `cost`, `reward` and `safe` describe the response the search produced, as judged
+    by the real cost model: `safe` is `cost <= budget`. `refused` says that this
+    response was withheld and `text` is the configured refusal instead; so a result
+    with `safe=False` is either `refused` or was returned on request
+    (`on_unsafe="return"`), never silently.
+
+    Attributes:
+        text: the returned text.
+        token_ids: token ids of the returned text (the refusal's when refused).
+        safe: whether the produced response is within budget.
+        cost: cost model's C(x, y) of the produced response.
+        reward: reward model's R(x, y) of it, or None without a reward model.
+        refused: whether `text` is the refusal text standing in for it.
+        finish_reason: "stop" (EOS or stop string), "length" (max_new_tokens) or
+            "safety" (refused).
+        budget: the budget it was held to.
+        stats: work done for it.
+    """
+
+    text: str
+    token_ids: list[int]
+    safe: bool
+    cost: float
+    reward: float | None
+    refused: bool
+    finish_reason: FinishReason
+    budget: float
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def safety_record(self) -> dict[str, float | bool | int | None]:
+        """The safety record the framework integrations attach to their responses."""
+        return {
+            "safe": self.safe,
+            "cost": self.cost,
+            "budget": self.budget,
+            "reward": self.reward,
+            "refused": self.refused,
+            "resample_rounds": self.stats.resample_rounds,
+        }
