@@ -1,0 +1,91 @@
+"""Session fixtures: a tiny local Llama, its tokenizer, and keywords it says often.
+
+Everything is built locally once per session (no hub) and saved to a temporary
+directory, so `from_pretrained` paths are exercised on real files.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import GuardConfig
+from core.baselines import SamplingDecoder
+from core.scorers import KeywordCost
+from core.testing import build_tiny_llama, build_tiny_tokenizer
+
+PROMPT = "Tell me about the dog and the garden."
+OTHER_PROMPT = "What is a good name for a small bird?"
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with sockets disabled: nothing may reach the network."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return build_tiny_llama(tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny model and tokenizer saved with `save_pretrained`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def frequent_words(tiny_model, tiny_tokenizer) -> list[str]:
+    """Words the tiny model emits often, from its own samples: the fewest most frequent
+    words that together appear in at least 85% of 40 plain samples."""
+    sampler = SamplingDecoder(
+        tiny_model,
+        tiny_tokenizer,
+        cost=KeywordCost(["unused"]),
+        config=GuardConfig(max_new_tokens=32),
+    )
+    torch.manual_seed(1234)  # seed=None draws each prompt's seed from torch's global RNG
+    samples = [
+        {w.strip(".,!?").lower() for w in r.text.split()}
+        for r in sampler.generate_batch([PROMPT] * 40, seed=None)
+    ]
+    counts = Counter(word for words in samples for word in words if len(word) > 2)
+    chosen: list[str] = []
+    for word, _ in counts.most_common():
+        chosen.append(word)
+        if sum(any(w in words for w in chosen) for words in samples) >= 0.85 * len(samples):
+            break
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def keyword_cost(frequent_words) -> KeywordCost:
+    return KeywordCost(frequent_words)
+
+
+@pytest.fixture()
+def small_config() -> GuardConfig:
+    return GuardConfig(num_candidates=16, beam_width=4, block_size=8, max_new_tokens=32)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
