@@ -1,0 +1,225 @@
+"""Unit tests for logits warping and per-prompt seeded sampling in `core.sampling`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.sampling import PromptSamplers, penalize_tokens, warp_logits
+
+CPU = torch.device("cpu")
+
+
+def _logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _nucleus_reference(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep mask of the smallest set of likeliest tokens whose probability reaches `top_p`."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    probs = logits.double().softmax(-1)
+    for row in range(logits.shape[0]):
+        order = torch.argsort(probs[row], descending=True)
+        mass = 0.0
+        for token in order.tolist():
+            keep[row, token] = True
+            mass += probs[row, token].item()
+            if mass >= top_p:
+                break
+    return keep
+
+
+# --- warp_logits ----------------------------------------------------------------------------
+
+
+def test_warp_logits_divides_by_temperature_and_returns_a_float_copy() -> None:
+    logits = _logits(3, 7).half()
+    warped = warp_logits(logits, temperature=0.5, top_k=0, top_p=1.0)
+    assert warped.dtype == torch.float32
+    torch.testing.assert_close(warped, logits.float() / 0.5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_top_k_keeps_exactly_the_k_likeliest_tokens(k: int) -> None:
+    logits = _logits(5, 10)
+    warped = warp_logits(logits, temperature=1.0, top_k=k, top_p=1.0)
+    finite = torch.isfinite(warped)
+    assert finite.sum(-1).tolist() == [k] * 5
+    expected = torch.zeros_like(finite).scatter(-1, torch.topk(logits, k, dim=-1).indices, True)
+    assert torch.equal(finite, expected)
+    torch.testing.assert_close(warped[finite], logits[finite])
+    assert torch.all(warped[~finite] == float("-inf"))
+
+
+@pytest.mark.parametrize("k", [0, 10, 50])
+def test_top_k_zero_or_at_least_vocab_keeps_every_token(k: int) -> None:
+    logits = _logits(2, 10)
+    assert torch.isfinite(warp_logits(logits, 1.0, top_k=k, top_p=1.0)).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass() -> None:
+    # Vocabulary order deliberately differs from probability order.
+    probs = torch.tensor([[0.15, 0.5, 0.1, 0.25]])
+    logits = probs.log()
+    kept = {
+        p: torch.isfinite(warp_logits(logits, 1.0, 0, p))[0].nonzero().flatten().tolist()
+        for p in (0.3, 0.7, 0.8, 0.95)
+    }
+    assert kept == {0.3: [1], 0.7: [1, 3], 0.8: [0, 1, 3], 0.95: [0, 1, 2, 3]}
+
+
+def test_top_p_stops_as_soon_as_the_mass_is_reached_exactly() -> None:
+    # Uniform over 4 tokens: the cumulative mass is exactly 0.25, 0.5, 0.75, 1.
+    logits = torch.zeros(3, 4)
+    for top_p, size in ((0.25, 1), (0.5, 2), (0.75, 3), (0.76, 4)):
+        kept = torch.isfinite(warp_logits(logits, 1.0, 0, top_p)).sum(-1)
+        assert kept.tolist() == [size] * 3, top_p
+
+
+def test_top_p_matches_reference_nucleus_on_random_rows() -> None:
+    logits = _logits(64, 20, seed=3)
+    for top_p in (0.2, 0.5, 0.9):
+        finite = torch.isfinite(warp_logits(logits, 1.0, 0, top_p))
+        assert torch.equal(finite, _nucleus_reference(logits, top_p)), top_p
+
+
+def test_top_p_always_keeps_at_least_the_likeliest_token() -> None:
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 0.0, 9.0]])
+    warped = warp_logits(logits, 1.0, 0, top_p=1e-9)
+    finite = torch.isfinite(warped)
+    assert finite.sum(-1).tolist() == [1, 1]
+    assert finite[1, 3]
+
+
+def test_top_p_applies_to_the_mass_left_after_top_k() -> None:
+    # After top-2 the renormalised mass is [4/7, 3/7]: top_p=0.5 keeps one token, although
+    # the unrenormalised nucleus of 0.5 would need two.
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    combined = warp_logits(logits, 1.0, top_k=2, top_p=0.5)
+    assert torch.isfinite(combined)[0].tolist() == [True, False, False, False]
+    random = _logits(32, 12, seed=5)
+    combined = warp_logits(random, 1.0, top_k=6, top_p=0.8)
+    after_k = warp_logits(random, 1.0, top_k=6, top_p=1.0)
+    assert torch.equal(torch.isfinite(combined), _nucleus_reference(after_k, 0.8))
+    assert torch.isfinite(combined).sum(-1).max() <= 6
+
+
+def test_temperature_is_applied_before_nucleus_filtering() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    sharp = torch.isfinite(warp_logits(logits, 0.25, 0, 0.9)).sum().item()
+    flat = torch.isfinite(warp_logits(logits, 4.0, 0, 0.9)).sum().item()
+    assert sharp == 1
+    assert flat == 4
+
+
+def test_warp_logits_does_not_modify_its_input() -> None:
+    logits = _logits(4, 9)
+    before = logits.clone()
+    warp_logits(logits, 0.7, top_k=3, top_p=0.6).fill_(0.0)
+    assert torch.equal(logits, before)
+
+
+# --- penalize_tokens ------------------------------------------------------------------------
+
+
+def test_penalize_tokens_subtracts_penalty_only_on_masked_tokens() -> None:
+    logits = _logits(3, 6)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, [1, 4]] = True
+    mask[2, 0] = True
+    got = penalize_tokens(logits, mask, penalty=2.5)
+    torch.testing.assert_close(got[mask], logits[mask] - 2.5)
+    assert torch.equal(got[~mask], logits[~mask])
+
+
+def test_penalize_tokens_does_not_modify_its_inputs() -> None:
+    logits = _logits(2, 5)
+    mask = torch.tensor([[True, False, True, False, False], [False] * 5])
+    before = (logits.clone(), mask.clone())
+    penalize_tokens(logits, mask, 3.0).fill_(0.0)
+    assert torch.equal(logits, before[0])
+    assert torch.equal(mask, before[1])
+
+
+# --- PromptSamplers -------------------------------------------------------------------------
+
+
+def test_temperature_zero_samples_greedily_without_drawing_randomness() -> None:
+    logits = _logits(6, 11)
+    samplers = PromptSamplers([5, 6], CPU)
+    greedy = samplers.sample(logits, [4, 2], [0, 1], temperature=0)
+    assert torch.equal(greedy, logits.argmax(-1))
+    # The generators are untouched: the next draw matches a fresh sampler's first draw.
+    after = samplers.sample(logits, [4, 2], [0, 1], temperature=1.0)
+    fresh = PromptSamplers([5, 6], CPU).sample(logits, [4, 2], [0, 1], temperature=1.0)
+    assert torch.equal(after, fresh)
+
+
+def test_same_seeds_draw_the_same_tokens() -> None:
+    logits = _logits(8, 30)
+    draws = [
+        [samplers.sample(logits, [5, 3], [0, 1], temperature=1.0) for _ in range(3)]
+        for samplers in (PromptSamplers([1, 2], CPU), PromptSamplers([1, 2], CPU))
+    ]
+    for first, second in zip(*draws, strict=True):
+        assert torch.equal(first, second)
+    other = PromptSamplers([3, 4], CPU)
+    assert any(
+        not torch.equal(other.sample(logits, [5, 3], [0, 1], 1.0), step) for step in draws[0]
+    )
+
+
+def test_a_prompts_draws_do_not_depend_on_other_prompts_in_the_batch() -> None:
+    logits_a = _logits(4, 25, seed=1)
+    logits_b = _logits(3, 25, seed=2)
+    alone = PromptSamplers([101], CPU)
+    together = PromptSamplers([202, 101], CPU)  # A is prompt 1 here, and comes after B
+    for _ in range(3):
+        tokens_alone = alone.sample(logits_a, [4], [0], temperature=0.9, top_k=10, top_p=0.95)
+        tokens_batch = together.sample(
+            torch.cat([logits_b, logits_a]), [3, 4], [0, 1], temperature=0.9, top_k=10, top_p=0.95
+        )
+        assert torch.equal(tokens_batch[3:], tokens_alone)
+
+
+def test_sampled_tokens_never_fall_outside_top_k() -> None:
+    logits = _logits(200, 40, seed=4)
+    allowed = torch.topk(logits, 3, dim=-1).indices
+    samplers = PromptSamplers([0, 1], CPU)
+    for _ in range(5):
+        tokens = samplers.sample(logits, [120, 80], [0, 1], temperature=2.0, top_k=3)
+        assert (allowed == tokens[:, None]).any(-1).all()
+
+
+def test_sampled_tokens_stay_inside_the_nucleus() -> None:
+    logits = _logits(200, 40, seed=6)
+    nucleus = _nucleus_reference(logits, 0.5)
+    tokens = PromptSamplers([9], CPU).sample(logits, [200], [0], temperature=1.0, top_p=0.5)
+    assert nucleus.gather(-1, tokens[:, None]).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_empirical_frequencies_follow_the_softmax(temperature: float) -> None:
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    draws = 2000
+    logits = probs.log().expand(draws, 3)
+    tokens = PromptSamplers([42], CPU).sample(logits, [draws], [0], temperature=temperature)
+    frequencies = torch.bincount(tokens, minlength=3).float() / draws
+    expected = (probs.log() / temperature).softmax(-1)
+    assert torch.allclose(frequencies, expected, atol=0.05), (frequencies, expected)
+
+
+def test_sample_never_picks_a_token_with_zero_probability() -> None:
+    logits = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).expand(500, 4)
+    tokens = PromptSamplers([3], CPU).sample(logits, [500], [0], temperature=1.0)
+    assert set(tokens.tolist()) == {0, 2}
+
+
+def test_sample_does_not_modify_its_inputs() -> None:
+    logits = _logits(5, 12)
+    group_sizes, prompt_ids = [2, 3], [1, 0]
+    before = (logits.clone(), list(group_sizes), list(prompt_ids))
+    PromptSamplers([7, 8], CPU).sample(logits, group_sizes, prompt_ids, 0.8, top_k=4, top_p=0.9)
+    PromptSamplers([7, 8], CPU).sample(logits, group_sizes, prompt_ids, 0.0)
+    assert torch.equal(logits, before[0])
+    assert (group_sizes, prompt_ids) == before[1:]
