@@ -21,7 +21,7 @@ from core.config import GuardConfig
 from core.decoder import Decoder, Response
 from core.lm import CausalLM, EncodedPrompt
 from core.scorers import Scorer
-from core.search import BlockSearch, ModelsEvaluator, Scoring
+from core.search import BlockSearch, ModelsEvaluator, Scoring, first_stop
 
 
 class _BlockSearchBaseline(Decoder):
@@ -39,7 +39,6 @@ class _BlockSearchBaseline(Decoder):
         lagrange_multiplier: float = 1.0,
     ) -> None:
         super().__init__(CausalLM(model, tokenizer), cost, reward, config)
-        self.scoring = scoring
         self.search = BlockSearch(
             self.lm,
             ModelsEvaluator(cost, reward),
@@ -70,8 +69,6 @@ class SamplingDecoder(_BlockSearchBaseline):
         config: GuardConfig | None = None,
     ) -> None:
         super().__init__(model, tokenizer, cost, reward, config, scoring="reward")
-        # Reward comes from the final scoring pass, not from inside the search.
-        self.search.evaluator = ModelsEvaluator(None, None)
 
     def _search_config(self, config: GuardConfig) -> GuardConfig:
         return config.with_overrides(
@@ -87,27 +84,6 @@ class BestOfN(_BlockSearchBaseline):
         lagrange_multiplier: lambda of the Lagrangian scoring.
     """
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        cost: Scorer | None = None,
-        reward: Scorer | None = None,
-        config: GuardConfig | None = None,
-        *,
-        scoring: Scoring = "reward",
-        lagrange_multiplier: float = 1.0,
-    ) -> None:
-        super().__init__(
-            model,
-            tokenizer,
-            cost,
-            reward,
-            config,
-            scoring=scoring,
-            lagrange_multiplier=lagrange_multiplier,
-        )
-
     def _search_config(self, config: GuardConfig) -> GuardConfig:
         return config.with_overrides(beam_width=1, block_size=config.max_new_tokens)
 
@@ -120,27 +96,6 @@ class BlockBeamSearch(_BlockSearchBaseline):
         scoring: "reward", "lagrangian" or "augmented" (see the module docstring).
         lagrange_multiplier: lambda of the Lagrangian scoring.
     """
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        cost: Scorer | None = None,
-        reward: Scorer | None = None,
-        config: GuardConfig | None = None,
-        *,
-        scoring: Scoring = "reward",
-        lagrange_multiplier: float = 1.0,
-    ) -> None:
-        super().__init__(
-            model,
-            tokenizer,
-            cost,
-            reward,
-            config,
-            scoring=scoring,
-            lagrange_multiplier=lagrange_multiplier,
-        )
 
 
 class ARGS(Decoder):
@@ -232,11 +187,11 @@ class ARGS(Decoder):
         responses = []
         for ids, reason in zip(token_ids, reasons, strict=True):
             text = self.lm.decode([ids])[0]
-            cuts = [i for i in (text.find(s) for s in config.stop) if i >= 0]
+            cut = first_stop(text, config.stop)
             responses.append(
                 Response(
                     token_ids=ids,
-                    text=text[: min(cuts)] if cuts else text,
+                    text=text[:cut],
                     finish_reason=reason or "length",
                 )
             )

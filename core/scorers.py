@@ -22,7 +22,7 @@ import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import (
@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from typing_extensions import Self
 
 from core.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
 
@@ -339,6 +340,31 @@ class _ModelScorer(Scorer):
     tokenizer: PreTrainedTokenizerBase
     batch_size: int
 
+    _auto_class: ClassVar[type]
+    """The transformers auto class `from_pretrained` loads the model with."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> Self:
+        """Load the tokenizer and the model (in eval mode) by hub name or local path.
+
+        `kwargs` are the scorer's own options (see the class). Remote code runs only
+        with `trust_remote_code=True`.
+        """
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        load_kwargs = {} if dtype is None else {"dtype": dtype}
+        model = cls._auto_class.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **load_kwargs
+        )
+        return cls(model.eval(), tokenizer, device=device, **kwargs)
+
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:
         if device is not None:
             model.to(device)
@@ -408,6 +434,8 @@ class ClassifierScorer(_ModelScorer):
         device: moves the model there; default: leave it where it is.
     """
 
+    _auto_class = AutoModelForSequenceClassification
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -456,28 +484,6 @@ class ClassifierScorer(_ModelScorer):
         self.batch_size = batch_size
         limits = [n for n in (max_length, _context_length(model)) if n is not None]
         self.max_length = min(limits) if limits else None
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        trust_remote_code: bool = False,
-        **kwargs: Any,
-    ) -> ClassifierScorer:
-        """Load a tokenizer and an `AutoModelForSequenceClassification` in eval mode.
-
-        `kwargs` are the scorer's options (`template`, `label`, `output`, `batch_size`,
-        `max_length`). Remote code runs only with `trust_remote_code=True`.
-        """
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        load_kwargs = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **load_kwargs
-        )
-        return cls(model.eval(), tokenizer, device=device, **kwargs)
 
     def _render(self, prompt: str, response: str) -> str:
         if self.template is not None:
@@ -545,6 +551,8 @@ class GuardModelCost(_ModelScorer):
         ChatTemplateError: no `template` and the tokenizer has no chat template.
     """
 
+    _auto_class = AutoModelForCausalLM
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -579,28 +587,6 @@ class GuardModelCost(_ModelScorer):
             if name in accepted
         }
         self._takes_position_ids = "position_ids" in accepted
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        trust_remote_code: bool = False,
-        **kwargs: Any,
-    ) -> GuardModelCost:
-        """Load a tokenizer and an `AutoModelForCausalLM` guard in eval mode.
-
-        `kwargs` are the scorer's options (`unsafe_token`, `safe_token`, `template`,
-        `batch_size`). Remote code runs only with `trust_remote_code=True`.
-        """
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        load_kwargs = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **load_kwargs
-        )
-        return cls(model.eval(), tokenizer, device=device, **kwargs)
 
     def _verdict_ids(self, safe: str | int, unsafe: str | int) -> tuple[list[int], int, int]:
         """`(shared_prefix, safe_id, unsafe_id)` for the two verdict tokens."""

@@ -424,7 +424,7 @@ class BlockSearch:
         texts = self.lm.decode(token_ids)
         reasons: list[Literal["stop", "length"] | None] = []
         for i, ended in enumerate(block.ended[index].tolist()):
-            cut = _first_stop(texts[i], config.stop)
+            cut = first_stop(texts[i], config.stop)
             if cut is not None:
                 texts[i] = texts[i][:cut]
                 token_ids[i] = self._tokens_before(token_ids[i], cut)
@@ -544,8 +544,9 @@ class BlockSearch:
         return torch.tensor(keep, dtype=torch.long), beams, live
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None (so `text[:cut]` is the
+    text before it either way)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
