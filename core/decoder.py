@@ -245,8 +245,10 @@ class Decoder(ABC):
                 ),
             )
             results.append(result)
-        return self._enforce(results, config)
+        return self._enforce(prompts, results, config)
 
-    def _enforce(self, results: list[GuardResult], config: GuardConfig) -> list[GuardResult]:
+    def _enforce(
+        self, prompts: list[EncodedPrompt], results: list[GuardResult], config: GuardConfig
+    ) -> list[GuardResult]:
         """What to do with scored results; baselines report them as they are."""
         return results

@@ -127,8 +127,14 @@ class InferenceGuard(Decoder):
             yield result.text[len(emitted) :]
 
     # --------------------------------------------------------------- enforcement
-    def _enforce(self, results: list[GuardResult], config: GuardConfig) -> list[GuardResult]:
-        """Apply `on_unsafe` to over-budget results."""
+    def _enforce(
+        self, prompts: list[EncodedPrompt], results: list[GuardResult], config: GuardConfig
+    ) -> list[GuardResult]:
+        """Apply `on_unsafe` to over-budget results.
+
+        A refusal stands in for the response only if the cost model accepts the refusal
+        text itself for that prompt; otherwise the response is withheld as empty text.
+        """
         unsafe = [r for r in results if not r.safe]
         if not unsafe or config.on_unsafe == "return":
             return results
@@ -142,20 +148,27 @@ class InferenceGuard(Decoder):
                 result=first,
                 results=results,
             )
+        refused = [i for i, r in enumerate(results) if not r.safe]
+        refusal_costs = self.cost(
+            [prompts[i].text for i in refused], [config.refusal_text] * len(refused)
+        ).tolist()
         refusal_ids = self.lm.tokenizer(config.refusal_text, add_special_tokens=False)["input_ids"]
-        return [
-            result
-            if result.safe
-            else dataclasses.replace(
-                result,
-                text=config.refusal_text,
-                token_ids=list(refusal_ids),
+        withheld = list(results)
+        for i, refusal_cost in zip(refused, refusal_costs, strict=True):
+            text, ids = (
+                (config.refusal_text, list(refusal_ids))
+                if refusal_cost <= config.budget
+                else ("", [])
+            )
+            withheld[i] = dataclasses.replace(
+                results[i],
+                text=text,
+                token_ids=ids,
                 refused=True,
                 finish_reason="safety",
-                stats=dataclasses.replace(result.stats, completion_tokens=len(refusal_ids)),
+                stats=dataclasses.replace(results[i].stats, completion_tokens=len(ids)),
             )
-            for result in results
-        ]
+        return withheld
 
 
 def _settled_text(text: str, stops: Sequence[str]) -> str:

@@ -18,6 +18,10 @@ from core.baselines import SamplingDecoder
 from core.scorers import KeywordCost
 from core.testing import build_tiny_llama, build_tiny_tokenizer
 
+# Tiny models gain nothing from intra-op threads, and threads spinning on a busy
+# 2-core machine can slow a test a hundredfold.
+torch.set_num_threads(1)
+
 PROMPT = "Tell me about the dog and the garden."
 OTHER_PROMPT = "What is a good name for a small bird?"
 

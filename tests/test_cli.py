@@ -67,8 +67,9 @@ def test_json_response_is_safe_within_a_zero_keyword_budget(tiny_model_dir, freq
     assert set(data) >= {"text", "reward", "resample_rounds", "finish_reason", "stats"}
 
 
-def test_impossible_budget_refuses(tiny_model_dir, capsys):
-    argv = generate(tiny_model_dir, "--cost-keywords", "dog", "--budget", "-1")
+def test_unreachable_budget_refuses(tiny_model_dir, capsys):
+    # Every response is over budget (the regex matches any word), the refusal is not.
+    argv = generate(tiny_model_dir, "--cost-regex", r"\b(?!Not\b|today\b)\w+", "--budget", "0")
     data = run_json(capsys, [*argv, "--refusal-text", "Not today."])
     assert data["refused"] is True
     assert data["safe"] is False

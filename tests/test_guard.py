@@ -26,6 +26,13 @@ SEEDS = range(20)
 
 
 @pytest.fixture()
+def only_refusals_are_safe(small_config) -> CallableScorer:
+    """A cost that rejects everything the model says and accepts the refusal text."""
+    refusal = small_config.refusal_text
+    return CallableScorer(lambda prompt, response: float(response != refusal), batched=False)
+
+
+@pytest.fixture()
 def guard(tiny_model, tiny_tokenizer, keyword_cost, small_config) -> InferenceGuard:
     return InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, config=small_config)
 
@@ -48,14 +55,28 @@ def test_inference_guard_returns_no_over_budget_response_in_twenty_seeds(guard, 
     assert all(r.finish_reason in ("stop", "length") and r.token_ids for r in results)
 
 
-def test_impossible_budget_ends_in_refusal(guard):
-    result = guard.generate(PROMPT, budget=-1.0, seed=0)
+def test_unreachable_budget_ends_in_refusal(
+    tiny_model, tiny_tokenizer, only_refusals_are_safe, small_config
+):
+    guard = InferenceGuard(
+        tiny_model, tiny_tokenizer, cost=only_refusals_are_safe, config=small_config
+    )
+    result = guard.generate(PROMPT, budget=0.5, seed=0)
     assert result.refused
     assert not result.safe
     assert result.text == guard.config.refusal_text
+    assert result.token_ids == tiny_tokenizer(result.text, add_special_tokens=False)["input_ids"]
+    assert result.finish_reason == "safety"
+    assert result.cost == 1.0
+    assert result.stats.resample_rounds == guard.config.resample_rounds * result.stats.blocks
+
+
+def test_refusal_rejected_by_the_cost_model_is_withheld_as_empty_text(guard):
+    result = guard.generate(PROMPT, budget=-1.0, seed=0)
+    assert result.refused and not result.safe
+    assert result.text == "" and result.token_ids == []
     assert result.finish_reason == "safety"
     assert result.cost >= 0 > result.budget
-    assert result.stats.resample_rounds == guard.config.resample_rounds * result.stats.blocks
 
 
 def test_impossible_budget_raises_when_asked(guard):
@@ -146,8 +167,13 @@ def test_agreement_stream_matches_generate(guard):
     assert streamed == guard.generate(PROMPT, seed=8).text
 
 
-def test_stream_ending_in_refusal_finishes_with_safety(guard):
-    deltas = list(guard.stream(PROMPT, seed=1, budget=-1.0))
+def test_stream_ending_in_refusal_finishes_with_safety(
+    tiny_model, tiny_tokenizer, only_refusals_are_safe, small_config
+):
+    guard = InferenceGuard(
+        tiny_model, tiny_tokenizer, cost=only_refusals_are_safe, config=small_config
+    )
+    deltas = list(guard.stream(PROMPT, seed=1, budget=0.5))
     assert "".join(deltas) == guard.config.refusal_text
     assert guard.last_result.refused
     assert guard.last_result.finish_reason == "safety"
