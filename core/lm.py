@@ -49,7 +49,8 @@ class DecodeState:
             a row finished.
         next_position: `(rows,)` long position id of each row's next token.
         logits: `(rows, vocab)` float next-token logits.
-        hidden: `(rows, hidden)` last-layer hidden state of each row's last fed token.
+        hidden: `(rows, hidden)` last-layer hidden state of each row's last decoded
+            token (zeros right after prefill).
     """
 
     cache: Any
@@ -241,15 +242,22 @@ class CausalLM:
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            output_hidden_states=True,
             logits_to_keep=1,
+        )
+        # Hidden states are read at block ends only; asking for them here would keep
+        # every layer's `(rows, seq, hidden)` activations alive at once.
+        hidden = torch.zeros(
+            len(prompts),
+            self.model.config.get_text_config().hidden_size,
+            dtype=self.model.dtype,
+            device=self.device,
         )
         return DecodeState(
             cache=out.cache,
             attention_mask=attention_mask,
             next_position=attention_mask.sum(-1),
             logits=out.logits[:, -1].float(),
-            hidden=out.hidden_states[-1][:, -1],
+            hidden=hidden,
         )
 
     @torch.inference_mode()

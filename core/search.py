@@ -78,11 +78,11 @@ class ModelsEvaluator:
     """`models` mode: run the cost and reward scorers on the candidates' text.
 
     Args:
-        cost: cost scorer, or None when the scoring needs no cost (reward-only baselines).
+        cost: cost scorer.
         reward: reward scorer, or None (the search then ranks by log-likelihood).
     """
 
-    def __init__(self, cost: Scorer | None, reward: Scorer | None) -> None:
+    def __init__(self, cost: Scorer, reward: Scorer | None) -> None:
         self.cost_scorer = cost
         self.reward_scorer = reward
 
@@ -91,8 +91,6 @@ class ModelsEvaluator:
         return self.reward_scorer is not None
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
-        if self.cost_scorer is None:
-            return torch.zeros(len(candidates.texts))
         return self.cost_scorer(candidates.prompt_texts, candidates.texts)
 
     def reward(self, candidates: Candidates) -> torch.Tensor:

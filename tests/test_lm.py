@@ -101,6 +101,7 @@ def test_prefill_keeps_logits_of_the_last_position_only(lm):
     state = lm.prefill([lm.encode(PROMPT).ids, lm.encode("Hi").ids])
     assert state.logits.shape == (2, lm.vocab_size)
     assert state.hidden.shape == (2, lm.model.config.hidden_size)
+    assert not state.hidden.any()
 
 
 def test_messages_go_through_the_chat_template_and_scorers_see_a_transcript(lm):
