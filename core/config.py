@@ -86,8 +86,7 @@ class GuardConfig(BaseModel):
     )
     refusal_text: str = Field(
         "I'm sorry, but I can't help with that.",
-        description="Text returned instead of an over-budget response when on_unsafe='refuse' "
-        "(empty text if the cost model rejects the refusal too).",
+        description="Text returned instead of an over-budget response when on_unsafe='refuse'.",
     )
     stop: tuple[str, ...] = Field(
         (), description="Stop strings: a response ends before the first one it contains."

@@ -37,6 +37,10 @@ class ScorerOutputError(SafeguardError, ValueError):
     """A scorer returned the wrong number of scores or non-finite values."""
 
 
+class RefusalOverBudgetWarning(UserWarning):
+    """The configured refusal text is itself over budget under the cost model."""
+
+
 class UnsafeGenerationError(SafeguardError):
     """The search found no response within the safety budget and `on_unsafe="raise"`.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import GuardConfig
 from core.decoder import Decoder, Response
-from core.errors import UnsafeGenerationError
+from core.errors import RefusalOverBudgetWarning, UnsafeGenerationError
 from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.results import GuardResult
 from core.scorers import Scorer
@@ -132,8 +133,9 @@ class InferenceGuard(Decoder):
     ) -> list[GuardResult]:
         """Apply `on_unsafe` to over-budget results.
 
-        A refusal stands in for the response only if the cost model accepts the refusal
-        text itself for that prompt; otherwise the response is withheld as empty text.
+        Refusing returns `refusal_text`, flagged `refused=True`. If the cost model rejects
+        the refusal text itself, a `RefusalOverBudgetWarning` says so: the refusal is
+        still returned (and flagged), since the user chose it.
         """
         unsafe = [r for r in results if not r.safe]
         if not unsafe or config.on_unsafe == "return":
@@ -153,22 +155,27 @@ class InferenceGuard(Decoder):
             [prompts[i].text for i in refused], [config.refusal_text] * len(refused)
         ).tolist()
         refusal_ids = self.lm.tokenizer(config.refusal_text, add_special_tokens=False)["input_ids"]
-        withheld = list(results)
-        for i, refusal_cost in zip(refused, refusal_costs, strict=True):
-            text, ids = (
-                (config.refusal_text, list(refusal_ids))
-                if refusal_cost <= config.budget
-                else ("", [])
+        if any(cost > config.budget for cost in refusal_costs):
+            warnings.warn(
+                f"the refusal text {config.refusal_text!r} is itself over the budget "
+                f"({max(refusal_costs):.4g} > {config.budget:.4g}) under the cost model; "
+                "set refusal_text to a text the cost model accepts",
+                RefusalOverBudgetWarning,
+                stacklevel=4,
             )
-            withheld[i] = dataclasses.replace(
-                results[i],
-                text=text,
-                token_ids=ids,
+        return [
+            result
+            if result.safe
+            else dataclasses.replace(
+                result,
+                text=config.refusal_text,
+                token_ids=list(refusal_ids),
                 refused=True,
                 finish_reason="safety",
-                stats=dataclasses.replace(results[i].stats, completion_tokens=len(ids)),
+                stats=dataclasses.replace(result.stats, completion_tokens=len(refusal_ids)),
             )
-        return withheld
+            for result in results
+        ]
 
 
 def _settled_text(text: str, stops: Sequence[str]) -> str:

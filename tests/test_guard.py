@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from core import (
     InvalidPromptError,
     MissingCostModelError,
     PromptTooLongError,
+    RefusalOverBudgetWarning,
     UnsafeGenerationError,
 )
 from core.baselines import SamplingDecoder
@@ -61,7 +63,9 @@ def test_unreachable_budget_ends_in_refusal(
     guard = InferenceGuard(
         tiny_model, tiny_tokenizer, cost=only_refusals_are_safe, config=small_config
     )
-    result = guard.generate(PROMPT, budget=0.5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RefusalOverBudgetWarning)
+        result = guard.generate(PROMPT, budget=0.5, seed=0)
     assert result.refused
     assert not result.safe
     assert result.text == guard.config.refusal_text
@@ -71,10 +75,11 @@ def test_unreachable_budget_ends_in_refusal(
     assert result.stats.resample_rounds == guard.config.resample_rounds * result.stats.blocks
 
 
-def test_refusal_rejected_by_the_cost_model_is_withheld_as_empty_text(guard):
-    result = guard.generate(PROMPT, budget=-1.0, seed=0)
+def test_impossible_budget_refuses_and_warns_that_the_refusal_is_over_budget_too(guard):
+    with pytest.warns(RefusalOverBudgetWarning, match="set refusal_text"):
+        result = guard.generate(PROMPT, budget=-1.0, seed=0)
     assert result.refused and not result.safe
-    assert result.text == "" and result.token_ids == []
+    assert result.text == guard.config.refusal_text
     assert result.finish_reason == "safety"
     assert result.cost >= 0 > result.budget
 
@@ -96,7 +101,8 @@ def test_on_unsafe_return_flags_the_over_budget_response(guard, keyword_cost):
 
 def test_resampling_penalises_the_block_only_when_every_candidate_is_unsafe(guard):
     assert guard.generate(PROMPT, seed=3).stats.resample_rounds == 0
-    none = guard.generate(PROMPT, budget=-1.0, resample_rounds=0, seed=3)
+    with pytest.warns(RefusalOverBudgetWarning):
+        none = guard.generate(PROMPT, budget=-1.0, resample_rounds=0, seed=3)
     assert none.stats.resample_rounds == 0
     assert none.stats.candidates_scored == none.stats.blocks * guard.config.num_candidates
 
