@@ -90,25 +90,29 @@ class CausalLM:
 
     Args:
         model: any Hugging Face causal LM whose forward takes a transformers `Cache`.
-        tokenizer: its tokenizer. A missing pad token falls back to EOS.
+        tokenizer: its tokenizer; not modified. Padding is masked, so any id serves:
+            the pad token, else EOS, else the model config's pad id, else 0.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+            raise TypeError(
+                f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
+                "one by name or path use from_pretrained(...)"
+            )
         if not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}"
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            if tokenizer.eos_token_id is None:
-                raise ValueError(
-                    "the tokenizer has neither a pad nor an EOS token; set "
-                    "tokenizer.pad_token before building the guard"
-                )
-            tokenizer.pad_token = tokenizer.eos_token
-        self.pad_token_id: int = tokenizer.pad_token_id
         self.eos_token_ids: frozenset[int] = self._eos_ids()
+        candidates = (
+            tokenizer.pad_token_id,
+            min(self.eos_token_ids, default=None),
+            getattr(model.config, "pad_token_id", None),
+        )
+        self.pad_token_id: int = next((i for i in candidates if isinstance(i, int)), 0)
         self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
 
     @classmethod

@@ -301,9 +301,16 @@ def test_from_pretrained_loads_a_local_checkpoint_without_remote_code(
     assert result.safe and 0 < len(result.token_ids) <= 8
 
 
-def test_models_without_eos_in_tokenizer_pad_falls_back(keyword_cost):
+def test_a_tokenizer_without_pad_token_works_and_is_not_modified():
     tokenizer = build_tiny_tokenizer()
     tokenizer.pad_token = None
     guard = InferenceGuard(build_tiny_llama(tokenizer), tokenizer, cost=KeywordCost(["x"]))
     assert guard.lm.pad_token_id == tokenizer.eos_token_id
-    assert guard.generate(PROMPT, max_new_tokens=8, seed=0).safe
+    assert tokenizer.pad_token is None
+    batched = guard.generate_batch([PROMPT, "Hi"], max_new_tokens=8, seed=0)
+    assert batched[1].token_ids == guard.generate("Hi", max_new_tokens=8, seed=0).token_ids
+
+
+def test_model_given_as_a_name_points_to_from_pretrained(tiny_tokenizer, keyword_cost):
+    with pytest.raises(TypeError, match="from_pretrained"):
+        InferenceGuard("some/model-id", tiny_tokenizer, cost=keyword_cost)
