@@ -314,3 +314,62 @@ def test_a_tokenizer_without_pad_token_works_and_is_not_modified():
 def test_model_given_as_a_name_points_to_from_pretrained(tiny_tokenizer, keyword_cost):
     with pytest.raises(TypeError, match="from_pretrained"):
         InferenceGuard("some/model-id", tiny_tokenizer, cost=keyword_cost)
+
+
+# ------------------------------------------------------------ batching of work
+def counting(scorer):
+    """Wrap a scorer so that each call's batch size is recorded."""
+    calls: list[int] = []
+
+    def score(prompts: list[str], responses: list[str]):
+        calls.append(len(responses))
+        return scorer(prompts, responses)
+
+    return CallableScorer(score), calls
+
+
+def test_each_step_scores_all_candidates_of_all_prompts_in_one_call(
+    tiny_model, tiny_tokenizer, keyword_cost, small_config
+):
+    cost, calls = counting(keyword_cost)
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=cost, config=small_config)
+    results = guard.generate_batch([PROMPT, OTHER_PROMPT], seed=0)
+    assert all(r.stats.resample_rounds == 0 for r in results)
+    blocks = small_config.max_new_tokens // small_config.block_size
+    # One call per block for both prompts' 16 candidates, then one final verification.
+    assert calls == [2 * small_config.num_candidates] * blocks + [2]
+
+
+def test_generate_batch_prefills_all_prompts_once(guard, monkeypatch):
+    prefills: list[int] = []
+    original = guard.lm.prefill
+
+    def spy(prompts):
+        prefills.append(len(prompts))
+        return original(prompts)
+
+    monkeypatch.setattr(guard.lm, "prefill", spy)
+    guard.generate_batch([PROMPT, OTHER_PROMPT, "Hi"], seed=0)
+    assert prefills == [3]
+
+
+def test_prompts_are_not_modified(guard):
+    messages = [{"role": "user", "content": PROMPT}]
+    snapshot = [dict(m) for m in messages]
+    guard.generate(messages, seed=0)
+    assert messages == snapshot
+
+
+async def test_leaving_astream_early_stops_the_search(guard, monkeypatch):
+    steps: list[int] = []
+    original = guard.search._decode_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(guard.search, "_decode_step", counted)
+    async for _ in guard.astream(PROMPT, seed=4, stream_commit="block", max_new_tokens=64):
+        break
+    blocks = 64 // guard.config.block_size
+    assert 0 < len(steps) < blocks
