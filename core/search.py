@@ -8,7 +8,7 @@ are over budget, and keeps the top `beam_width` per prompt. Finished candidates
 end. The same engine, with other scorings and no resampling, is the block beam-search
 baseline.
 
-Choices where the paper is silent, all configurable through `GuardConfig`:
+Choices where the paper is silent:
 - the first step samples `num_candidates` blocks from the prompt; later steps give
   each live beam `num_candidates // live_beams` children, so a prompt always scores
   about `num_candidates` candidates per step, even after some beams have finished;
@@ -286,8 +286,10 @@ class BlockSearch:
                 [c for k, c in zip(beams, children, strict=True) for _ in range(k)]
             )
             parent_index = beam_rows.repeat_interleave(per_beam)
-            # One gather both drops the pruned rows and fans the kept beams out.
-            self.lm.select_rows(state, parent_index)
+            if generated == 0:  # each prompt's single prefill row becomes N candidates
+                self.lm.fan_out(state, config.num_candidates)
+            else:  # one gather both drops the pruned rows and fans the kept beams out
+                self.lm.select_rows(state, parent_index)
             parents = rows.select(parent_index.to(device))
             block_len = min(config.block_size, config.max_new_tokens - generated)
             generated += block_len
