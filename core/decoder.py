@@ -12,7 +12,7 @@ import dataclasses
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,9 @@ from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.results import FinishReason, GenerationStats, GuardResult
 from core.scorers import Scorer
 from core.search import PromptSearch
+from core.tools import ToolSpec, as_tool_specs
+
+ToolsInput = Sequence[ToolSpec | Mapping[str, Any]] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,46 +92,58 @@ class Decoder(ABC):
         self.last_result: GuardResult | None = None
 
     # ----------------------------------------------------------------- public API
-    def generate(self, prompt: PromptInput, **overrides: Any) -> GuardResult:
+    def generate(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> GuardResult:
         """Generate one response.
 
         Args:
             prompt: plain text (used as is) or a chat message list (chat template applied).
+            tools: tools the model may call (`ToolSpec`s or OpenAI-style dicts); parse the
+                response with `core.tools.parse_tool_calls`.
             **overrides: `GuardConfig` fields for this call only.
         """
-        return self.generate_batch([prompt], **overrides)[0]
+        return self.generate_batch([prompt], tools=tools, **overrides)[0]
 
-    def generate_batch(self, prompts: Sequence[PromptInput], **overrides: Any) -> list[GuardResult]:
+    def generate_batch(
+        self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
+    ) -> list[GuardResult]:
         """Generate one response per prompt, all prompts decoded together."""
         config = self.config.with_overrides(**overrides)
-        encoded = self.encode_prompts(prompts, config)
+        encoded = self.encode_prompts(prompts, config, tools)
         started = time.perf_counter()
         responses = self._decode(encoded, config, self._seeds(len(encoded), config))
         results = self._finalize(encoded, responses, config, time.perf_counter() - started)
         self.last_result = results[-1]
         return results
 
-    def stream(self, prompt: PromptInput, **overrides: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> Iterator[str]:
         """Yield the response as text deltas that can no longer change.
 
         This default yields the whole response at once; decoders that can commit text
         earlier override it. `self.last_result` holds the full result afterwards.
         """
-        result = self.generate(prompt, **overrides)
+        result = self.generate(prompt, tools=tools, **overrides)
         if result.text:
             yield result.text
 
-    async def agenerate(self, prompt: PromptInput, **overrides: Any) -> GuardResult:
+    async def agenerate(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> GuardResult:
         """`generate` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.generate, prompt, **overrides)
+        return await asyncio.to_thread(self.generate, prompt, tools=tools, **overrides)
 
     async def agenerate_batch(
-        self, prompts: Sequence[PromptInput], **overrides: Any
+        self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
     ) -> list[GuardResult]:
         """`generate_batch` in a worker thread."""
-        return await asyncio.to_thread(self.generate_batch, prompts, **overrides)
+        return await asyncio.to_thread(self.generate_batch, prompts, tools=tools, **overrides)
 
-    async def astream(self, prompt: PromptInput, **overrides: Any) -> AsyncIterator[str]:
+    async def astream(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> AsyncIterator[str]:
         """`stream` driven from a worker thread; deltas arrive as they are committed.
 
         Leaving the loop early stops the search after its current step.
@@ -139,7 +154,7 @@ class Decoder(ABC):
 
         def produce() -> None:
             try:
-                for delta in self.stream(prompt, **overrides):
+                for delta in self.stream(prompt, tools=tools, **overrides):
                     if cancelled.is_set():
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
@@ -164,9 +179,11 @@ class Decoder(ABC):
 
     # ------------------------------------------------------------------ internals
     def encode_prompts(
-        self, prompts: Sequence[PromptInput], config: GuardConfig
+        self, prompts: Sequence[PromptInput], config: GuardConfig, tools: ToolsInput = None
     ) -> list[EncodedPrompt]:
-        """Validate and tokenize prompts, checking they fit the context window."""
+        """Validate and tokenize prompts (with `tools` offered), checking they fit the
+        context window."""
+        specs = as_tool_specs(tools)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise InvalidPromptError(
                 "generate_batch takes a list of prompts; for a single prompt call generate()"
@@ -181,7 +198,7 @@ class Decoder(ABC):
                     f"prompt {index} must be a string or a list of {{'role', 'content'}} "
                     f"messages, got {type(prompt).__name__}"
                 )
-            item = self.lm.encode(prompt)
+            item = self.lm.encode(prompt, specs)
             if not item.ids:
                 raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
             if window is not None and len(item.ids) + config.max_new_tokens > window:

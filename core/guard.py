@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import GuardConfig
-from core.decoder import Decoder, Response
+from core.decoder import Decoder, Response, ToolsInput
 from core.errors import RefusalOverBudgetWarning, UnsafeGenerationError
 from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.results import GuardResult
@@ -90,7 +90,9 @@ class InferenceGuard(Decoder):
     ) -> list[Response]:
         return [Response.of(search) for search in self.search.search(prompts, config, seeds)]
 
-    def stream(self, prompt: PromptInput, **overrides: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> Iterator[str]:
         """Yield text deltas as the search commits them; see `GuardConfig.stream_commit`.
 
         Text is emitted only once it can no longer change and the cost model accepts
@@ -99,7 +101,7 @@ class InferenceGuard(Decoder):
         `finish_reason="safety"`.
         """
         config = self.config.with_overrides(**overrides)
-        [encoded] = self.encode_prompts([prompt], config)
+        [encoded] = self.encode_prompts([prompt], config, tools)
         started = time.perf_counter()
         run = self.search.run(
             [encoded], config, self._seeds(1, config), commit=config.stream_commit

@@ -17,6 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.errors import ChatTemplateError, InvalidPromptError
+from core.tools import (
+    ToolSpec,
+    inline_tool_messages,
+    native_tool_messages,
+    template_renders_tools,
+)
 
 Message = Mapping[str, Any]
 PromptInput = str | Sequence[Message]
@@ -189,32 +195,47 @@ class CausalLM:
         return frozenset(ids)
 
     # -------------------------------------------------------------------- prompts
-    def encode(self, prompt: PromptInput) -> EncodedPrompt:
+    def encode(self, prompt: PromptInput, tools: Sequence[ToolSpec] = ()) -> EncodedPrompt:
         """Validate and tokenize one prompt.
 
         Plain text is tokenized as is (a completion prompt); a message list is
-        rendered with the tokenizer's chat template and a generation prompt.
+        rendered with the tokenizer's chat template and a generation prompt. Tools (and
+        tool calls and results in the messages) are rendered by the template when it
+        supports them, else written into the conversation as text (see `core.tools`).
 
         Raises:
-            InvalidPromptError: empty prompt, non-text prompt, malformed messages.
+            InvalidPromptError: empty prompt, non-text prompt, malformed messages, or
+                tools with a plain-text prompt.
             ChatTemplateError: messages given but the tokenizer has no chat template.
         """
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidPromptError("the prompt is empty; pass some text to generate from")
+            if tools:
+                raise InvalidPromptError(
+                    "tools need a chat prompt; pass the prompt as "
+                    "[{'role': 'user', 'content': ...}]"
+                )
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             return EncodedPrompt(ids=list(ids), text=prompt)
         messages = validate_messages(prompt)
-        if not getattr(self.tokenizer, "chat_template", None):
+        chat_template = getattr(self.tokenizer, "chat_template", None)
+        if not chat_template:
             raise ChatTemplateError(
                 f"the tokenizer of {self.name!r} has no chat template, so a message list "
                 "cannot be rendered; pass the prompt as plain text, or set "
                 "tokenizer.chat_template to a Jinja template"
             )
+        if template_renders_tools(chat_template):
+            rendered = native_tool_messages(messages)
+            tool_kwargs = {"tools": [t.to_openai() for t in tools]} if tools else {}
+        else:
+            rendered = inline_tool_messages(messages, tools)
+            tool_kwargs = {}
         ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            rendered, add_generation_prompt=True, tokenize=True, return_dict=False, **tool_kwargs
         )
-        return EncodedPrompt(ids=list(ids), text=transcript(messages))
+        return EncodedPrompt(ids=list(ids), text=transcript(inline_tool_messages(messages, ())))
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of token id lists, special tokens skipped."""
@@ -353,8 +374,10 @@ class BlockCheckpoint:
         state.hidden = self.hidden
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check a chat message list and return it as plain dicts.
+
+    An assistant message that carries `tool_calls` may have empty (or no) content.
 
     Raises:
         InvalidPromptError: saying which message is malformed and how.
@@ -378,14 +401,31 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
             raise InvalidPromptError(
                 f"message {index} has role {role!r}; use one of {', '.join(_ROLES)}"
             )
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            _check_tool_calls(index, role, tool_calls)
+            content = content or ""
         if not isinstance(content, str):
             raise InvalidPromptError(
                 f"message {index} content must be text, got {type(content).__name__}"
             )
         clean.append({**message, "role": role, "content": content})
-    if not any(m["content"].strip() for m in clean):
+    if not any(m["content"].strip() or m.get("tool_calls") for m in clean):
         raise InvalidPromptError("every message is empty; give the model some text")
     return clean
+
+
+def _check_tool_calls(index: int, role: str, tool_calls: Any) -> None:
+    if role != "assistant":
+        raise InvalidPromptError(f"message {index}: only assistant messages carry tool_calls")
+    if not isinstance(tool_calls, Sequence) or not all(
+        isinstance(call, Mapping) and isinstance(call.get("function", call).get("name"), str)
+        for call in tool_calls
+    ):
+        raise InvalidPromptError(
+            f"message {index}: tool_calls must be a list of "
+            "{'id', 'type': 'function', 'function': {'name', 'arguments'}} dicts"
+        )
 
 
 def transcript(messages: Sequence[Message]) -> str:

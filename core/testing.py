@@ -9,6 +9,7 @@ from a `LlamaConfig`. Saved with `save_pretrained`, they load through the same
 from __future__ import annotations
 
 import random
+import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -66,7 +67,12 @@ def build_tiny_tokenizer(
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        # Every printable ASCII character, so any English text or JSON tokenizes
+        # without <unk>, whatever the corpus holds.
+        initial_alphabet=[c for c in string.printable if not c.isspace()],
+        show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(4000, seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(

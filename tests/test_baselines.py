@@ -45,9 +45,11 @@ def test_best_of_n_with_augmented_scoring_is_safer_than_sampling(parts):
 def test_best_of_n_reward_picks_higher_reward_than_sampling(parts, length_reward):
     best = BestOfN(**parts, reward=length_reward, scoring="reward")
     plain = SamplingDecoder(**parts, reward=length_reward)
-    assert min(best.generate(PROMPT, seed=s).reward for s in range(4)) > max(
-        plain.generate(PROMPT, seed=s).reward for s in range(4)
-    )
+    best_rewards = [best.generate(PROMPT, seed=s).reward for s in SEEDS]
+    plain_rewards = [plain.generate(PROMPT, seed=s).reward for s in SEEDS]
+    # The best of 16 samples beats one sample on average, and beats its median sample.
+    assert sum(best_rewards) > sum(plain_rewards)
+    assert min(best_rewards) >= sorted(plain_rewards)[len(SEEDS) // 2]
 
 
 def test_lagrangian_with_a_large_multiplier_lowers_cost(parts, length_reward):
