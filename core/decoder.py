@@ -36,6 +36,8 @@ class Response:
     text: str
     finish_reason: FinishReason
     reward: float | None = None
+    prefix_cost: float = 0.0
+    """Highest cost the search's cost model gave a block-end prefix of the response."""
     blocks: int = 0
     candidates_scored: int = 0
     resample_rounds: int = 0
@@ -49,6 +51,7 @@ class Response:
             text=best.text,
             finish_reason=best.finish_reason,
             reward=best.reward,
+            prefix_cost=best.cost,
             blocks=search.blocks,
             candidates_scored=search.candidates_scored,
             resample_rounds=search.resample_rounds,
@@ -234,7 +237,13 @@ class Decoder(ABC):
         search did not) and build the results. Baselines report; InferenceGuard enforces."""
         prompt_texts = [p.text for p in prompts]
         texts = [r.text for r in responses]
-        costs = self.cost(prompt_texts, texts).tolist()
+        # The cost of what was said: the full text's, or a prefix's if that was higher.
+        costs = [
+            max(cost, response.prefix_cost)
+            for cost, response in zip(
+                self.cost(prompt_texts, texts).tolist(), responses, strict=True
+            )
+        ]
         rewards: list[float | None] = [r.reward for r in responses]
         missing = [i for i, r in enumerate(rewards) if r is None]
         if self.reward is not None and missing:

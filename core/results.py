@@ -43,7 +43,9 @@ class GuardResult:
         text: the returned text.
         token_ids: token ids of the returned text (the refusal's when refused).
         safe: whether the produced response is within budget.
-        cost: cost model's C(x, y) of the produced response.
+        cost: cost model's cumulative C(x, y) of the produced response: its score of the
+            full text, or of a block-end prefix scored during the search if that was
+            higher (what has been said cannot be unsaid).
         reward: reward model's R(x, y) of it, or None without a reward model.
         refused: whether `text` is the refusal text standing in for it.
         finish_reason: "stop" (EOS or stop string), "length" (max_new_tokens) or

@@ -15,7 +15,10 @@ Choices where the paper is silent:
 - tokens seen in any unsafe candidate of the step so far are penalised, cumulatively
   over the resample rounds of that step;
 - without a reward model, the reward is the response's mean token log-likelihood
-  under the base model, which ranks fluent responses first.
+  under the base model, which ranks fluent responses first;
+- the cumulative cost of a prefix is the highest cost the model gave any of its
+  block-end prefixes, so per-block costs are never negative (a cost model that scores
+  a longer text lower cannot wash out an unsafe prefix).
 """
 
 from __future__ import annotations
@@ -448,7 +451,12 @@ class BlockSearch:
         if self.scoring == "reward" and not self.resample:
             cost = torch.zeros_like(logprob)
         else:
-            cost = self.evaluator.cost(candidates).to(device=device, dtype=logprob.dtype)
+            # Cumulative cost never falls: what has been said cannot be unsaid, and a
+            # learned cost model that "forgets" an unsafe prefix must not be exploitable.
+            cost = torch.maximum(
+                self.evaluator.cost(candidates).to(device=device, dtype=logprob.dtype),
+                parents.cost[index],
+            )
         z = update_safety_state(
             parents.z[index],
             parents.cost[index],

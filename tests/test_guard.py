@@ -117,6 +117,18 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(guard):
         assert result.cost == alone.cost
 
 
+def test_a_cost_model_that_forgets_cannot_wash_out_an_unsafe_prefix(
+    tiny_model, tiny_tokenizer, small_config
+):
+    # Flags every text under 100 characters: each first block (8 tokens) is flagged,
+    # while most full responses (64 tokens) are long enough to be "forgotten".
+    forgetful = CallableScorer(lambda prompt, response: float(len(response) < 100), batched=False)
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=forgetful, config=small_config)
+    with pytest.warns(RefusalOverBudgetWarning):
+        results = guard.generate_batch([PROMPT, OTHER_PROMPT], budget=0.5, max_new_tokens=64)
+    assert all(r.refused and not r.safe and r.cost == 1.0 for r in results)
+
+
 def test_same_seed_reproduces_and_other_seeds_differ(guard):
     first, again = guard.generate(PROMPT, seed=5), guard.generate(PROMPT, seed=5)
     assert first.token_ids == again.token_ids
