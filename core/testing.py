@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -53,16 +54,25 @@ def _corpus(num_sentences: int, seed: int) -> list[str]:
     return sentences
 
 
-def build_tiny_tokenizer(
-    vocab_size: int = 768, *, chat_template: bool = True, seed: int = 0
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, chat_template: bool = True
 ) -> PreTrainedTokenizerFast:
-    """Train a sentencepiece-style (Metaspace) BPE tokenizer on a generated English corpus.
+    """Train a sentencepiece-style (Metaspace) BPE tokenizer on `texts`.
 
-    Special tokens: `<pad>`, `<s>` (BOS), `</s>` (EOS), `<unk>` and the chat role markers
-    `<|system|>`, `<|user|>`, `<|assistant|>`. With `chat_template=False` the tokenizer
-    has no chat template, as many base models do.
+    Special tokens: `<pad>`, `<s>` (BOS), `</s>` (EOS), `<unk>` and the chat role
+    markers `<|system|>`, `<|user|>`, `<|assistant|>`, `<|tool|>`. With
+    `chat_template=False` the tokenizer has no chat template, as many base models do.
     """
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    specials = [
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|tool|>",
+    ]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
@@ -74,7 +84,7 @@ def build_tiny_tokenizer(
         initial_alphabet=[c for c in string.printable if not c.isspace()],
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(4000, seed), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",
@@ -86,6 +96,13 @@ def build_tiny_tokenizer(
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def build_tiny_tokenizer(
+    vocab_size: int = 768, *, chat_template: bool = True, seed: int = 0
+) -> PreTrainedTokenizerFast:
+    """The test tokenizer: `train_tokenizer` on a generated English corpus."""
+    return train_tokenizer(_corpus(4000, seed), vocab_size, chat_template=chat_template)
 
 
 def tiny_llama_config(
