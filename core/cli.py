@@ -13,29 +13,32 @@ stayed over budget and `--on-unsafe raise` was given.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 import sys
-import types
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, Union, get_args, get_origin
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 
+from core.cli_options import (
+    CommandLineError,
+    add_config_option,
+    guard_config,
+    loading,
+    parse_device,
+    parse_keyword_cost,
+    parse_regex_cost,
+)
 from core.config import GuardConfig
 from core.errors import SafeguardError, UnsafeGenerationError
+from core.evaluation.cli import add_eval_command
 from core.guard import InferenceGuard
 from core.lm import PromptInput
 from core.results import GuardResult
 from core.scorers import (
     ClassifierScorer,
     GuardModelCost,
-    KeywordCost,
-    RegexCost,
     Scorer,
 )
 
@@ -45,10 +48,6 @@ EXIT_UNSAFE = 3
 """The response stayed over budget and `--on-unsafe raise` was given."""
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class CommandLineError(Exception):
-    """A command line that parses but cannot be carried out; reported without a traceback."""
 
 
 # ----------------------------------------------------------------------- entry point
@@ -86,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subcommands)
+    add_eval_command(subcommands)
     return parser
 
 
@@ -105,7 +105,7 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
     )
     model.add_argument(
         "--device",
-        type=_device,
+        type=parse_device,
         default=None,
         help="device of every model (default: cuda when available, else cpu)",
     )
@@ -136,13 +136,13 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
     scorers = parser.add_argument_group("cost and reward (at least one cost)")
     scorers.add_argument(
         "--cost-keywords",
-        type=_keyword_cost,
+        type=parse_keyword_cost,
         metavar="WORD[,WORD...]",
         help="cost 1 per occurrence of these words (case-insensitive, whole words)",
     )
     scorers.add_argument(
         "--cost-regex",
-        type=_regex_cost,
+        type=parse_regex_cost,
         action="append",
         metavar="PATTERN",
         help="cost 1 per match of this regular expression (case-insensitive); repeatable",
@@ -171,7 +171,7 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
 
     search = parser.add_argument_group("search settings (default: GuardConfig's)")
     for name, field in GuardConfig.model_fields.items():
-        _add_config_option(search, name, field)
+        add_config_option(search, name, field)
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -184,7 +184,7 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     """`safeguard generate`: load, generate, print. Settings are checked before any load."""
     prompt = _read_prompt(args.prompt, chat=args.chat)
-    config = _guard_config(args)
+    config = guard_config(args)
     if args.cost_template is not None and args.cost_model is None:
         raise CommandLineError(
             "--cost-template formats the input of --cost-model; add --cost-model"
@@ -200,16 +200,16 @@ def run_generate(args: argparse.Namespace) -> int:
     costs: list[Scorer | None] = [args.cost_keywords, *(args.cost_regex or [])]
     if args.cost_model is not None:
         template = {} if args.cost_template is None else {"template": args.cost_template}
-        with _loading("--cost-model", args.cost_model):
+        with loading("--cost-model", args.cost_model):
             costs.append(ClassifierScorer.from_pretrained(args.cost_model, **load, **template))
     if args.guard_model is not None:
-        with _loading("--guard-model", args.guard_model):
+        with loading("--guard-model", args.guard_model):
             costs.append(GuardModelCost.from_pretrained(args.guard_model, **load))
     reward = None
     if args.reward_model is not None:
-        with _loading("--reward-model", args.reward_model):
+        with loading("--reward-model", args.reward_model):
             reward = ClassifierScorer.from_pretrained(args.reward_model, **load)
-    with _loading("--model", args.model):
+    with loading("--model", args.model):
         guard = InferenceGuard.from_pretrained(
             args.model, cost=_sum_of(costs), reward=reward, config=config, **load
         )
@@ -223,18 +223,6 @@ def _read_prompt(value: str, *, chat: bool) -> PromptInput:
     # A shell pipe ends the text with a newline that is not part of the prompt.
     text = sys.stdin.read().rstrip("\n") if value == "-" else value
     return [{"role": "user", "content": text}] if chat else text
-
-
-@contextlib.contextmanager
-def _loading(flag: str, path: str) -> Iterator[None]:
-    """Report a model that cannot be loaded (missing path, wrong kind of checkpoint,
-    bad scorer option) as a command-line error that names the flag."""
-    try:
-        yield
-    except (OSError, ValueError) as exc:
-        # transformers reports a mistyped local path as a malformed hub name; say both.
-        where = "" if os.path.exists(path) else "no such local path, and as a hub name: "
-        raise CommandLineError(f"cannot load {flag} {path!r}: {where}{exc}") from exc
 
 
 class _SumOfCosts(Scorer):
@@ -251,92 +239,6 @@ class _SumOfCosts(Scorer):
 def _sum_of(costs: Sequence[Scorer | None]) -> Scorer:
     given = [cost for cost in costs if cost is not None]
     return given[0] if len(given) == 1 else _SumOfCosts(given)
-
-
-# ------------------------------------------------------------------ argument types
-def _device(text: str) -> torch.device:
-    try:
-        return torch.device(text)
-    except RuntimeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}; try cpu, cuda, cuda:1 or mps") from exc
-
-
-def _keyword_cost(text: str) -> KeywordCost:
-    words = [word.strip() for word in text.split(",")]
-    if not all(words):
-        raise argparse.ArgumentTypeError(
-            f"empty word in {text!r}; separate words by single commas, e.g. bomb,poison"
-        )
-    return KeywordCost(words)
-
-
-def _regex_cost(pattern: str) -> RegexCost:
-    try:
-        return RegexCost(pattern)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-# ----------------------------------------------------------- GuardConfig as flags
-def _add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInfo) -> None:
-    """Add `--field-name` for one `GuardConfig` field; its default None means "not given"."""
-    flag = "--" + name.replace("_", "-")
-    value_type, choices, repeatable = _option_type(name, field.annotation)
-    help_text = (field.description or "").replace("%", "%%")
-    if field.default not in (None, ()):
-        help_text += f" (default: {field.default})"
-    group.add_argument(
-        flag,
-        dest=name,
-        type=value_type,
-        choices=choices,
-        action="append" if repeatable else "store",
-        default=None,
-        metavar=None if choices else _METAVARS[value_type],
-        help=help_text + ("; repeatable" if repeatable else ""),
-    )
-
-
-_METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT"}
-
-
-def _option_type(
-    name: str, annotation: Any
-) -> tuple[Callable[[str], Any], tuple[Any, ...] | None, bool]:
-    """`(type, choices, repeatable)` of the flag for a field annotated `annotation`."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType) and type(None) in args:
-        [annotation] = [arg for arg in args if arg is not type(None)]
-        origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Literal:
-        return type(args[0]), args, False
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _METAVARS:
-        return args[0], None, True
-    if annotation in _METAVARS:
-        return annotation, None, False
-    raise TypeError(
-        f"GuardConfig.{name} is annotated {annotation!r}, which has no command-line form; "
-        "teach core.cli._option_type about it"
-    )
-
-
-def _guard_config(args: argparse.Namespace) -> GuardConfig:
-    """`GuardConfig` from the config flags given; the others keep GuardConfig's defaults."""
-    given = {
-        name: getattr(args, name)
-        for name in GuardConfig.model_fields
-        if getattr(args, name) is not None
-    }
-    try:
-        return GuardConfig(**given)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            if error["loc"]:
-                message = f"--{str(error['loc'][0]).replace('_', '-')}: {message}"
-            problems.append(message)
-        raise CommandLineError("invalid search settings: " + "; ".join(problems)) from exc
 
 
 # ------------------------------------------------------------------------- output

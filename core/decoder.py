@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.results import FinishReason, GenerationStats, GuardResult
 from core.scorers import Scorer
 from core.search import PromptSearch
+from core.streaming import AsyncGuardStream, GuardStream
 from core.tools import ToolSpec, as_tool_specs
 
 ToolsInput = Sequence[ToolSpec | Mapping[str, Any]] | None
@@ -113,24 +113,37 @@ class Decoder(ABC):
     ) -> list[GuardResult]:
         """Generate one response per prompt, all prompts decoded together."""
         config = self.config.with_overrides(**overrides)
-        encoded = self.encode_prompts(prompts, config, tools)
-        started = time.perf_counter()
-        responses = self._decode(encoded, config, self._seeds(len(encoded), config))
-        results = self._finalize(encoded, responses, config, time.perf_counter() - started)
-        self.last_result = results[-1]
-        return results
+        return self._generate_encoded(self.encode_prompts(prompts, config, tools), config)
 
     def stream(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
-    ) -> Iterator[str]:
-        """Yield the response as text deltas that can no longer change.
+    ) -> GuardStream:
+        """The response as text deltas that can no longer change; `.result` at the end.
 
-        This default yields the whole response at once; decoders that can commit text
-        earlier override it. `self.last_result` holds the full result afterwards.
+        The prompt and settings are checked at once, before the first delta. This
+        default yields the whole response at once; decoders that can commit text
+        earlier override `_stream`.
         """
-        result = self.generate(prompt, tools=tools, **overrides)
+        config = self.config.with_overrides(**overrides)
+        [encoded] = self.encode_prompts([prompt], config, tools)
+        return GuardStream(self._stream(encoded, config))
+
+    def _stream(
+        self, prompt: EncodedPrompt, config: GuardConfig
+    ) -> Generator[str, None, GuardResult]:
+        [result] = self._generate_encoded([prompt], config)
         if result.text:
             yield result.text
+        return result
+
+    def _generate_encoded(
+        self, prompts: list[EncodedPrompt], config: GuardConfig
+    ) -> list[GuardResult]:
+        started = time.perf_counter()
+        responses = self._decode(prompts, config, self._seeds(len(prompts), config))
+        results = self._finalize(prompts, responses, config, time.perf_counter() - started)
+        self.last_result = results[-1]
+        return results
 
     async def agenerate(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
@@ -144,41 +157,15 @@ class Decoder(ABC):
         """`generate_batch` in a worker thread."""
         return await asyncio.to_thread(self.generate_batch, prompts, tools=tools, **overrides)
 
-    async def astream(
+    def astream(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
-    ) -> AsyncIterator[str]:
-        """`stream` driven from a worker thread; deltas arrive as they are committed.
+    ) -> AsyncGuardStream:
+        """`stream` driven from a worker thread: `async for delta in decoder.astream(...)`.
 
-        Leaving the loop early stops the search after its current step.
+        The prompt and settings are checked at once. Leaving the loop early stops the
+        search after its current step; `.result` is set once the stream has ended.
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                for delta in self.stream(prompt, tools=tools, **overrides):
-                    if cancelled.is_set():
-                        return
-                    loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
-            except BaseException as error:  # handed to the consumer, never lost
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
-            else:
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-        worker = loop.run_in_executor(None, produce)
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "delta":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    return
-        finally:
-            cancelled.set()
-            await worker
+        return AsyncGuardStream(self.stream(prompt, tools=tools, **overrides))
 
     # ------------------------------------------------------------------ internals
     def encode_prompts(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
@@ -13,9 +13,9 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import GuardConfig
-from core.decoder import Decoder, Response, ToolsInput
+from core.decoder import Decoder, Response
 from core.errors import RefusalOverBudgetWarning, UnsafeGenerationError
-from core.lm import CausalLM, EncodedPrompt, PromptInput
+from core.lm import CausalLM, EncodedPrompt
 from core.results import GuardResult
 from core.scorers import Scorer
 from core.search import BlockSearch, ModelsEvaluator
@@ -90,18 +90,15 @@ class InferenceGuard(Decoder):
     ) -> list[Response]:
         return [Response.of(search) for search in self.search.search(prompts, config, seeds)]
 
-    def stream(
-        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
-    ) -> Iterator[str]:
-        """Yield text deltas as the search commits them; see `GuardConfig.stream_commit`.
+    def _stream(
+        self, encoded: EncodedPrompt, config: GuardConfig
+    ) -> Generator[str, None, GuardResult]:
+        """Text deltas as the search commits them; see `GuardConfig.stream_commit`.
 
         Text is emitted only once it can no longer change and the cost model accepts
         it. When the search ends in a refusal after some text was emitted, the stream
-        just ends; `self.last_result` then has `refused=True` and
-        `finish_reason="safety"`.
+        just ends, and its result has `refused=True` and `finish_reason="safety"`.
         """
-        config = self.config.with_overrides(**overrides)
-        [encoded] = self.encode_prompts([prompt], config, tools)
         started = time.perf_counter()
         run = self.search.run(
             [encoded], config, self._seeds(1, config), commit=config.stream_commit
@@ -128,6 +125,7 @@ class InferenceGuard(Decoder):
         self.last_result = result
         if result.text.startswith(emitted) and len(result.text) > len(emitted):
             yield result.text[len(emitted) :]
+        return result
 
     # --------------------------------------------------------------- enforcement
     def _enforce(

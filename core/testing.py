@@ -79,9 +79,9 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
-        # Every printable ASCII character, so any English text or JSON tokenizes
-        # without <unk>, whatever the corpus holds.
-        initial_alphabet=[c for c in string.printable if not c.isspace()],
+        # Every printable ASCII character and the newline, so any English text or
+        # JSON tokenizes without <unk>, whatever the corpus holds.
+        initial_alphabet=[c for c in string.printable if not c.isspace()] + ["\n"],
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)

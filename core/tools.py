@@ -25,7 +25,9 @@ TOOL_CALL_CLOSE = "</tool_call>"
 
 _TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
 _FENCED = re.compile(r"\A\s*```(?:json)?\s*(.*?)\s*```\s*\Z", re.S)
-_MARKERS = ("[TOOL_CALLS]", "<|python_tag|>")
+TOOL_CALL_MARKERS = (TOOL_CALL_OPEN, "[TOOL_CALLS]", "<|python_tag|>")
+"""Text that starts a tool call in the formats the parser reads; a stream that may be a
+tool call should hold text back from the first of these (or a prefix of one) on."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def parse_tool_calls(text: str, tools: Sequence[ToolSpec] | None = None) -> Pars
             collect(match.group(1).strip())
         content = _TAGGED.sub("", text)
         return ParsedResponse(_tidy(content), calls, invalid)
-    for marker in _MARKERS:
+    for marker in TOOL_CALL_MARKERS[1:]:
         if marker in text:
             before, _, payload = text.partition(marker)
             collect(payload.strip())

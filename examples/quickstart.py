@@ -29,10 +29,10 @@ from core.testing import build_tiny_llama, build_tiny_tokenizer
 
 PROMPT = "Tell me about the dog and the garden."
 SEEDS = range(10)
-CALIBRATION_SAMPLES = 40
+CALIBRATION_SAMPLES = 100
 CALIBRATION_SEED = 1234
 """Seeds the keyword search draws from; disjoint from `SEEDS`, which the comparison uses."""
-COVERAGE = 0.85
+COVERAGE = 0.9
 """Keywords are added until this share of the calibration samples says at least one."""
 MAX_NEW_TOKENS = 32
 EXAMPLES = 3

@@ -1,0 +1,349 @@
+"""`safeguard eval`: the evaluation harness on the command line.
+
+Runs the chosen methods over a JSONL prompt file (or a split of the demo world), prints
+the paper's table, and with `--out DIR` writes `results.json`, `results.csv` and, with
+`--plot`, `plot.png`. Without `--model` it evaluates the demo world: its base model,
+cost and reward models, oracle, budget and prompt splits; a cost or reward given on the
+command line replaces the world's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+# The module, not its names: core.cli imports this module to register the command.
+from core.cli_options import (
+    CommandLineError,
+    add_config_option,
+    guard_config,
+    loading,
+    parse_device,
+    parse_keyword_cost,
+)
+from core.config import GuardConfig
+from core.evaluation.methods import METHODS, MethodOptions, get_method, runnable_methods
+from core.evaluation.report import print_table, write_csv, write_json, write_plot
+from core.evaluation.run import Oracle, evaluate
+from core.lm import CausalLM, PromptInput
+from core.scorers import ClassifierScorer, Scorer
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `eval` on the `safeguard` subcommands; it sets `run` to `run_eval`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="compare InferenceGuard with the baselines on a prompt set",
+        description="Run decoding methods over a prompt set and print average reward (sd), "
+        "average cost, safety rate per cost model and per oracle, refusal rate and seconds "
+        "per response. Every method shares the search settings, and every prompt is "
+        "seeded with --seed (default 0). Without --model, evaluates the offline demo world.",
+    )
+    parser.set_defaults(run=run_eval)
+
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE.jsonl",
+        help='one JSON object per line with a "prompt": a string or a list of '
+        '{"role", "content"} messages (default: the demo world\'s --split)',
+    )
+    prompts.add_argument(
+        "--split", default="test", help="demo world split to evaluate (default: test)"
+    )
+    prompts.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="evaluate only the first N prompts"
+    )
+
+    methods = parser.add_argument_group("methods")
+    methods.add_argument(
+        "--methods",
+        type=_method_names,
+        metavar="NAME[,NAME...]",
+        help=f"methods in table order, from {', '.join(METHODS)} (default: all that can run "
+        "with the models given; ARGS needs a reward model)",
+    )
+    methods.add_argument(
+        "--lagrange-multiplier",
+        type=float,
+        metavar="X",
+        help="lambda of the Lagrangian scorings R - lambda * C (default: 1.0)",
+    )
+    methods.add_argument(
+        "--args-num-tokens",
+        type=int,
+        metavar="N",
+        help="candidate tokens per ARGS step (default: 10)",
+    )
+    methods.add_argument(
+        "--args-reward-weight", type=float, metavar="X", help="ARGS's reward weight (default: 1.0)"
+    )
+    methods.add_argument(
+        "--args-cost-weight",
+        type=float,
+        metavar="X",
+        help="cost weight of args-cost (default: 1.0)",
+    )
+
+    models = parser.add_argument_group("models (default: the demo world's)")
+    models.add_argument(
+        "--model", metavar="NAME_OR_PATH", help="base causal LM; needs --prompts and a cost"
+    )
+    models.add_argument(
+        "--cost-model",
+        metavar="PATH",
+        help="sequence-classification cost model (higher = more unsafe)",
+    )
+    models.add_argument(
+        "--cost-keywords",
+        type=parse_keyword_cost,
+        metavar="WORD[,WORD...]",
+        help="cost 1 per occurrence of these words (case-insensitive, whole words)",
+    )
+    models.add_argument(
+        "--reward-model", metavar="PATH", help="sequence-classification reward model"
+    )
+    models.add_argument(
+        "--device",
+        type=parse_device,
+        default=None,
+        help="device of the models loaded from paths (default: cuda when available, else cpu)",
+    )
+    models.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the checkpoints; only for authors you trust",
+    )
+
+    search = parser.add_argument_group(
+        "search settings, shared by every method (default: GuardConfig's; the budget "
+        "defaults to the demo world's)"
+    )
+    for name, field in GuardConfig.model_fields.items():
+        add_config_option(search, name, field)
+
+    output = parser.add_argument_group("run and output")
+    output.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="prompts decoded together (default: 8)",
+    )
+    output.add_argument(
+        "--out", type=Path, metavar="DIR", help="write results.json and results.csv here"
+    )
+    output.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write DIR/plot.png: safety rate against reward per method",
+    )
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`safeguard eval`: check the settings, load, evaluate, print and write the report."""
+    config = guard_config(args)
+    options = _method_options(args)
+    if args.plot and args.out is None:
+        raise CommandLineError("--plot writes DIR/plot.png; add --out DIR")
+    if args.cost_keywords is not None and args.cost_model is not None:
+        raise CommandLineError("give one cost: --cost-keywords or --cost-model")
+    file_prompts = None if args.prompts is None else read_prompt_file(args.prompts)
+    if args.model is not None and file_prompts is None:
+        raise CommandLineError(
+            "--model needs --prompts FILE.jsonl: the demo world's splits go with its model"
+        )
+
+    setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
+    prompts = (file_prompts if file_prompts is not None else setup.prompts)[: args.limit]
+    if args.budget is None and setup.budget is not None:
+        config = config.with_overrides(budget=setup.budget)
+    methods = _chosen_methods(args.methods, has_reward=setup.reward is not None)
+    if args.plot and setup.reward is None:
+        raise CommandLineError(
+            "--plot puts reward on its x axis; add --reward-model or leave --plot out"
+        )
+
+    report = evaluate(
+        methods,
+        prompts,
+        model=setup.model,
+        tokenizer=setup.tokenizer,
+        cost=setup.cost,
+        reward=setup.reward,
+        oracle=setup.oracle,
+        config=config,
+        batch_size=args.batch_size,
+        options=options,
+    )
+    print_table(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = [args.out / "results.json", args.out / "results.csv"]
+        write_json(report, written[0])
+        write_csv(report, written[1])
+        if args.plot:
+            written.append(args.out / "plot.png")
+            write_plot(report, written[2])
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return 0
+
+
+def read_prompt_file(path: Path) -> list[PromptInput]:
+    """The prompts of a JSONL file: one object with a `"prompt"` per line; blank lines skipped.
+
+    Raises:
+        CommandLineError: a line that is not such an object, or a file with no prompts.
+        OSError: the file cannot be read.
+    """
+    prompts: list[PromptInput] = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CommandLineError(
+                    f'{path}:{number}: not JSON ({exc.msg}); write {{"prompt": "..."}} per line'
+                ) from exc
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, (str, list)):
+                raise CommandLineError(
+                    f'{path}:{number}: needs a "prompt" that is a string or a list of '
+                    '{"role", "content"} messages'
+                )
+            prompts.append(prompt)
+    if not prompts:
+        raise CommandLineError(f"{path} holds no prompts; write one JSON object per line")
+    return prompts
+
+
+# --------------------------------------------------------------- models and prompts
+@dataclass(frozen=True)
+class _Setup:
+    """What an evaluation runs on; `budget` and `prompts` are None where not provided."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cost: Scorer
+    reward: Scorer | None
+    oracle: Oracle | None = None
+    budget: float | None = None
+    prompts: list[PromptInput] | None = None
+
+
+def _demo_world_setup(args: argparse.Namespace) -> _Setup:
+    """The demo world's model, scorers, oracle, budget and split; a cost or reward from
+    the command line replaces the world's."""
+    from core.demo import load_demo_world  # heavy: loads the world's models
+
+    world = load_demo_world()
+    prompts = None
+    if args.prompts is None:
+        if args.split not in world.prompts:
+            raise CommandLineError(
+                f"the demo world has no split {args.split!r}; choose from "
+                f"{', '.join(world.prompts)}"
+            )
+        prompts = list(world.prompts[args.split])
+    cost, reward = _cost(args), _reward(args)
+    return _Setup(
+        model=world.model,
+        tokenizer=world.tokenizer,
+        cost=world.cost if cost is None else cost,
+        reward=world.reward if reward is None else reward,
+        oracle=world.oracle,
+        budget=world.budget,
+        prompts=prompts,
+    )
+
+
+def _loaded_setup(args: argparse.Namespace) -> _Setup:
+    """The model and scorers named on the command line (a cost is required)."""
+    cost = _cost(args)
+    if cost is None:
+        raise CommandLineError("--model needs a cost: --cost-keywords or --cost-model")
+    reward = _reward(args)
+    with loading("--model", args.model):
+        lm = CausalLM.from_pretrained(
+            args.model, device=_device(args), trust_remote_code=args.trust_remote_code
+        )
+    return _Setup(model=lm.model, tokenizer=lm.tokenizer, cost=cost, reward=reward)
+
+
+def _cost(args: argparse.Namespace) -> Scorer | None:
+    """The cost given on the command line, or None."""
+    if args.cost_model is None:
+        return args.cost_keywords
+    with loading("--cost-model", args.cost_model):
+        return ClassifierScorer.from_pretrained(
+            args.cost_model, device=_device(args), trust_remote_code=args.trust_remote_code
+        )
+
+
+def _reward(args: argparse.Namespace) -> Scorer | None:
+    """The reward model given on the command line, or None."""
+    if args.reward_model is None:
+        return None
+    with loading("--reward-model", args.reward_model):
+        return ClassifierScorer.from_pretrained(
+            args.reward_model, device=_device(args), trust_remote_code=args.trust_remote_code
+        )
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- methods and types
+def _chosen_methods(names: list[str] | None, *, has_reward: bool) -> list[str]:
+    """`names`, checked to be runnable; default every method that can run."""
+    if names is None:
+        return runnable_methods(has_reward=has_reward)
+    for name in names:
+        try:
+            get_method(name, has_reward=has_reward)
+        except ValueError as exc:
+            raise CommandLineError(f"--methods: {exc}") from exc
+    return names
+
+
+def _method_options(args: argparse.Namespace) -> MethodOptions:
+    """`MethodOptions` from the flags given (each flag is named after its field)."""
+    names = [field.name for field in dataclasses.fields(MethodOptions)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    try:
+        return MethodOptions(**given)
+    except ValueError as exc:
+        raise CommandLineError(f"invalid method options: {exc}") from exc
+
+
+def _method_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct method names separated by single commas, "
+            "e.g. base,bon-augmented,inferenceguard"
+        )
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

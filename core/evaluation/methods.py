@@ -1,0 +1,158 @@
+"""The decoders an evaluation compares, built by name from one model, cost, reward and config.
+
+Every method gets the same `GuardConfig`, so N (`num_candidates`), K (`beam_width`),
+block size and `max_new_tokens` are equal across the table; settings that only some
+methods have are `MethodOptions`. Adding a method is one entry in `METHODS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypedDict
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from core.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
+from core.config import GuardConfig
+from core.decoder import Decoder
+from core.guard import InferenceGuard
+from core.scorers import Scorer
+from core.search import Scoring
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Settings of individual methods that `GuardConfig` does not hold.
+
+    Attributes:
+        lagrange_multiplier: lambda of the Lagrangian scorings, `R - lambda * C`.
+        args_num_tokens: candidate tokens per step of ARGS (its k).
+        args_reward_weight: ARGS's weight w on the reward.
+        args_cost_weight: weight on the cost of "args-cost" (plain "args" uses 0).
+    """
+
+    lagrange_multiplier: float = 1.0
+    args_num_tokens: int = 10
+    args_reward_weight: float = 1.0
+    args_cost_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.args_num_tokens < 1:
+            raise ValueError(f"args_num_tokens must be >= 1, got {self.args_num_tokens}")
+        weights = {
+            "lagrange_multiplier": self.lagrange_multiplier,
+            "args_reward_weight": self.args_reward_weight,
+            "args_cost_weight": self.args_cost_weight,
+        }
+        for name, value in weights.items():
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+class DecoderParts(TypedDict):
+    """What every decoder is built from, as keyword arguments."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cost: Scorer
+    reward: Scorer | None
+    config: GuardConfig
+
+
+Builder = Callable[[DecoderParts, MethodOptions], Decoder]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        label: its name in tables and plots.
+        build: makes its decoder from the shared parts and the options.
+        needs_reward: whether it cannot run without a reward model.
+    """
+
+    label: str
+    build: Builder
+    needs_reward: bool = False
+
+
+def _best_of_n(scoring: Scoring) -> Builder:
+    return lambda parts, options: BestOfN(
+        **parts, scoring=scoring, lagrange_multiplier=options.lagrange_multiplier
+    )
+
+
+def _beam(scoring: Scoring) -> Builder:
+    return lambda parts, options: BlockBeamSearch(
+        **parts, scoring=scoring, lagrange_multiplier=options.lagrange_multiplier
+    )
+
+
+def _args(*, with_cost: bool) -> Builder:
+    return lambda parts, options: ARGS(
+        **parts,
+        num_tokens=options.args_num_tokens,
+        reward_weight=options.args_reward_weight,
+        cost_weight=options.args_cost_weight if with_cost else 0.0,
+    )
+
+
+METHODS: dict[str, Method] = {
+    "base": Method("Base (sampling)", lambda parts, _: SamplingDecoder(**parts)),
+    "bon-reward": Method("BoN (reward)", _best_of_n("reward")),
+    "bon-lagrangian": Method("BoN (Lagrangian)", _best_of_n("lagrangian")),
+    "bon-augmented": Method("BoN (augmented)", _best_of_n("augmented")),
+    "beam-reward": Method("Beam (reward)", _beam("reward")),
+    "beam-lagrangian": Method("Beam (Lagrangian)", _beam("lagrangian")),
+    "beam-augmented": Method("Beam (augmented)", _beam("augmented")),
+    "args": Method("ARGS", _args(with_cost=False), needs_reward=True),
+    "args-cost": Method("ARGS (cost)", _args(with_cost=True), needs_reward=True),
+    "inferenceguard": Method("InferenceGuard", lambda parts, _: InferenceGuard(**parts)),
+}
+"""Every method `safeguard eval` knows, by the name it is selected with, in table order."""
+
+
+def runnable_methods(*, has_reward: bool) -> list[str]:
+    """Names of the registered methods that can run with (or without) a reward model."""
+    return [name for name, method in METHODS.items() if has_reward or not method.needs_reward]
+
+
+def get_method(name: str, *, has_reward: bool) -> Method:
+    """The registered method `name`, checked to be runnable.
+
+    Raises:
+        ValueError: an unknown name, or a method that needs the missing reward model.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    method = METHODS[name]
+    if method.needs_reward and not has_reward:
+        raise ValueError(
+            f"method {name!r} needs a reward model; give one, or leave {name!r} out "
+            f"(runnable without one: {', '.join(runnable_methods(has_reward=False))})"
+        )
+    return method
+
+
+def build_decoder(
+    name: str,
+    *,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cost: Scorer,
+    reward: Scorer | None = None,
+    config: GuardConfig,
+    options: MethodOptions | None = None,
+) -> Decoder:
+    """Build the decoder of method `name` (see `METHODS`).
+
+    Raises:
+        ValueError: see `get_method`.
+    """
+    method = get_method(name, has_reward=reward is not None)
+    parts = DecoderParts(model=model, tokenizer=tokenizer, cost=cost, reward=reward, config=config)
+    return method.build(parts, options or MethodOptions())
