@@ -264,7 +264,8 @@ def parse_tool_calls(text: str, tools: Sequence[ToolSpec] | None = None) -> Pars
     candidate = fenced.group(1) if fenced else text.strip()
     if candidate[:1] in "{[":
         values = _json_values(candidate)
-        if values and all(_looks_like_call(item) for item in _flatten(values)):
+        # Bare JSON is a call only with its arguments: a JSON answer may have a "name".
+        if values and all(_looks_like_bare_call(item) for item in _flatten(values)):
             for item in _flatten(values):
                 _add_call(item, known, calls, invalid)
             return ParsedResponse("", calls, invalid)
@@ -296,6 +297,13 @@ def _looks_like_call(item: Any) -> bool:
         return False
     function = item.get("function", item)
     return isinstance(function, Mapping) and isinstance(function.get("name"), str)
+
+
+def _looks_like_bare_call(item: Any) -> bool:
+    if not _looks_like_call(item):
+        return False
+    function = item.get("function", item)
+    return "arguments" in function or "parameters" in function
 
 
 def _add_call(

@@ -114,6 +114,10 @@ def test_plain_text_and_non_call_json_stay_content():
     assert parse_tool_calls("The weather is fine.", TOOLS).tool_calls == []
     parsed = parse_tool_calls('{"city": "Paris"}', TOOLS)
     assert parsed.tool_calls == [] and parsed.content == '{"city": "Paris"}'
+    answer = '{"name": "Alice", "age": 31}'
+    parsed = parse_tool_calls(answer, TOOLS)
+    assert parsed.tool_calls == [] and parsed.invalid_tool_calls == []
+    assert parsed.content == answer
 
 
 def test_broken_or_unknown_calls_are_reported_invalid():

@@ -1,0 +1,258 @@
+"""Settings that `ChatSafeguard` and `SafeguardLLM` share: the decoder, how to load it,
+LangChain's standard parameters, and every `GuardConfig` field as a default override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from langchain_core.messages.ai import UsageMetadata
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from typing_extensions import Self
+
+from core import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
+from core.decoder import Decoder
+from core.scorers import Scorer
+from langchain_safeguard._loading import ModelSource, load_model
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)
+"""`GuardConfig` fields: each is also a field of the models and a per-call keyword."""
+
+MODEL_CONFIG = ConfigDict(
+    extra="forbid",
+    arbitrary_types_allowed=True,
+    protected_namespaces=(),
+    use_attribute_docstrings=True,
+)
+"""Pydantic settings of the model classes; they set it again themselves, since pydantic
+lets the LangChain base class (extra="ignore") override a mixin's config."""
+
+_BUILD_LOCK = threading.Lock()
+_LOADING_FIELDS = ("cost", "reward", "critic", "device", "dtype", "device_map")
+# Keywords LangChain itself passes down to `_generate`/`_stream`, not meant for the model.
+_LANGCHAIN_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+
+
+class SafeguardParams(BaseModel):
+    """The decoder and its settings; mixed into the LangChain model classes.
+
+    Every `GuardConfig` field left at None takes its value from the decoder's own
+    config (`GuardConfig()` defaults for a model loaded by name); a set field
+    overrides it for every call, and a call's keywords override both.
+    """
+
+    model_config = MODEL_CONFIG
+
+    guard: Decoder | None = Field(default=None, exclude=True)
+    """A built decoder (e.g. `InferenceGuard`) to use instead of loading `model`."""
+    model: str | None = None
+    """Base model's hub name or path, loaded on first use; with `guard`, only its reported name."""
+    cost: Scorer | None = Field(default=None, exclude=True)
+    """Cost model C(x, y) (e.g. `KeywordCost`, `ClassifierScorer`); required with `model`."""
+    reward: Scorer | None = Field(default=None, exclude=True)
+    """Reward model R(x, y); without one, candidates rank by mean token log-likelihood."""
+    critic: Any = Field(default=None, exclude=True)
+    """Latent critic for InferenceGuard's critic mode, passed to `InferenceGuard`."""
+    device: str | None = None
+    """Device to load `model` on (default: CUDA when available, else CPU)."""
+    dtype: str | torch.dtype | None = None
+    """Torch dtype (or its name) to load `model` in (default: bfloat16 on CUDA, else float32)."""
+    device_map: str | None = None
+    """Transformers device map (e.g. "auto") to shard `model` across devices."""
+    trust_remote_code: bool = False
+    """Run code shipped with the `model` checkpoint; leave off unless you trust its author."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens in a response: LangChain's name for `max_new_tokens`."""
+    timeout: float | None = Field(default=None, ge=0)
+    """Standard LangChain parameter, accepted; local decoding has no request to time out."""
+    max_retries: int | None = Field(default=None, ge=0)
+    """Standard LangChain parameter, accepted; local decoding has no failure to retry."""
+    streaming: bool = False
+    """Whether `invoke` decodes through the stream (firing `on_llm_new_token`)."""
+
+    budget: float | None = None
+    """Safety budget d: a response is safe iff its cost C(x, y) <= budget."""
+    num_candidates: int | None = None
+    """N: candidate blocks sampled and scored per search step (a multiple of beam_width)."""
+    beam_width: int | None = None
+    """K: beams kept after each search step."""
+    block_size: int | None = None
+    """Tokens per candidate block (scored at block ends)."""
+    max_new_tokens: int | None = None
+    """Most tokens in a response (same as `max_tokens`)."""
+    resample_rounds: int | None = None
+    """M: resamples of a block whose candidates are all over budget."""
+    unsafe_penalty: float | None = None
+    """n: an over-budget candidate scores -n + z, below any safe one."""
+    unsafe_logit_penalty: float | None = None
+    """Subtracted, when resampling, from the logits of tokens seen in unsafe candidates."""
+    safety_discount: float | None = None
+    """gamma_c of the safety state update, in (0, 1]."""
+    temperature: float | None = None
+    """Sampling temperature; 0 decodes greedily."""
+    top_p: float | None = None
+    """Nucleus sampling mass in (0, 1]; 1 disables it."""
+    top_k: int | None = None
+    """Sample from the k likeliest tokens; 0 disables it."""
+    scorer: Literal["auto", "models"] | None = None
+    """How candidates are scored: 'models' runs the cost and reward models on the text."""
+    on_unsafe: Literal["refuse", "return", "raise"] | None = None
+    """Over-budget final response: refuse (default), return flagged, or raise."""
+    refusal_text: str | None = None
+    """Text returned instead of an over-budget response when refusing."""
+    stop: list[str] | None = None
+    """Stop strings: a response ends before the first one it contains."""
+    stream_commit: Literal["agreement", "block"] | None = None
+    """What a stream commits each step: the beams' agreed prefix, or the best block."""
+    seed: int | None = None
+    """Seed of each prompt's sampler; None draws a fresh one per call."""
+
+    _loaded_guard: Decoder | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_decoder_and_config(self) -> Self:
+        if self.guard is None:
+            if not self.model:
+                raise ValueError(
+                    f"{type(self).__name__} needs a decoder: pass guard=InferenceGuard(...), "
+                    "or model='<hub name or local path>' with cost=..."
+                )
+            if self.cost is None:
+                raise MissingCostModelError(
+                    f"{type(self).__name__}(model={self.model!r}) needs a cost model: pass "
+                    "cost=KeywordCost([...]), RegexCost(...), ClassifierScorer.from_pretrained"
+                    "(...) or GuardModelCost(...)"
+                )
+        else:
+            given = [name for name in _LOADING_FIELDS if getattr(self, name) is not None]
+            given += ["trust_remote_code"] if self.trust_remote_code else []
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} configure a model loaded by name, but guard= is "
+                    "already built; give them to the InferenceGuard instead"
+                )
+        if (
+            self.max_tokens is not None
+            and self.max_new_tokens is not None
+            and self.max_tokens != self.max_new_tokens
+        ):
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) and max_new_tokens ({self.max_new_tokens}) "
+                "are two names for one setting; pass one of them"
+            )
+        self.call_config(self.config_overrides())  # invalid settings fail here, not mid-chain
+        return self
+
+    # ---------------------------------------------------------------- the decoder
+    def load_guard(self) -> Decoder:
+        """The decoder calls run on; a model given by name is loaded now if it is not yet
+        (its weights once per process for equal loading options)."""
+        if self.guard is not None:
+            return self.guard
+        if self._loaded_guard is None:
+            with _BUILD_LOCK:  # the calls of a batch may arrive together from several threads
+                if self._loaded_guard is None:
+                    self._loaded_guard = self._build_guard()
+        return self._loaded_guard
+
+    def _build_guard(self) -> Decoder:
+        assert self.model is not None  # checked at construction
+        lm = load_model(
+            ModelSource.of(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                device_map=self.device_map,
+                trust_remote_code=self.trust_remote_code,
+            )
+        )
+        return InferenceGuard(
+            lm.model, lm.tokenizer, cost=self.cost, reward=self.reward, critic=self.critic
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name: `model`, else the name the decoder's model was loaded by."""
+        if self.model:
+            return self.model
+        assert self.guard is not None  # one of them is set, checked at construction
+        return self.guard.lm.name
+
+    # ----------------------------------------------------------------- settings
+    def config_overrides(
+        self, stop: list[str] | None = None, kwargs: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """`GuardConfig` overrides of one call: this model's set fields, then the call's
+        `stop` and keywords (GuardConfig fields, `max_tokens`).
+
+        Raises:
+            TypeError: a keyword that is neither a GuardConfig field nor `max_tokens`.
+        """
+        overrides = {
+            name: getattr(self, name) for name in CONFIG_FIELDS if getattr(self, name) is not None
+        }
+        if self.max_tokens is not None:
+            overrides["max_new_tokens"] = self.max_tokens
+        for name, value in (kwargs or {}).items():
+            if name in CONFIG_FIELDS:
+                overrides[name] = value
+            elif name == "max_tokens":
+                if value is not None:
+                    overrides["max_new_tokens"] = value
+            elif name not in _LANGCHAIN_KWARGS:
+                raise TypeError(
+                    f"{type(self).__name__} got an unexpected keyword {name!r}; a call takes "
+                    f"max_tokens, stop and the GuardConfig fields ({', '.join(CONFIG_FIELDS)})"
+                )
+        if stop is not None:
+            overrides["stop"] = list(stop)
+        return overrides
+
+    def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
+        """The validated config a call with `overrides` runs under."""
+        base = self.guard.config if self.guard is not None else GuardConfig()
+        return base.with_overrides(**overrides)
+
+    def check_model_keyword(self, kwargs: dict[str, Any]) -> None:
+        """Remove a per-call `model=` from `kwargs`; it may only name this model."""
+        requested = kwargs.pop("model", None)
+        if requested is not None and requested != self.model_name:
+            raise ValueError(
+                f"{type(self).__name__} generates with {self.model_name!r} and cannot switch "
+                f"to model={requested!r} per call; build another {type(self).__name__} for it"
+            )
+
+    def safeguard_params(self) -> dict[str, Any]:
+        """Identifying parameters: the model, its scorers and the settings in force."""
+        params: dict[str, Any] = {"model_name": self.model_name}
+        for name in ("cost", "reward"):
+            scorer = getattr(self, name) if self.guard is None else getattr(self.guard, name)
+            params[name] = type(scorer).__name__ if scorer is not None else None
+        if self.guard is not None:
+            params["decoder"] = type(self.guard).__name__
+        params.update(self.config_overrides())
+        return params
+
+
+def usage_of(result: GuardResult) -> UsageMetadata:
+    """LangChain usage metadata of a result (tokens of the returned text)."""
+    prompt, completion = result.stats.prompt_tokens, result.stats.completion_tokens
+    return UsageMetadata(
+        input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def response_metadata_of(result: GuardResult, model_name: str) -> dict[str, Any]:
+    """`model_name`, `finish_reason`, the `safety` record (DESIGN.md section 3), and the
+    search's `stats`."""
+    return {
+        "model_name": model_name,
+        "finish_reason": result.finish_reason,
+        "safety": result.safety_record(),
+        "stats": dataclasses.asdict(result.stats),
+    }

@@ -1,0 +1,40 @@
+"""LlamaIndex integration: `SafeguardLLM`, an almost-surely-safe LLM for query engines,
+chat engines and agents.
+
+`SafeguardLLM` implements LlamaIndex's function-calling LLM interface on top of a
+`core` decoder (`InferenceGuard` or a baseline): completion and chat, streaming and
+real async (the search runs in a worker thread, deltas arrive as they are committed),
+tool calling with the tool rendering and parsing of `core.tools`, and the safety
+record of every response in `raw["safety"]` and `additional_kwargs["safety"]`.
+Query and chat engine responses carry it in `response.metadata["safety"]` (see
+`SafetyRecordHandler`).
+
+Install with `pip install "inference-safeguard[llamaindex]"`.
+"""
+
+from __future__ import annotations
+
+try:
+    import llama_index.core  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "llamaindex_safeguard needs llama-index-core; install it with "
+        '`pip install "inference-safeguard[llamaindex]"`'
+    ) from error
+
+from llamaindex_safeguard.llm import SafeguardLLM
+from llamaindex_safeguard.messages import (
+    to_guard_messages,
+    to_tool_selections,
+    to_tool_specs,
+)
+from llamaindex_safeguard.records import SafetyRecordHandler, install_safety_record_handler
+
+__all__ = [
+    "SafeguardLLM",
+    "SafetyRecordHandler",
+    "install_safety_record_handler",
+    "to_guard_messages",
+    "to_tool_selections",
+    "to_tool_specs",
+]

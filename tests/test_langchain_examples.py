@@ -1,0 +1,40 @@
+"""The LangChain examples run offline and show what their docstrings promise."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agent_example_calls_both_tools_and_refuses_the_forbidden_call(capsys):
+    load("langchain_agent").main([])
+    out = capsys.readouterr().out
+    assert 'call    get_weather({"city": "Paris"})' in out
+    assert 'call    celsius_to_fahrenheit({"celsius": 21.0})' in out
+    assert "answer    It is sunny in Paris, 69.8 °F." in out
+    assert 'get_weather({"city": "Area 51"})' not in out  # refused before any tool ran
+    assert "refused=True" in out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chain_example_runs_every_call_style(capsys, stream):
+    argv = ["--num-candidates", "4", "--beam-width", "2", "--max-new-tokens", "16"]
+    load("langchain_chain").main(argv + (["--stream"] if stream else []))
+    out = capsys.readouterr().out
+    assert "invoke:" in out and "ainvoke:" in out
+    assert "batch of 3 (one search)" in out
+    assert ("stream:" in out) == stream
+    assert out.count("/ budget 0, ") == 2  # invoke and ainvoke print their safety records

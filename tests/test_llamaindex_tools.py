@@ -1,0 +1,273 @@
+"""Function calling through SafeguardLLM with a scripted decoder: tool rendering and
+parsing, predict_and_call, structured_predict, FunctionAgent and ReActAgent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from llama_index.core.agent.workflow import AgentStream, FunctionAgent, ReActAgent
+from llama_index.core.base.llms.types import ToolCallBlock
+from llama_index.core.llms import ChatMessage, MessageRole
+from llama_index.core.prompts import PromptTemplate
+from llama_index.core.tools import FunctionTool
+from llamaindex_helpers import ScriptedDecoder
+from pydantic import BaseModel
+
+from core.scorers import KeywordCost
+from core.testing import build_tiny_llama, build_tiny_tokenizer
+from llamaindex_safeguard import SafeguardLLM, to_guard_messages, to_tool_specs
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+class Song(BaseModel):
+    """A song and the year it came out."""
+
+    title: str
+    year: int
+
+
+ADD = FunctionTool.from_defaults(add)
+MULTIPLY = FunctionTool.from_defaults(multiply)
+QUESTION = "What is 2 + 3?"
+
+
+def call(name: str, **arguments: object) -> str:
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def long_model(tiny_tokenizer):
+    """The tiny Llama with room for tool descriptions (its tokenizer spends many tokens
+    on JSON)."""
+    return build_tiny_llama(tiny_tokenizer, seed=0, max_position_embeddings=4096)
+
+
+@pytest.fixture()
+def scripted(long_model, tiny_tokenizer):
+    """`scripted(*texts, **kwargs)`: a SafeguardLLM whose model answers with `texts`."""
+
+    def build(*texts: str, **kwargs: object) -> SafeguardLLM:
+        return SafeguardLLM(guard=ScriptedDecoder(long_model, tiny_tokenizer, texts, **kwargs))
+
+    return build
+
+
+# ------------------------------------------------------------------- tool calls
+def test_chat_with_tools_offers_the_tools_and_parses_the_call(scripted):
+    llm = scripted("I will add them. " + call("add", a=2, b=3))
+    response = llm.chat_with_tools([ADD], user_msg=QUESTION)
+    prompt = llm.guard.prompts[-1]
+    assert '"name": "add"' in prompt and "Add two integers." in prompt
+    assert response.message.content == "I will add them."
+    [selection] = llm.get_tool_calls_from_response(response)
+    assert (selection.tool_name, selection.tool_kwargs) == ("add", {"a": 2, "b": 3})
+    [block] = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+    assert block.tool_call_id == selection.tool_id
+    assert response.additional_kwargs["safety"]["safe"]
+    assert response.raw["text"].endswith("</tool_call>")
+
+
+def test_missing_tool_call_raises_only_when_one_is_required(scripted):
+    llm = scripted("Five.", "Five.")
+    response = llm.chat_with_tools([ADD], user_msg=QUESTION)
+    with pytest.raises(ValueError, match="Expected at least one tool call"):
+        llm.get_tool_calls_from_response(response)
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+
+
+def test_only_the_first_call_is_kept_unless_parallel_calls_are_allowed(scripted):
+    both = call("add", a=1, b=2) + "\n" + call("multiply", a=3, b=4)
+    llm = scripted(both, both)
+    single = llm.chat_with_tools([ADD, MULTIPLY], user_msg=QUESTION)
+    assert [s.tool_name for s in llm.get_tool_calls_from_response(single)] == ["add"]
+    parallel = llm.chat_with_tools(
+        [ADD, MULTIPLY], user_msg=QUESTION, allow_parallel_tool_calls=True
+    )
+    assert [s.tool_name for s in llm.get_tool_calls_from_response(parallel)] == [
+        "add",
+        "multiply",
+    ]
+
+
+def test_tool_choice_offers_only_the_named_tool(scripted):
+    llm = scripted(call("multiply", a=2, b=3), call("add", a=2, b=3))
+    llm.chat_with_tools([ADD, MULTIPLY], user_msg=QUESTION, tool_choice="multiply")
+    assert '"name": "multiply"' in llm.guard.prompts[-1]
+    assert '"name": "add"' not in llm.guard.prompts[-1]
+    none = llm.chat_with_tools([ADD, MULTIPLY], user_msg=QUESTION, tool_choice="none")
+    assert "You can call these tools" not in llm.guard.prompts[-1]
+    assert none.message.content.startswith("<tool_call>")  # not parsed: no tools offered
+    with pytest.raises(ValueError, match="names no offered tool"):
+        llm.chat_with_tools([ADD], user_msg=QUESTION, tool_choice="divide")
+
+
+def test_calls_of_unknown_tools_or_bad_json_are_reported_not_returned(scripted):
+    llm = scripted(call("divide", a=1, b=2) + "<tool_call>{not json}</tool_call>")
+    response = llm.chat_with_tools([ADD], user_msg=QUESTION)
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    errors = [c["error"] for c in response.raw["invalid_tool_calls"]]
+    assert errors == ["no tool named 'divide'", "not valid JSON"]
+
+
+def test_an_over_budget_tool_call_is_refused_not_executed(scripted):
+    llm = scripted(call("add", a=2, b=3), cost=KeywordCost(["add"]))
+    output = llm.predict_and_call([ADD], user_msg=QUESTION, error_on_no_tool_call=False)
+    assert output.sources == []
+    assert output.response == llm.guard.config.refusal_text
+
+
+def test_predict_and_call_runs_the_chosen_tool(scripted):
+    llm = scripted(call("multiply", a=6, b=7))
+    output = llm.predict_and_call([ADD, MULTIPLY], user_msg="What is 6 times 7?")
+    assert output.response == "42"
+    assert output.sources[0].raw_input == {"args": (), "kwargs": {"a": 6, "b": 7}}
+
+
+async def test_apredict_and_call_runs_the_tool_too(scripted):
+    llm = scripted(call("add", a=20, b=22))
+    output = await llm.apredict_and_call([ADD, MULTIPLY], user_msg="What is 20 + 22?")
+    assert output.response == "42"
+
+
+# ------------------------------------------------------------- message history
+def test_tool_calls_and_results_in_the_history_are_rendered_for_the_model(scripted):
+    llm = scripted("It is 5.")
+    history = [
+        ChatMessage(role=MessageRole.USER, content=QUESTION),
+        ChatMessage(
+            role=MessageRole.ASSISTANT,
+            blocks=[
+                ToolCallBlock(tool_call_id="c1", tool_name="add", tool_kwargs={"a": 2, "b": 3})
+            ],
+        ),
+        ChatMessage(role=MessageRole.TOOL, content="5", additional_kwargs={"tool_call_id": "c1"}),
+    ]
+    llm.chat_with_tools([ADD], chat_history=history)
+    prompt = llm.guard.prompts[-1]
+    assert call("add", a=2, b=3) in prompt
+    assert "<tool_response name='add'>5</tool_response>" in prompt
+
+
+def test_openai_style_tool_calls_convert_to_core_messages():
+    openai_call = {
+        "id": "c7",
+        "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+    }
+    messages = [
+        ChatMessage(role=MessageRole.USER, content=QUESTION),
+        ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [openai_call]}),
+        ChatMessage(role="tool", content="3", additional_kwargs={"tool_call_id": "c7"}),
+    ]
+    assert to_guard_messages(messages) == [
+        {"role": "user", "content": QUESTION},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c7",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": {"a": 1, "b": 2}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "3", "tool_call_id": "c7", "name": "add"},
+    ]
+
+
+def test_tools_convert_from_llamaindex_tools_and_dicts():
+    dict_tool = {"type": "function", "function": {"name": "noop", "parameters": {}}}
+    specs = to_tool_specs([ADD, dict_tool])
+    assert [s.name for s in specs] == ["add", "noop"]
+    assert specs[0].parameters["required"] == ["a", "b"]
+    with pytest.raises(ValueError, match="unique"):
+        to_tool_specs([ADD, ADD])
+    with pytest.raises(TypeError):
+        to_tool_specs([add])
+
+
+# -------------------------------------------------------------------- streaming
+def test_stream_chat_with_tools_holds_back_the_call_markup(scripted):
+    llm = scripted("Let me add. " + call("add", a=2, b=3))
+    chunks = list(llm.stream_chat_with_tools([ADD], user_msg=QUESTION))
+    assert len(chunks) > 3
+    assert "".join(c.delta for c in chunks) == "Let me add."
+    assert not any("<" in c.delta for c in chunks)
+    [selection] = llm.get_tool_calls_from_response(chunks[-1])
+    assert selection.tool_kwargs == {"a": 2, "b": 3}
+    assert chunks[-1].additional_kwargs["safety"]["safe"]
+
+
+async def test_astream_chat_with_a_bare_json_call_streams_no_text(scripted):
+    llm = scripted(json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}}))
+    chunks = [c async for c in await llm.astream_chat_with_tools([ADD], user_msg=QUESTION)]
+    assert "".join(c.delta for c in chunks) == ""
+    assert [s.tool_name for s in llm.get_tool_calls_from_response(chunks[-1])] == ["add"]
+
+
+# ----------------------------------------------------------- structured output
+def test_structured_predict_reads_the_output_class_as_a_tool_call(scripted):
+    llm = scripted(call("Song", title="Blue Sky", year=1999))
+    song = llm.structured_predict(Song, PromptTemplate("Name a song about {topic}."), topic="sky")
+    assert song == Song(title="Blue Sky", year=1999)
+    assert "Name a song about sky." in llm.guard.prompts[-1]
+
+
+async def test_astructured_predict_works_too(scripted):
+    llm = scripted(call("Song", title="Rain", year=2001))
+    song = await llm.astructured_predict(
+        Song, PromptTemplate("A song about {topic}."), topic="rain"
+    )
+    assert song == Song(title="Rain", year=2001)
+
+
+def test_structured_predict_on_a_base_model_parses_json_text(long_model):
+    tokenizer = build_tiny_tokenizer(chat_template=False)
+    decoder = ScriptedDecoder(long_model, tokenizer, ['{"title": "Blue Sky", "year": 1999}'])
+    llm = SafeguardLLM(guard=decoder)
+    song = llm.structured_predict(Song, PromptTemplate("Name a song about {topic}."), topic="sky")
+    assert song == Song(title="Blue Sky", year=1999)
+
+
+# ----------------------------------------------------------------------- agents
+async def test_function_agent_calls_the_tool_and_answers(scripted):
+    llm = scripted(call("add", a=2, b=3), "The answer is 5.")
+    agent = FunctionAgent(tools=[ADD], llm=llm)
+    handler = agent.run(QUESTION)
+    deltas = [
+        event.delta async for event in handler.stream_events() if isinstance(event, AgentStream)
+    ]
+    output = await handler
+    assert str(output.response.content) == "The answer is 5."
+    [result] = output.tool_calls
+    assert (result.tool_name, result.tool_kwargs, result.tool_output.raw_output) == (
+        "add",
+        {"a": 2, "b": 3},
+        5,
+    )
+    assert "<tool_response name='add'>5</tool_response>" in llm.guard.prompts[-1]
+    assert "".join(deltas) == "The answer is 5."
+    assert output.raw["safety"]["safe"]  # the last step's record
+
+
+async def test_react_agent_calls_the_tool_and_answers(scripted):
+    llm = scripted(
+        'Thought: I need to add.\nAction: add\nAction Input: {"a": 2, "b": 3}',
+        "Thought: I can answer without using any more tools.\nAnswer: 5",
+    )
+    output = await ReActAgent(tools=[ADD], llm=llm).run(QUESTION)
+    assert str(output.response.content) == "5"
+    assert [r.tool_output.raw_output for r in output.tool_calls] == [5]
+    assert "Observation: 5" in llm.guard.prompts[-1]
+    assert output.raw["safety"]["safe"]
