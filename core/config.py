@@ -97,7 +97,10 @@ class GuardConfig(BaseModel):
         "generate); 'block' commits the best block each step (lower latency, weaker search).",
     )
     seed: int | None = Field(
-        None, ge=0, description="Seed of each prompt's sampler; None draws a fresh one per call."
+        None,
+        ge=0,
+        description="Seed of the samplers; each prompt's seed derives from it and the prompt, "
+        "so a prompt decodes the same alone or in a batch. None draws fresh seeds per call.",
     )
 
     @field_validator("budget")

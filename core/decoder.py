@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
@@ -140,7 +141,7 @@ class Decoder(ABC):
         self, prompts: list[EncodedPrompt], config: GuardConfig
     ) -> list[GuardResult]:
         started = time.perf_counter()
-        responses = self._decode(prompts, config, self._seeds(len(prompts), config))
+        responses = self._decode(prompts, config, self._seeds(prompts, config))
         results = self._finalize(prompts, responses, config, time.perf_counter() - started)
         self.last_result = results[-1]
         return results
@@ -202,10 +203,16 @@ class Decoder(ABC):
         return encoded
 
     @staticmethod
-    def _seeds(count: int, config: GuardConfig) -> list[int]:
-        if config.seed is not None:
-            return [config.seed] * count
-        return torch.randint(0, 2**62, (count,)).tolist()
+    def _seeds(prompts: Sequence[EncodedPrompt], config: GuardConfig) -> list[int]:
+        """One sampler seed per prompt.
+
+        With `config.seed`, a prompt's seed is derived from it and the prompt's tokens:
+        a prompt decodes the same alone or in any batch, while different prompts of a
+        batch draw independent samples. Without, fresh seeds from torch's RNG.
+        """
+        if config.seed is None:
+            return torch.randint(0, 2**62, (len(prompts),)).tolist()
+        return [_derived_seed(config.seed, prompt.ids) for prompt in prompts]
 
     @abstractmethod
     def _decode(
@@ -265,3 +272,11 @@ class Decoder(ABC):
     ) -> list[GuardResult]:
         """What to do with scored results; baselines report them as they are."""
         return results
+
+
+def _derived_seed(seed: int, token_ids: Sequence[int]) -> int:
+    """A 62-bit seed from a user seed and a prompt's token ids (stable across runs)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update((seed % 2**64).to_bytes(8, "little"))
+    digest.update(b"".join((i % 2**32).to_bytes(4, "little") for i in token_ids))
+    return int.from_bytes(digest.digest(), "little") >> 2

@@ -101,7 +101,7 @@ class InferenceGuard(Decoder):
         """
         started = time.perf_counter()
         run = self.search.run(
-            [encoded], config, self._seeds(1, config), commit=config.stream_commit
+            [encoded], config, self._seeds([encoded], config), commit=config.stream_commit
         )
         emitted, accepted_tokens = "", 0
         while True:

@@ -347,9 +347,12 @@ def test_each_step_scores_all_candidates_of_all_prompts_in_one_call(
     guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=cost, config=small_config)
     results = guard.generate_batch([PROMPT, OTHER_PROMPT], seed=0)
     assert all(r.stats.resample_rounds == 0 for r in results)
-    blocks = small_config.max_new_tokens // small_config.block_size
-    # One call per block for both prompts' 16 candidates, then one final verification.
-    assert calls == [2 * small_config.num_candidates] * blocks + [2]
+    # One call per step for both prompts' candidates, then one final verification.
+    steps = max(r.stats.blocks for r in results)
+    assert len(calls) == steps + 1
+    assert calls[0] == 2 * small_config.num_candidates
+    assert sum(calls[:-1]) == sum(r.stats.candidates_scored for r in results)
+    assert calls[-1] == 2
 
 
 def test_generate_batch_prefills_all_prompts_once(guard, monkeypatch):
