@@ -1,4 +1,5 @@
-"""Tiny local Llama models and tokenizers for tests, examples and benchmarks.
+"""Stand-ins for tests, examples and benchmarks: tiny local Llamas and tokenizers, and
+`ScriptedGuard`, an InferenceGuard whose search answers from a script.
 
 Nothing here touches a model hub: the tokenizer is a sentencepiece-style BPE trained in a
 second on a generated English corpus, and the models are random-weight Llamas built
@@ -8,9 +9,12 @@ from a `LlamaConfig`. Saved with `save_pretrained`, they load through the same
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 import string
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Generator, Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,8 +22,18 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from core.config import GuardConfig
+from core.decoder import Response
+from core.guard import InferenceGuard
+from core.lm import EncodedPrompt
+from core.results import GuardResult
+from core.scorers import CallableScorer, Scorer
+from core.search import first_stop
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>"
@@ -156,3 +170,97 @@ def build_tiny_classifier(
     config = tiny_llama_config(tokenizer, **config_kwargs)
     config.num_labels = num_labels
     return LlamaForSequenceClassification(config).eval()
+
+
+# ------------------------------------------------------------------ scripted guard
+Replies = Callable[[str], str] | Sequence[str]
+"""A function from the prompt (as scorers see it: a `role: content` transcript) to the
+reply, or replies to give in turn (the last one repeats)."""
+
+
+class ScriptedGuard(InferenceGuard):
+    """An `InferenceGuard` whose search returns scripted replies: for tests, and for
+    offline examples of what a capable model would do (call tools, answer in JSON).
+
+    Only the search is scripted. Everything around it is the real InferenceGuard: the
+    prompt is validated and rendered (chat template, tools), the cost model scores the
+    reply, and an over-budget reply is refused, returned flagged or raised
+    (`on_unsafe`), so scripted tool calls are held to the budget like any text.
+
+    Args:
+        model: a causal LM, for its context window (it generates nothing): give it a
+            window that fits the prompts, e.g. `build_tiny_llama(tokenizer,
+            max_position_embeddings=4096)` for prompts with tool schemas.
+        tokenizer: its tokenizer, with a chat template for message prompts.
+        replies: see `Replies`. Stop strings cut a reply; `max_new_tokens` does not.
+        cost: cost model (default: every reply costs 0).
+        reward: reward model, or None.
+        config: default config.
+
+    Attributes:
+        prompts: every prompt decoded, in order, as encoded for the model (`.text` is
+            what the scorers see).
+        search_sizes: prompts per search, in order (one search per `generate_batch`,
+            whatever its size).
+
+    A stream yields the checked reply (or the refusal) a word at a time.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        replies: Replies,
+        *,
+        cost: Scorer | None = None,
+        reward: Scorer | None = None,
+        config: GuardConfig | None = None,
+    ) -> None:
+        if isinstance(replies, str) or not (callable(replies) or replies):
+            raise ValueError("replies must be a function of the prompt or a non-empty list")
+        if cost is None:
+            cost = CallableScorer(lambda prompts, responses: [0.0] * len(responses))
+        super().__init__(model, tokenizer, cost=cost, reward=reward, config=config)
+        self.replies = replies if callable(replies) else list(replies)
+        self.prompts: list[EncodedPrompt] = []
+        self.search_sizes: list[int] = []
+        self._turns = itertools.count()
+        self._lock = threading.Lock()
+
+    @property
+    def searches(self) -> int:
+        """How many searches ran."""
+        return len(self.search_sizes)
+
+    @property
+    def rendered_prompts(self) -> list[str]:
+        """Every prompt decoded, as the model saw it: rendered with the chat template (and
+        tools), detokenized with special tokens kept."""
+        return [self.lm.tokenizer.decode(prompt.ids) for prompt in self.prompts]
+
+    def _decode(
+        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+    ) -> list[Response]:
+        with self._lock:  # concurrent calls take their turns one at a time
+            self.search_sizes.append(len(prompts))
+            self.prompts.extend(prompts)
+            texts = [self._reply(prompt) for prompt in prompts]
+        responses = []
+        for text in texts:
+            cut = first_stop(text, config.stop)
+            text = text if cut is None else text[:cut]
+            ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            responses.append(Response(token_ids=list(ids), text=text, finish_reason="stop"))
+        return responses
+
+    def _reply(self, prompt: EncodedPrompt) -> str:
+        if callable(self.replies):
+            return self.replies(prompt.text)
+        return self.replies[min(next(self._turns), len(self.replies) - 1)]
+
+    def _stream(
+        self, prompt: EncodedPrompt, config: GuardConfig
+    ) -> Generator[str, None, GuardResult]:
+        [result] = self._generate_encoded([prompt], config)
+        yield from re.findall(r"\s*\S+|\s+", result.text)
+        return result

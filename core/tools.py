@@ -9,6 +9,8 @@ calls and results in the conversation are written out in the same form.
 The parser reads the formats local models use: `<tool_call>` tags (Hermes, Qwen),
 `[TOOL_CALLS]` (Mistral), `<|python_tag|>` (Llama 3.1), and a bare or fenced JSON
 object or list whose items have a `name` and `arguments` (or `parameters`).
+`ToolCallHoldback` holds back streamed text that may turn out to be part of a call, and
+`choose_tools` reads an OpenAI-style `tool_choice`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ _FENCED = re.compile(r"\A\s*```(?:json)?\s*(.*?)\s*```\s*\Z", re.S)
 TOOL_CALL_MARKERS = (TOOL_CALL_OPEN, "[TOOL_CALLS]", "<|python_tag|>")
 """Text that starts a tool call in the formats the parser reads; a stream that may be a
 tool call should hold text back from the first of these (or a prefix of one) on."""
+
+ToolChoice = str | bool | Mapping[str, Any] | None
+"""An OpenAI-style tool choice: `"auto"`, `"none"`, `"any"`/`"required"`/`True`, a tool
+name, or `{"type": "function", "function": {"name": ...}}`; see `choose_tools`."""
+
+_OPEN_CHOICES = (None, "auto", False)
+_ANY_CHOICES = ("any", "required", True)
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,16 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_chat(self) -> dict[str, Any]:
+        """This call as an entry of an assistant message's `tool_calls`, in the chat format
+        decoders take: `{"id", "type": "function", "function": {"name", "arguments"}}`,
+        the arguments a dict."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": dict(self.arguments)},
+        }
 
 
 @dataclass(frozen=True)
@@ -205,18 +224,32 @@ def native_tool_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str
     for message in messages:
         copy = {**message, "content": message.get("content") or ""}
         if message.get("tool_calls"):
-            copy["tool_calls"] = []
-            for index, call in enumerate(message["tool_calls"]):
-                name, arguments = _call_name_and_arguments(call)
-                copy["tool_calls"].append(
-                    {
-                        "id": call.get("id") or f"call_{index}",
-                        "type": "function",
-                        "function": {"name": name, "arguments": arguments},
-                    }
-                )
+            copy["tool_calls"] = [
+                ToolCall(
+                    *_call_name_and_arguments(call), id=call.get("id") or f"call_{index}"
+                ).to_chat()
+                for index, call in enumerate(message["tool_calls"])
+            ]
         rewritten.append(copy)
     return rewritten
+
+
+def name_tool_results(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with each tool result that has no `name` given the name of the call it
+    answers (matched by `tool_call_id` against earlier assistant `tool_calls`): templates
+    and the inline rendering label a result with its tool's name."""
+    names: dict[str, str] = {}
+    named: list[dict[str, Any]] = []
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            if call.get("id"):
+                names[call["id"]] = call.get("function", call)["name"]
+        call_id = message.get("tool_call_id")
+        if message.get("role") == "tool" and not message.get("name") and call_id in names:
+            named.append({**message, "name": names[call_id]})
+        else:
+            named.append(dict(message))
+    return named
 
 
 def _call_name_and_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -336,3 +369,119 @@ def _add_call(
 
 def _tidy(content: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", content).strip()
+
+
+# ------------------------------------------------------------------ tool choice
+def choose_tools(
+    tools: Sequence[ToolSpec], tool_choice: ToolChoice
+) -> tuple[list[ToolSpec], str | None]:
+    """The tools to offer under an OpenAI-style `tool_choice`, and the instruction that asks
+    the model for a call (None when the model may answer in text).
+
+    A local model cannot be forced to call a tool without constrained decoding, so a
+    required call can only be asked for (the caller puts the instruction in the system
+    message, if it wants to), and a named tool is the only one offered (and parsed):
+
+    - `None`, `"auto"`, `False`: the tools as given; the model decides.
+    - `"none"`: no tools offered.
+    - `"any"`, `"required"`, `True`: every tool, and an instruction to call one of them
+      (none without tools).
+    - a tool name or `{"type": "function", "function": {"name": ...}}`: only that tool,
+      and an instruction to call it.
+
+    Raises:
+        ValueError: a choice of another form, or one that names a tool not in `tools`.
+    """
+    if tool_choice in _OPEN_CHOICES:
+        return list(tools), None
+    if tool_choice == "none":
+        return [], None
+    if tool_choice in _ANY_CHOICES:
+        instruction = "Answer by calling one of the tools you are given." if tools else None
+        return list(tools), instruction
+    name = _chosen_tool_name(tool_choice)
+    chosen = [spec for spec in tools if spec.name == name]
+    if not chosen:
+        raise ValueError(
+            f"tool_choice {tool_choice!r} names no offered tool: {name!r} is not one of the "
+            f"bound tools {[spec.name for spec in tools]}"
+        )
+    return chosen, f"Answer by calling the tool {name}."
+
+
+def _chosen_tool_name(tool_choice: ToolChoice) -> str:
+    """The tool a `tool_choice` names (`"name"` or `{"function": {"name": ...}}`)."""
+    if isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function", tool_choice)
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str):
+            raise ValueError(
+                f"tool_choice {dict(tool_choice)!r} names no tool; use "
+                "{'type': 'function', 'function': {'name': <tool name>}}"
+            )
+        return name
+    if not isinstance(tool_choice, str):
+        raise ValueError(
+            "tool_choice must be 'auto', 'none', 'any', 'required', a bool, a tool name or "
+            f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}"
+        )
+    return tool_choice
+
+
+# -------------------------------------------------------------------- streaming
+class ToolCallHoldback:
+    """Splits a streamed response into content that may be shown now and text held back.
+
+    With tools offered, a response may hold tool calls, which parsing takes out of its
+    content. `feed` releases content only once it cannot turn out to be part of a call:
+    nothing of a response that starts like JSON (a bare or fenced call), nothing from a
+    call marker on, no trailing prefix of a marker, and no trailing whitespace (parsed
+    content is stripped). So the text released is a prefix of the final parsed content,
+    and `finish` gives the rest of it.
+
+    Args:
+        tools: the tools offered; only calls of these count (as for `parse_tool_calls`).
+
+    Attributes:
+        text: the response so far.
+        released: the content released so far.
+        parsed: the response so far, parsed.
+    """
+
+    def __init__(self, tools: Sequence[ToolSpec] | None = None) -> None:
+        self.tools = None if tools is None else list(tools)
+        self.text = ""
+        self.released = ""
+        self.parsed = ParsedResponse(content="", tool_calls=[])
+
+    def feed(self, delta: str) -> str:
+        """Add a delta of the response; return the content released by it."""
+        self.text += delta
+        self.parsed = parse_tool_calls(self.text, self.tools)
+        settled = _settled_content(self.text, self.parsed.content)
+        if not settled.startswith(self.released):
+            return ""
+        new, self.released = settled[len(self.released) :], settled
+        return new
+
+    def finish(self, content: str) -> str:
+        """The rest of the final `content` after what was released (empty if it diverged,
+        as when the response was refused after some text was released)."""
+        return content[len(self.released) :] if content.startswith(self.released) else ""
+
+
+def _settled_content(text: str, content: str) -> str:
+    """The part of a growing response's parsed `content` that is text for certain."""
+    head = text.lstrip()
+    # A bare JSON call, a list of them, or a fenced one ("```", maybe still arriving).
+    if head.startswith(("{", "[")) or (head and "```".startswith(head[:3])):
+        return ""
+    partial = 0
+    for marker in TOOL_CALL_MARKERS:
+        for size in range(min(len(marker) - 1, len(content)), partial, -1):
+            if content.endswith(marker[:size]):
+                partial = size
+                break
+    # Whitespace before a call is dropped from the parsed content: release it only once
+    # text follows it.
+    return content[: len(content) - partial].rstrip()

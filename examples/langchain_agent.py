@@ -14,12 +14,12 @@ With `--model`, use an instruction-tuned model whose chat template supports tool
 renders the tools, and the model's calls are parsed from its text. Decoding is not
 constrained, so a small model may answer in text instead of calling a tool.
 
-Without `--model` the script runs offline with `ScriptedGuard`
-(`langchain_safeguard.testing`): the search is replaced by a script that reads the
-conversation and replies as a capable model would, but everything after it is the real
-InferenceGuard, so the cost model checks each reply. The second question shows the
-budget applying to a tool call: its arguments name a place the cost model forbids, so
-the call is refused before any tool runs.
+Without `--model` the script runs offline with `ScriptedGuard` (`core.testing`): the
+search is replaced by a script that reads the conversation and replies as a capable
+model would, but everything after it is the real InferenceGuard, so the cost model
+checks each reply. The second question shows the budget applying to a tool call: its
+arguments name a place the cost model forbids, so the call is refused before any tool
+runs.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.tools import BaseTool, tool
 
 from core.scorers import KeywordCost
-from core.testing import build_tiny_llama, build_tiny_tokenizer
+from core.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
 from langchain_safeguard import ChatSafeguard
-from langchain_safeguard.testing import ScriptedGuard
 
 QUESTIONS = ("What is the weather in Paris, in Fahrenheit?", "What is the weather in Area 51?")
 SYSTEM = "You are a weather assistant. Use the tools to look things up; answer briefly."

@@ -31,7 +31,7 @@ from langchain_core.messages.tool import (
     tool_call_chunk,
 )
 
-from core.tools import ParsedResponse
+from core.tools import ParsedResponse, ToolCall, name_tool_results
 
 _CHAT_ROLES = {
     "system": "system",
@@ -53,16 +53,16 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """Convert LangChain messages to the core's chat dicts.
 
     Consecutive system, user, or plain assistant messages are merged (joined by a
-    blank line): many chat templates reject two turns of one role in a row.
+    blank line): many chat templates reject two turns of one role in a row. A tool
+    result gets the name of the call it answers.
 
     Raises:
         ValueError: a message type or role the core cannot render.
         NotImplementedError: non-text content (images, audio, files).
     """
-    tool_names: dict[str, str] = {}
     converted: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
-        item = _to_chat_message(index, message, tool_names)
+        item = _to_chat_message(index, message)
         previous = converted[-1] if converted else None
         if (
             previous is not None
@@ -75,12 +75,10 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             converted[-1] = {**previous, "content": joined}
         else:
             converted.append(item)
-    return converted
+    return name_tool_results(converted)
 
 
-def _to_chat_message(
-    index: int, message: BaseMessage, tool_names: dict[str, str]
-) -> dict[str, Any]:
+def _to_chat_message(index: int, message: BaseMessage) -> dict[str, Any]:
     content = _text_of(index, message)
     if isinstance(message, SystemMessage):
         return {"role": "system", "content": content}
@@ -89,23 +87,16 @@ def _to_chat_message(
     if isinstance(message, AIMessage):
         item: dict[str, Any] = {"role": "assistant", "content": content}
         if message.tool_calls:
-            calls = []
-            for number, call in enumerate(message.tool_calls):
-                call_id = call.get("id") or f"call_{index}_{number}"
-                tool_names[call_id] = call["name"]
-                calls.append(
-                    {
-                        "id": call_id,
-                        "type": "function",
-                        "function": {"name": call["name"], "arguments": dict(call["args"])},
-                    }
-                )
-            item["tool_calls"] = calls
+            item["tool_calls"] = [
+                ToolCall(
+                    call["name"], dict(call["args"]), call.get("id") or f"call_{index}_{n}"
+                ).to_chat()
+                for n, call in enumerate(message.tool_calls)
+            ]
         return item
     if isinstance(message, ToolMessage):
-        name = message.name or tool_names.get(message.tool_call_id)
         item = {"role": "tool", "content": content, "tool_call_id": message.tool_call_id}
-        return {**item, "name": name} if name else item
+        return {**item, "name": message.name} if message.name else item
     if isinstance(message, FunctionMessage):
         return {"role": "tool", "content": content, "name": message.name}
     if isinstance(message, ChatMessage):

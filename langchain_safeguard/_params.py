@@ -1,5 +1,6 @@
 """Settings that `ChatSafeguard` and `SafeguardLLM` share: the decoder, how to load it,
-LangChain's standard parameters, and every `GuardConfig` field as a default override.
+LangChain's standard parameters, every `GuardConfig` field as a default override, and the
+LangChain hooks that report them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
@@ -148,6 +150,44 @@ class SafeguardParams(BaseModel):
         self.call_config(self.config_overrides())  # invalid settings fail here, not mid-chain
         return self
 
+    @classmethod
+    def from_model_id(
+        cls,
+        model_id: str,
+        *,
+        cost: Scorer,
+        reward: Scorer | None = None,
+        critic: Any = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        device_map: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> Self:
+        """Load `model_id` (hub name or local path) now and wrap it.
+
+        Args:
+            model_id: the base model.
+            cost: cost model C(x, y).
+            reward: reward model R(x, y), or None.
+            critic: latent critic, or None.
+            device, dtype, device_map, trust_remote_code: how to load the model.
+            **kwargs: other fields: `GuardConfig` fields, `max_tokens`, `stop`, ...
+        """
+        model = cls(
+            model=model_id,
+            cost=cost,
+            reward=reward,
+            critic=critic,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+        model.load_guard()
+        return model
+
     # ---------------------------------------------------------------- the decoder
     def load_guard(self) -> Decoder:
         """The decoder calls run on; a model given by name is loaded now if it is not yet
@@ -188,10 +228,12 @@ class SafeguardParams(BaseModel):
         self, stop: list[str] | None = None, kwargs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """`GuardConfig` overrides of one call: this model's set fields, then the call's
-        `stop` and keywords (GuardConfig fields, `max_tokens`).
+        `stop` and keywords (GuardConfig fields, `max_tokens`, and `model`, which may only
+        name this model).
 
         Raises:
             TypeError: a keyword that is neither a GuardConfig field nor `max_tokens`.
+            ValueError: a `model` keyword that names another model.
         """
         overrides = {
             name: getattr(self, name) for name in CONFIG_FIELDS if getattr(self, name) is not None
@@ -204,6 +246,8 @@ class SafeguardParams(BaseModel):
             elif name == "max_tokens":
                 if value is not None:
                     overrides["max_new_tokens"] = value
+            elif name == "model":
+                self._check_model_keyword(value)
             elif name not in _LANGCHAIN_KWARGS:
                 raise TypeError(
                     f"{type(self).__name__} got an unexpected keyword {name!r}; a call takes "
@@ -218,9 +262,8 @@ class SafeguardParams(BaseModel):
         base = self.guard.config if self.guard is not None else GuardConfig()
         return base.with_overrides(**overrides)
 
-    def check_model_keyword(self, kwargs: dict[str, Any]) -> None:
-        """Remove a per-call `model=` from `kwargs`; it may only name this model."""
-        requested = kwargs.pop("model", None)
+    def _check_model_keyword(self, requested: str | None) -> None:
+        """A per-call `model=` may only name this model."""
         if requested is not None and requested != self.model_name:
             raise ValueError(
                 f"{type(self).__name__} generates with {self.model_name!r} and cannot switch "
@@ -236,6 +279,19 @@ class SafeguardParams(BaseModel):
         if self.guard is not None:
             params["decoder"] = type(self.guard).__name__
         params.update(self.config_overrides())
+        return params
+
+    # ----------------------------------------------------------- LangChain hooks
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self.safeguard_params()
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        # The LangChain model class that this is mixed into comes next in the MRO.
+        params: LangSmithParams = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
+        params["ls_provider"] = "safeguard"
+        if "ls_max_tokens" not in params and self.max_new_tokens is not None:
+            params["ls_max_tokens"] = self.max_new_tokens
         return params
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -18,7 +17,6 @@ from langchain_core.callbacks import (
 )
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import (
@@ -39,8 +37,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from core import GuardConfig, GuardResult, UnsafeGenerationError
 from core.decoder import Decoder
-from core.scorers import Scorer
-from core.tools import ParsedResponse, ToolSpec, parse_tool_calls
+from core.tools import ParsedResponse, ToolCallHoldback, ToolChoice, ToolSpec, parse_tool_calls
 from langchain_safeguard._batching import BatchPlan, active_plan, planned
 from langchain_safeguard._messages import (
     invalid_tool_calls_of,
@@ -55,8 +52,6 @@ from langchain_safeguard._params import (
     usage_of,
 )
 from langchain_safeguard._tools import (
-    ToolCallHoldback,
-    ToolChoice,
     ToolLike,
     apply_tool_choice,
     to_openai_tools,
@@ -154,59 +149,10 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
 
     model_config = MODEL_CONFIG
 
-    @classmethod
-    def from_model_id(
-        cls,
-        model_id: str,
-        *,
-        cost: Scorer,
-        reward: Scorer | None = None,
-        critic: Any = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        device_map: str | None = None,
-        trust_remote_code: bool = False,
-        **kwargs: Any,
-    ) -> ChatSafeguard:
-        """Load `model_id` (hub name or local path) now and wrap it.
-
-        Args:
-            model_id: the base model.
-            cost: cost model C(x, y).
-            reward: reward model R(x, y), or None.
-            critic: latent critic, or None.
-            device, dtype, device_map, trust_remote_code: how to load the model.
-            **kwargs: other fields: `GuardConfig` fields, `max_tokens`, `stop`, ...
-        """
-        model = cls(
-            model=model_id,
-            cost=cost,
-            reward=reward,
-            critic=critic,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-        model.load_guard()
-        return model
-
     # ------------------------------------------------------------ LangChain hooks
     @property
     def _llm_type(self) -> str:
         return "safeguard-chat"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self.safeguard_params()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "safeguard"
-        if "ls_max_tokens" not in params and self.max_new_tokens is not None:
-            params["ls_max_tokens"] = self.max_new_tokens
-        return params
 
     def _generate(
         self,
@@ -250,17 +196,17 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
             return
-        guard = copy.copy(call.guard)  # its own `last_result`: streams may run concurrently
-        holdback = ToolCallHoldback() if call.tools else None
-        for delta in guard.stream(call.prompt, tools=call.tools, **call.overrides):
+        stream = call.guard.stream(call.prompt, tools=call.tools, **call.overrides)
+        holdback = ToolCallHoldback(call.tools) if call.tools else None
+        for delta in stream:
             text = holdback.feed(delta) if holdback is not None else delta
             if text:
                 chunk = _text_chunk(text)
                 if run_manager:
                     run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
-        assert guard.last_result is not None  # set by every finished stream
-        for chunk in self._result_chunks(guard.last_result, call, holdback):
+        assert stream.result is not None  # set by every finished stream
+        for chunk in self._result_chunks(stream.result, call, holdback):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -281,17 +227,17 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
             return
-        guard = copy.copy(call.guard)
-        holdback = ToolCallHoldback() if call.tools else None
-        async for delta in guard.astream(call.prompt, tools=call.tools, **call.overrides):
+        stream = call.guard.astream(call.prompt, tools=call.tools, **call.overrides)
+        holdback = ToolCallHoldback(call.tools) if call.tools else None
+        async for delta in stream:
             text = holdback.feed(delta) if holdback is not None else delta
             if text:
                 chunk = _text_chunk(text)
                 if run_manager:
                     await run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
-        assert guard.last_result is not None
-        for chunk in self._result_chunks(guard.last_result, call, holdback):
+        assert stream.result is not None
+        for chunk in self._result_chunks(stream.result, call, holdback):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -483,7 +429,6 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
     ) -> _Call:
         """Everything one call needs; raises on bad input before any decoding."""
         kwargs = dict(kwargs)
-        self.check_model_keyword(kwargs)
         tools = to_tool_specs(kwargs.pop("tools", None) or [])
         tool_choice = kwargs.pop("tool_choice", None)
         parallel = kwargs.pop("parallel_tool_calls", None)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from core import GuardResult
-from core.scorers import Scorer
 from langchain_safeguard._params import (
     MODEL_CONFIG,
     SafeguardParams,
@@ -46,50 +43,9 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
 
     model_config = MODEL_CONFIG
 
-    @classmethod
-    def from_model_id(
-        cls,
-        model_id: str,
-        *,
-        cost: Scorer,
-        reward: Scorer | None = None,
-        critic: Any = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        device_map: str | None = None,
-        trust_remote_code: bool = False,
-        **kwargs: Any,
-    ) -> SafeguardLLM:
-        """Load `model_id` (hub name or local path) now and wrap it; see
-        `ChatSafeguard.from_model_id`."""
-        llm = cls(
-            model=model_id,
-            cost=cost,
-            reward=reward,
-            critic=critic,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-        llm.load_guard()
-        return llm
-
     @property
     def _llm_type(self) -> str:
         return "safeguard"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self.safeguard_params()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "safeguard"
-        if "ls_max_tokens" not in params and self.max_new_tokens is not None:
-            params["ls_max_tokens"] = self.max_new_tokens
-        return params
 
     def _generate(
         self,
@@ -102,8 +58,6 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         if self.streaming:
             chunks = [self._streamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
-        kwargs = dict(kwargs)
-        self.check_model_keyword(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         results = self.load_guard().generate_batch(prompts, **overrides)
         return self._llm_result(results)
@@ -118,8 +72,6 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         if self.streaming:
             chunks = [await self._astreamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
-        kwargs = dict(kwargs)
-        self.check_model_keyword(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         guard = await asyncio.to_thread(self.load_guard)
         results = await guard.agenerate_batch(prompts, **overrides)
@@ -132,17 +84,15 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        kwargs = dict(kwargs)
-        self.check_model_keyword(kwargs)
         overrides = self.config_overrides(stop, kwargs)
-        guard = copy.copy(self.load_guard())  # its own `last_result`
-        for delta in guard.stream(prompt, **overrides):
+        stream = self.load_guard().stream(prompt, **overrides)
+        for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        assert guard.last_result is not None  # set by every finished stream
-        yield GenerationChunk(text="", generation_info=self._info(guard.last_result))
+        assert stream.result is not None  # set by every finished stream
+        yield GenerationChunk(text="", generation_info=self._info(stream.result))
 
     async def _astream(
         self,
@@ -151,17 +101,16 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        kwargs = dict(kwargs)
-        self.check_model_keyword(kwargs)
         overrides = self.config_overrides(stop, kwargs)
-        guard = copy.copy(await asyncio.to_thread(self.load_guard))
-        async for delta in guard.astream(prompt, **overrides):
+        guard = await asyncio.to_thread(self.load_guard)
+        stream = guard.astream(prompt, **overrides)
+        async for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        assert guard.last_result is not None
-        yield GenerationChunk(text="", generation_info=self._info(guard.last_result))
+        assert stream.result is not None
+        yield GenerationChunk(text="", generation_info=self._info(stream.result))
 
     # ------------------------------------------------------------------ internals
     def _streamed(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -33,7 +32,8 @@ from core.guard import InferenceGuard
 from core.lm import PromptInput
 from core.results import GuardResult
 from core.scorers import Scorer
-from core.tools import TOOL_CALL_OPEN, ParsedResponse, ToolSpec, parse_tool_calls
+from core.streaming import AsyncGuardStream, GuardStream
+from core.tools import ParsedResponse, ToolCallHoldback, ToolSpec, choose_tools, parse_tool_calls
 from llamaindex_safeguard.messages import (
     ToolLike,
     assistant_message,
@@ -42,12 +42,6 @@ from llamaindex_safeguard.messages import (
     to_tool_specs,
 )
 from llamaindex_safeguard.records import RecordSlot, install_safety_record_handler, track_call
-
-_CALL_MARKERS = (TOOL_CALL_OPEN, "[TOOL_CALLS]", "<|python_tag|>")
-"""Openings of the tool-call formats `core.tools.parse_tool_calls` reads."""
-
-_OPEN_TOOL_CHOICES = (None, "auto", "required", "any")
-"""`tool_choice` values that offer every tool (a local model cannot be forced to call one)."""
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)
 """`GuardConfig` fields: each is also a field of `SafeguardLLM` and a per-call keyword."""
@@ -278,20 +272,18 @@ class SafeguardLLM(FunctionCallingLLM):
         """Stream the completion as the search commits it; the last chunk (empty
         delta) carries the safety record."""
         prompt_input = self._completion_prompt(prompt, formatted)
-        overrides = self._checked(prompt_input, [], kwargs)
+        stream = self._guard.stream(prompt_input, **self._overrides(kwargs))
         slot = self._track()
 
         def chunks() -> Iterator[CompletionResponse]:
             text = ""
-            guard = self._stream_decoder()
-            deltas = guard.stream(prompt_input, **overrides)
             try:
-                for delta in deltas:
+                for delta in stream:
                     text += delta
                     yield CompletionResponse(text=text, delta=delta)
             finally:
-                deltas.close()
-            result = self._finished(guard, slot)
+                stream.close()
+            result = _finished(stream, slot)
             yield CompletionResponse(
                 text=text, delta="", raw=_raw(result), additional_kwargs=_extra(result)
             )
@@ -318,20 +310,21 @@ class SafeguardLLM(FunctionCallingLLM):
         """`stream_complete` with the search in a worker thread; deltas arrive as they
         are committed."""
         prompt_input = self._completion_prompt(prompt, formatted)
-        overrides = await asyncio.to_thread(self._checked, prompt_input, [], kwargs)
+        # The prompt is checked (and tokenized) as the stream starts: off the event loop.
+        stream = await asyncio.to_thread(
+            self._guard.astream, prompt_input, **self._overrides(kwargs)
+        )
         slot = self._track()
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
             text = ""
-            guard = self._stream_decoder()
-            deltas = guard.astream(prompt_input, **overrides)
             try:
-                async for delta in deltas:
+                async for delta in stream:
                     text += delta
                     yield CompletionResponse(text=text, delta=delta)
             finally:
-                await deltas.aclose()
-            result = self._finished(guard, slot)
+                await stream.aclose()
+            result = _finished(stream, slot)
             yield CompletionResponse(
                 text=text, delta="", raw=_raw(result), additional_kwargs=_extra(result)
             )
@@ -356,19 +349,17 @@ class SafeguardLLM(FunctionCallingLLM):
         parsed tool calls and the safety record."""
         tools = to_tool_specs(kwargs.pop("tools", None))
         prompt = self._chat_prompt(messages, tools)
-        overrides = self._checked(prompt, tools, kwargs)
+        stream = self._guard.stream(prompt, tools=tools or None, **self._overrides(kwargs))
         slot = self._track()
 
         def chunks() -> Iterator[ChatResponse]:
-            stream = _ChatStream(tools)
-            guard = self._stream_decoder()
-            deltas = guard.stream(prompt, tools=tools or None, **overrides)
+            chat = _ChatStream(tools)
             try:
-                for delta in deltas:
-                    yield stream.push(delta)
+                for delta in stream:
+                    yield chat.push(delta)
             finally:
-                deltas.close()
-            yield stream.finish(self._finished(guard, slot))
+                stream.close()
+            yield chat.finish(_finished(stream, slot))
 
         return chunks()
 
@@ -390,19 +381,20 @@ class SafeguardLLM(FunctionCallingLLM):
         committed."""
         tools = to_tool_specs(kwargs.pop("tools", None))
         prompt = self._chat_prompt(messages, tools)
-        overrides = await asyncio.to_thread(self._checked, prompt, tools, kwargs)
+        # The prompt is checked (and tokenized) as the stream starts: off the event loop.
+        stream = await asyncio.to_thread(
+            self._guard.astream, prompt, tools=tools or None, **self._overrides(kwargs)
+        )
         slot = self._track()
 
         async def chunks() -> AsyncIterator[ChatResponse]:
-            stream = _ChatStream(tools)
-            guard = self._stream_decoder()
-            deltas = guard.astream(prompt, tools=tools or None, **overrides)
+            chat = _ChatStream(tools)
             try:
-                async for delta in deltas:
-                    yield stream.push(delta)
+                async for delta in stream:
+                    yield chat.push(delta)
             finally:
-                await deltas.aclose()
-            yield stream.finish(self._finished(guard, slot))
+                await stream.aclose()
+            yield chat.finish(_finished(stream, slot))
 
         return chunks()
 
@@ -420,9 +412,10 @@ class SafeguardLLM(FunctionCallingLLM):
     ) -> dict[str, Any]:
         """The `chat` arguments of a tool call: the conversation and the offered tools.
 
-        `tool_choice` naming a tool offers only that tool and `"none"` offers none; a
-        local model cannot be forced to call a tool, so `tool_required` is left to the
-        caller's check (`get_tool_calls_from_response(error_on_no_tool_call=True)`).
+        `tool_choice` naming a tool offers only that tool and `"none"` offers none (see
+        `core.tools.choose_tools`); a local model cannot be forced to call a tool, so
+        `tool_required` is left to the caller's check
+        (`get_tool_calls_from_response(error_on_no_tool_call=True)`).
         """
         messages = list(chat_history or [])
         if user_msg is not None:
@@ -431,7 +424,7 @@ class SafeguardLLM(FunctionCallingLLM):
             messages.append(user_msg)
         return {
             "messages": messages,
-            "tools": _chosen_tools(to_tool_specs(tools), tool_choice),
+            "tools": choose_tools(to_tool_specs(tools), tool_choice)[0],
             **kwargs,
         }
 
@@ -496,16 +489,6 @@ class SafeguardLLM(FunctionCallingLLM):
             )
         return self.messages_to_prompt(messages)
 
-    def _checked(
-        self, prompt: PromptInput, tools: list[ToolSpec], kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Validate a stream's overrides and prompt now, so that bad input raises when
-        the stream is requested rather than when it is first read."""
-        overrides = self._overrides(kwargs)
-        config = self._guard.config.with_overrides(**overrides)
-        self._guard.encode_prompts([prompt], config, tools or None)
-        return overrides
-
     def _track(self) -> RecordSlot:
         """The record slot of a call starting now (reported to engine responses only if
         `record_safety_in_responses`)."""
@@ -526,83 +509,55 @@ class SafeguardLLM(FunctionCallingLLM):
             )
         return {**self._field_overrides(), **kwargs}
 
-    def _stream_decoder(self) -> Decoder:
-        """The guard for one stream: a shallow copy, sharing the model and scorers, so
-        that the `last_result` a stream reports its result in is its own even when
-        streams run concurrently."""
-        guard = copy.copy(self._guard)
-        guard.last_result = None
-        return guard
 
-    @staticmethod
-    def _finished(guard: Decoder, slot: RecordSlot) -> GuardResult:
-        """The result of `guard`'s stream that just ended, its record put in `slot`."""
-        # `Decoder.stream` reports its result only through `last_result`.
-        result = guard.last_result
-        if result is None:  # pragma: no cover - every finished stream sets it
-            raise RuntimeError("the decoder finished a stream without a result")
-        slot.fill(result.safety_record())
-        return result
+def _finished(stream: GuardStream | AsyncGuardStream, slot: RecordSlot) -> GuardResult:
+    """The result of a stream that just ended, its record put in `slot`."""
+    result = stream.result
+    if result is None:  # pragma: no cover - every stream that ends has one
+        raise RuntimeError("the decoder finished a stream without a result")
+    slot.fill(result.safety_record())
+    return result
 
 
 class _ChatStream:
     """Chat response chunks from committed text deltas.
 
-    Without tools, each delta passes through. With tools, the text is parsed as it
-    grows and only content that can no longer turn out to be part of a tool call is
-    passed on; the last chunk carries the parsed calls and the safety record.
+    Without tools, each delta passes through. With tools, only content that can no
+    longer turn out to be part of a tool call is passed on (`ToolCallHoldback`); each
+    chunk's message carries the calls parsed so far, and the last one the final parse
+    and the safety record.
     """
 
     def __init__(self, tools: list[ToolSpec]) -> None:
         self.tools = tools
         self.text = ""
-        self.emitted = ""
+        self.holdback = ToolCallHoldback(tools) if tools else None
 
     def push(self, delta: str) -> ChatResponse:
         """The chunk for one committed delta."""
         self.text += delta
-        if not self.tools:
-            self.emitted = self.text
+        if self.holdback is None:
             return ChatResponse(
                 message=ChatMessage(role=MessageRole.ASSISTANT, content=self.text), delta=delta
             )
-        parsed = parse_tool_calls(self.text, self.tools)
-        visible = _settled_content(self.text, parsed.content)
-        new = visible[len(self.emitted) :] if visible.startswith(self.emitted) else ""
-        self.emitted += new
-        return ChatResponse(
-            message=assistant_message(ParsedResponse(self.emitted, parsed.tool_calls)),
-            delta=new,
-        )
+        new = self.holdback.feed(delta)
+        so_far = ParsedResponse(self.holdback.released, self.holdback.parsed.tool_calls)
+        return ChatResponse(message=assistant_message(so_far), delta=new)
 
     def finish(self, result: GuardResult) -> ChatResponse:
-        """The last chunk: the whole message, any content not yet passed on, the record."""
-        parsed = _parsed(self.text, self.tools)
-        content = parsed.content
-        rest = content[len(self.emitted) :] if content.startswith(self.emitted) else ""
+        """The last chunk: the whole message, any content not yet passed on, the record.
+
+        A response refused after some of it was committed ends as the refusal: the tool
+        calls in its committed text must not run.
+        """
+        parsed = _parsed(result.text if result.refused else self.text, self.tools)
+        rest = self.holdback.finish(parsed.content) if self.holdback is not None else ""
         return ChatResponse(
             message=assistant_message(parsed),
             delta=rest,
             raw=_raw(result, parsed),
             additional_kwargs=_extra(result),
         )
-
-
-def _settled_content(text: str, content: str) -> str:
-    """The part of a growing response's `content` that is text for certain: nothing
-    while the response may be a bare JSON call, no trailing start of a call marker,
-    no trailing whitespace."""
-    head = text.lstrip()
-    if head[:1] in ("{", "[") or head.startswith("```"):
-        return ""
-    for marker in _CALL_MARKERS:
-        for size in range(min(len(marker) - 1, len(content)), 0, -1):
-            if content.endswith(marker[:size]):
-                content = content[:-size]
-                break
-    # Whitespace before a call is dropped from the parsed content: pass it on only
-    # once text follows it.
-    return content.rstrip()
 
 
 def _parsed(text: str, tools: list[ToolSpec]) -> ParsedResponse:
@@ -639,24 +594,3 @@ def _raw(result: GuardResult, parsed: ParsedResponse | None = None) -> dict[str,
 def _extra(result: GuardResult) -> dict[str, Any]:
     """`additional_kwargs` of a response: the safety record and the finish reason."""
     return {"safety": result.safety_record(), "finish_reason": result.finish_reason}
-
-
-def _chosen_tools(
-    tools: list[ToolSpec], tool_choice: str | Mapping[str, Any] | None
-) -> list[ToolSpec]:
-    """The tools to offer under an OpenAI-style `tool_choice`."""
-    if tool_choice in _OPEN_TOOL_CHOICES:
-        return tools
-    if tool_choice == "none":
-        return []
-    if isinstance(tool_choice, Mapping):
-        name = tool_choice.get("function", tool_choice).get("name")
-    else:
-        name = tool_choice
-    chosen = [tool for tool in tools if tool.name == name]
-    if not chosen:
-        raise ValueError(
-            f"tool_choice {tool_choice!r} names no offered tool; offered: "
-            f"{[tool.name for tool in tools]}"
-        )
-    return chosen

@@ -25,7 +25,7 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools.types import BaseTool
 
 from core.errors import InvalidPromptError
-from core.tools import ParsedResponse, ToolSpec, as_tool_specs
+from core.tools import ParsedResponse, ToolCall, ToolSpec, as_tool_specs, name_tool_results
 
 _ROLES: dict[MessageRole, str] = {
     MessageRole.SYSTEM: "system",
@@ -66,7 +66,6 @@ def to_guard_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         )
     if not messages:
         raise InvalidPromptError("the message list is empty; add at least one user message")
-    names_by_call_id: dict[str, str] = {}
     converted = []
     for index, message in enumerate(messages):
         if not isinstance(message, ChatMessage):
@@ -84,16 +83,15 @@ def to_guard_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             )
         if calls:
             entry["tool_calls"] = calls
-            names_by_call_id.update((call["id"], call["function"]["name"]) for call in calls)
         if role == "tool":
             call_id = message.additional_kwargs.get("tool_call_id")
-            name = message.additional_kwargs.get("name") or names_by_call_id.get(call_id or "")
+            name = message.additional_kwargs.get("name")
             if call_id:
                 entry["tool_call_id"] = str(call_id)
             if name:
                 entry["name"] = str(name)
         converted.append(entry)
-    return converted
+    return name_tool_results(converted)
 
 
 def _text(index: int, message: ChatMessage) -> str:
@@ -153,11 +151,7 @@ def _call(index: int, call_id: str | None, name: str, arguments: Any) -> dict[st
             f"message {index}: the arguments of tool call {name!r} must be a JSON object, "
             f"got {type(arguments).__name__}"
         )
-    return {
-        "id": call_id or f"call_{index}_{name}",
-        "type": "function",
-        "function": {"name": name, "arguments": dict(arguments)},
-    }
+    return ToolCall(name, dict(arguments), call_id or f"call_{index}_{name}").to_chat()
 
 
 def to_tool_specs(tools: Sequence[ToolLike] | None) -> list[ToolSpec]:

@@ -22,6 +22,7 @@ from core import (
     UnsafeGenerationError,
 )
 from core.scorers import CallableScorer, KeywordCost
+from core.testing import ScriptedGuard
 from langchain_safeguard import ChatSafeguard, SafeguardLLM, clear_model_cache
 from langchain_safeguard._loading import loaded_models
 
@@ -205,7 +206,7 @@ def test_streaming_true_makes_invoke_stream_tokens_to_callbacks(guard):
 
 
 def test_concurrent_streams_each_report_their_own_result(chat):
-    """The guard's `last_result` is shared; each stream must report its own."""
+    """Streams on one guard run side by side; each ends with its own result."""
     finals: dict[int, AIMessageChunk] = {}
 
     def run(max_tokens: int) -> None:
@@ -219,6 +220,21 @@ def test_concurrent_streams_each_report_their_own_result(chat):
         thread.join()
     assert finals[2].usage_metadata["output_tokens"] <= 2
     assert finals[24].usage_metadata["output_tokens"] > 2
+
+
+def test_interleaved_streams_each_end_with_their_own_result(tiny_model, tiny_tokenizer):
+    """Streams on one guard may interleave (a scripted guard settles each result before
+    the stream's first delta); each must end with its own result."""
+    length = CallableScorer(lambda prompt, response: float(len(response)), batched=False)
+    replies = ["A short one.", "A much longer reply than the first."]
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, replies, cost=length)
+    chat = ChatSafeguard(guard=guard, budget=1000.0)
+    streams = [chat.stream(PROMPT), chat.stream(PROMPT)]
+    firsts = [next(stream) for stream in streams]  # both results are settled now
+    finals = [joined([first, *stream]) for first, stream in zip(firsts, streams, strict=True)]
+    assert [final.content for final in finals] == replies
+    for final in finals:
+        assert final.response_metadata["safety"]["cost"] == len(final.content)
 
 
 # ------------------------------------------------------------------------ async

@@ -10,6 +10,7 @@ from langchain_helpers import RecordingHandler, count_searches
 
 from core import GuardConfig, InferenceGuard, UnsafeGenerationError
 from core.scorers import CallableScorer, KeywordCost
+from core.testing import ScriptedGuard
 from langchain_safeguard import SafeguardLLM
 
 CONFIG = GuardConfig(num_candidates=8, beam_width=2, block_size=8, max_new_tokens=24)
@@ -69,6 +70,23 @@ def test_stream_yields_the_invoke_text_and_fires_callbacks(llm):
 async def test_astream_yields_the_invoke_text(llm):
     assert "".join([d async for d in llm.astream(PROMPT)]) == llm.invoke(PROMPT)
     assert await llm.ainvoke(PROMPT) == llm.invoke(PROMPT)
+
+
+def test_interleaved_streams_each_end_with_their_own_result(tiny_model, tiny_tokenizer):
+    """Streams on one guard may interleave (a scripted guard settles each result before
+    the stream's first delta); each must end with its own result."""
+    length = CallableScorer(lambda prompt, response: float(len(response)), batched=False)
+    replies = ["A short one.", "A much longer reply than the first."]
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, replies, cost=length)
+    llm = SafeguardLLM(guard=guard, budget=1000.0)
+    handlers = [RecordingHandler(), RecordingHandler()]
+    streams = [llm.stream(PROMPT, config={"callbacks": [handler]}) for handler in handlers]
+    texts = [next(stream) for stream in streams]  # both results are settled now
+    texts = [text + "".join(stream) for text, stream in zip(texts, streams, strict=True)]
+    assert texts == replies
+    for handler, text in zip(handlers, texts, strict=True):
+        [end] = handler.ends
+        assert end.generations[0][0].generation_info["safety"]["cost"] == len(text)
 
 
 def test_streaming_true_streams_invoke_through_callbacks(guard):

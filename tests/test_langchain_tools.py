@@ -23,11 +23,9 @@ from pydantic import BaseModel, Field
 
 from core import GuardConfig
 from core.scorers import KeywordCost
-from core.testing import build_tiny_llama
+from core.testing import ScriptedGuard, build_tiny_llama
 from langchain_safeguard import ChatSafeguard
 from langchain_safeguard._messages import to_chat_messages
-from langchain_safeguard._tools import ToolCallHoldback
-from langchain_safeguard.testing import ScriptedGuard
 
 TOOL_TEMPLATE = (
     "{% if tools %}<|system|>TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}</s>"
@@ -83,7 +81,7 @@ def rendered(chat: ChatSafeguard) -> str:
     """The last prompt the scripted guard was given, as the model saw it."""
     guard = chat.guard
     assert isinstance(guard, ScriptedGuard)
-    return guard.lm.tokenizer.decode(guard.prompts[-1].ids)
+    return guard.rendered_prompts[-1]
 
 
 # ------------------------------------------------------------------- tool calls
@@ -287,29 +285,6 @@ def test_structured_output_batches_in_one_search(scripted):
     people = chat.with_structured_output(Person).batch(["a", "b", "c"])
     assert people == [Person(name="Alice", age=31)] * 3
     assert chat.guard.searches == 1
-
-
-# -------------------------------------------------------------------- holdback
-@pytest.mark.parametrize(
-    ("deltas", "released"),
-    [
-        (["Hello", " there", "."], ["Hello", " there", "."]),
-        (["Sure ", "<tool", "_call>{}"], ["Sure", "", ""]),
-        (["  {", '"name"'], ["", ""]),
-        (["ok\n", "[TOOL_CALLS] [", "]"], ["ok", "", ""]),
-        (["Hi <", "b>"], ["Hi", " <b>"]),
-    ],
-)
-def test_holdback_releases_only_text_that_cannot_start_a_call(deltas, released):
-    holdback = ToolCallHoldback()
-    assert [holdback.feed(d) for d in deltas] == released
-
-
-def test_holdback_finishes_with_the_rest_of_the_parsed_content():
-    holdback = ToolCallHoldback()
-    holdback.feed("Sure, ")
-    assert holdback.finish("Sure, here.") == " here."
-    assert holdback.finish("Different") == ""
 
 
 # -------------------------------------------------------------- message conversion

@@ -32,7 +32,7 @@ from core import (
     PromptTooLongError,
 )
 from core.scorers import CallableScorer
-from core.testing import build_tiny_tokenizer
+from core.testing import ScriptedGuard, build_tiny_tokenizer
 from llamaindex_safeguard import SafeguardLLM
 
 SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
@@ -207,8 +207,9 @@ def test_over_budget_answer_is_refused_and_flagged(tiny_model, tiny_tokenizer, c
 # -------------------------------------------------------------------- streaming
 def test_stream_complete_yields_the_guards_deltas_and_ends_with_the_record(llm, guard):
     chunks = list(llm.stream_complete(PROMPT, seed=9, stream_commit="block"))
-    expected = list(guard.stream(user_turn(), seed=9, stream_commit="block"))
-    result = guard.last_result
+    stream = guard.stream(user_turn(), seed=9, stream_commit="block")
+    expected = list(stream)
+    result = stream.result
     deltas = [c.delta for c in chunks[:-1]]
     assert len(deltas) > 1
     assert deltas == expected
@@ -244,9 +245,10 @@ async def test_async_methods_return_what_the_sync_ones_do(llm):
 
 async def test_async_streams_deliver_committed_deltas_and_the_record(llm, guard):
     chunks = [c async for c in await llm.astream_chat(USER, seed=13, stream_commit="block")]
-    expected = list(guard.stream(user_turn(), seed=13, stream_commit="block"))
+    stream = guard.stream(user_turn(), seed=13, stream_commit="block")
+    expected = list(stream)
     assert [c.delta for c in chunks[:-1]] == expected and len(expected) > 1
-    assert chunks[-1].additional_kwargs["safety"] == guard.last_result.safety_record()
+    assert chunks[-1].additional_kwargs["safety"] == stream.result.safety_record()
     completion = [c async for c in await llm.astream_complete(PROMPT, seed=13)]
     assert completion[-1].text == llm.complete(PROMPT, seed=13).text
     assert completion[-1].raw["safety"]["safe"]
@@ -265,6 +267,21 @@ async def test_concurrent_streams_each_report_their_own_record(tiny_model, tiny_
     for chunks in streams:
         text = "".join(c.delta for c in chunks)
         assert chunks[-1].additional_kwargs["safety"]["cost"] == len(text)
+
+
+def test_interleaved_streams_each_end_with_their_own_record(tiny_model, tiny_tokenizer):
+    """Streams on one guard may interleave (a scripted guard settles each result before
+    the stream's first delta); each must end with its own record."""
+    length = CallableScorer(lambda p, r: float(len(r)), batched=False)
+    replies = ["A short one.", "A much longer reply than the first."]
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, replies, cost=length)
+    llm = SafeguardLLM(guard=guard, budget=1000.0)
+    streams = [llm.stream_chat(USER), llm.stream_complete(PROMPT)]
+    firsts = [next(stream) for stream in streams]  # both results are settled now
+    for first, stream, reply in zip(firsts, streams, replies, strict=True):
+        chunks = [first, *stream]
+        assert "".join(c.delta for c in chunks) == reply
+        assert chunks[-1].additional_kwargs["safety"]["cost"] == len(reply)
 
 
 async def test_async_generation_leaves_the_event_loop_free(llm):

@@ -15,11 +15,10 @@ from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.instrumentation import get_dispatcher
-from llamaindex_helpers import ScriptedDecoder
 
 from core import GuardConfig, InferenceGuard, PromptTooLongError
 from core.scorers import CallableScorer, KeywordCost
-from core.testing import build_tiny_llama
+from core.testing import ScriptedGuard, build_tiny_llama
 from llamaindex_safeguard import SafeguardLLM, SafetyRecordHandler, install_safety_record_handler
 
 DOCUMENTS = [
@@ -131,7 +130,7 @@ def test_an_over_budget_answer_is_refused_in_the_response(index, rag_model, tiny
 def scripted_chat(index, rag_model, tiny_tokenizer):
     """A condense-plus-context chat engine over a scripted model whose cost counts the
     word 'standalone' (said only by the condensing step)."""
-    decoder = ScriptedDecoder(
+    decoder = ScriptedGuard(
         rag_model,
         tiny_tokenizer,
         [
@@ -156,7 +155,7 @@ def test_chat_engine_responses_carry_the_record_of_their_answer(scripted_chat):
     # The condensed question came first; the record of the answer comes last.
     assert [r["cost"] for r in second.metadata["safety_records"]] == [1.0, 0.0]
     assert second.metadata["safety"]["cost"] == 0.0
-    assert "The dog runs in the garden." in decoder.prompts[1]  # history reached the model
+    assert "The dog runs in the garden." in decoder.rendered_prompts[1]  # history reached the model
 
 
 async def test_async_and_streaming_chat_engines_answer(scripted_chat):

@@ -11,11 +11,10 @@ from llama_index.core.base.llms.types import ToolCallBlock
 from llama_index.core.llms import ChatMessage, MessageRole
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
-from llamaindex_helpers import ScriptedDecoder
 from pydantic import BaseModel
 
 from core.scorers import KeywordCost
-from core.testing import build_tiny_llama, build_tiny_tokenizer
+from core.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
 from llamaindex_safeguard import SafeguardLLM, to_guard_messages, to_tool_specs
 
 
@@ -57,7 +56,7 @@ def scripted(long_model, tiny_tokenizer):
     """`scripted(*texts, **kwargs)`: a SafeguardLLM whose model answers with `texts`."""
 
     def build(*texts: str, **kwargs: object) -> SafeguardLLM:
-        return SafeguardLLM(guard=ScriptedDecoder(long_model, tiny_tokenizer, texts, **kwargs))
+        return SafeguardLLM(guard=ScriptedGuard(long_model, tiny_tokenizer, texts, **kwargs))
 
     return build
 
@@ -66,7 +65,7 @@ def scripted(long_model, tiny_tokenizer):
 def test_chat_with_tools_offers_the_tools_and_parses_the_call(scripted):
     llm = scripted("I will add them. " + call("add", a=2, b=3))
     response = llm.chat_with_tools([ADD], user_msg=QUESTION)
-    prompt = llm.guard.prompts[-1]
+    prompt = llm.guard.rendered_prompts[-1]
     assert '"name": "add"' in prompt and "Add two integers." in prompt
     assert response.message.content == "I will add them."
     [selection] = llm.get_tool_calls_from_response(response)
@@ -102,10 +101,10 @@ def test_only_the_first_call_is_kept_unless_parallel_calls_are_allowed(scripted)
 def test_tool_choice_offers_only_the_named_tool(scripted):
     llm = scripted(call("multiply", a=2, b=3), call("add", a=2, b=3))
     llm.chat_with_tools([ADD, MULTIPLY], user_msg=QUESTION, tool_choice="multiply")
-    assert '"name": "multiply"' in llm.guard.prompts[-1]
-    assert '"name": "add"' not in llm.guard.prompts[-1]
+    assert '"name": "multiply"' in llm.guard.rendered_prompts[-1]
+    assert '"name": "add"' not in llm.guard.rendered_prompts[-1]
     none = llm.chat_with_tools([ADD, MULTIPLY], user_msg=QUESTION, tool_choice="none")
-    assert "You can call these tools" not in llm.guard.prompts[-1]
+    assert "You can call these tools" not in llm.guard.rendered_prompts[-1]
     assert none.message.content.startswith("<tool_call>")  # not parsed: no tools offered
     with pytest.raises(ValueError, match="names no offered tool"):
         llm.chat_with_tools([ADD], user_msg=QUESTION, tool_choice="divide")
@@ -153,7 +152,7 @@ def test_tool_calls_and_results_in_the_history_are_rendered_for_the_model(script
         ChatMessage(role=MessageRole.TOOL, content="5", additional_kwargs={"tool_call_id": "c1"}),
     ]
     llm.chat_with_tools([ADD], chat_history=history)
-    prompt = llm.guard.prompts[-1]
+    prompt = llm.guard.rendered_prompts[-1]
     assert call("add", a=2, b=3) in prompt
     assert "<tool_response name='add'>5</tool_response>" in prompt
 
@@ -216,12 +215,33 @@ async def test_astream_chat_with_a_bare_json_call_streams_no_text(scripted):
     assert [s.tool_name for s in llm.get_tool_calls_from_response(chunks[-1])] == ["add"]
 
 
+class _CommitsThenRefuses(ScriptedGuard):
+    """Streams all of its reply but the last word, as a search commits the text the cost
+    model accepts, then refuses the reply, which the last word puts over budget."""
+
+    def _stream(self, prompt, config):
+        [result] = self._generate_encoded([prompt], config)
+        reply = self.replies[-1]
+        yield reply[: reply.rindex(" ")]
+        return result
+
+
+def test_a_stream_refused_after_committing_a_tool_call_calls_no_tool(long_model, tiny_tokenizer):
+    reply = call("add", a=2, b=3) + " bomb"
+    guard = _CommitsThenRefuses(long_model, tiny_tokenizer, [reply], cost=KeywordCost(["bomb"]))
+    llm = SafeguardLLM(guard=guard)
+    last = list(llm.stream_chat_with_tools([ADD], user_msg=QUESTION))[-1]
+    assert last.additional_kwargs["safety"]["refused"]
+    assert llm.get_tool_calls_from_response(last, error_on_no_tool_call=False) == []
+    assert last.message.content == guard.config.refusal_text
+
+
 # ----------------------------------------------------------- structured output
 def test_structured_predict_reads_the_output_class_as_a_tool_call(scripted):
     llm = scripted(call("Song", title="Blue Sky", year=1999))
     song = llm.structured_predict(Song, PromptTemplate("Name a song about {topic}."), topic="sky")
     assert song == Song(title="Blue Sky", year=1999)
-    assert "Name a song about sky." in llm.guard.prompts[-1]
+    assert "Name a song about sky." in llm.guard.rendered_prompts[-1]
 
 
 async def test_astructured_predict_works_too(scripted):
@@ -234,7 +254,7 @@ async def test_astructured_predict_works_too(scripted):
 
 def test_structured_predict_on_a_base_model_parses_json_text(long_model):
     tokenizer = build_tiny_tokenizer(chat_template=False)
-    decoder = ScriptedDecoder(long_model, tokenizer, ['{"title": "Blue Sky", "year": 1999}'])
+    decoder = ScriptedGuard(long_model, tokenizer, ['{"title": "Blue Sky", "year": 1999}'])
     llm = SafeguardLLM(guard=decoder)
     song = llm.structured_predict(Song, PromptTemplate("Name a song about {topic}."), topic="sky")
     assert song == Song(title="Blue Sky", year=1999)
@@ -256,7 +276,7 @@ async def test_function_agent_calls_the_tool_and_answers(scripted):
         {"a": 2, "b": 3},
         5,
     )
-    assert "<tool_response name='add'>5</tool_response>" in llm.guard.prompts[-1]
+    assert "<tool_response name='add'>5</tool_response>" in llm.guard.rendered_prompts[-1]
     assert "".join(deltas) == "The answer is 5."
     assert output.raw["safety"]["safe"]  # the last step's record
 
@@ -269,5 +289,5 @@ async def test_react_agent_calls_the_tool_and_answers(scripted):
     output = await ReActAgent(tools=[ADD], llm=llm).run(QUESTION)
     assert str(output.response.content) == "5"
     assert [r.tool_output.raw_output for r in output.tool_calls] == [5]
-    assert "Observation: 5" in llm.guard.prompts[-1]
+    assert "Observation: 5" in llm.guard.rendered_prompts[-1]
     assert output.raw["safety"]["safe"]

@@ -9,11 +9,19 @@ from conftest import PROMPT
 
 from core import InferenceGuard, InvalidPromptError
 from core.lm import CausalLM
+from core.scorers import KeywordCost
+from core.testing import ScriptedGuard, build_tiny_llama
 from core.tools import (
+    TOOL_CALL_MARKERS,
+    TOOL_CALL_OPEN,
+    ToolCall,
+    ToolCallHoldback,
     ToolSpec,
     as_tool_specs,
+    choose_tools,
     format_tool_call,
     inline_tool_messages,
+    name_tool_results,
     parse_tool_calls,
     template_renders_tools,
 )
@@ -197,3 +205,113 @@ def test_the_guard_offers_tools_and_the_budget_covers_tool_call_text(
         guard.generate(PROMPT, tools=TOOLS)
     with pytest.raises(InvalidPromptError, match="only assistant messages carry tool_calls"):
         guard.generate([{"role": "user", "content": "hi", "tool_calls": []}])
+
+
+# ------------------------------------------------------------------ tool choice
+@pytest.mark.parametrize("choice", [None, "auto", False])
+def test_an_open_tool_choice_offers_every_tool_and_asks_for_nothing(choice):
+    assert choose_tools(TOOLS, choice) == (TOOLS, None)
+
+
+def test_tool_choice_none_offers_no_tools():
+    assert choose_tools(TOOLS, "none") == ([], None)
+
+
+@pytest.mark.parametrize("choice", ["any", "required", True])
+def test_a_required_call_offers_every_tool_and_asks_for_a_call(choice):
+    tools, instruction = choose_tools(TOOLS, choice)
+    assert tools == TOOLS
+    assert instruction == "Answer by calling one of the tools you are given."
+    assert choose_tools([], choice) == ([], None)  # nothing to ask for
+
+
+@pytest.mark.parametrize("choice", ["add", {"type": "function", "function": {"name": "add"}}])
+def test_a_named_tool_choice_offers_only_that_tool_and_asks_for_it(choice):
+    assert choose_tools(TOOLS, choice) == ([TOOLS[1]], "Answer by calling the tool add.")
+
+
+def test_bad_tool_choices_are_rejected_with_a_reason():
+    with pytest.raises(ValueError, match="names no offered tool: 'divide'"):
+        choose_tools(TOOLS, "divide")
+    with pytest.raises(ValueError, match="names no tool"):
+        choose_tools(TOOLS, {"type": "function"})
+    with pytest.raises(ValueError, match="tool_choice must be"):
+        choose_tools(TOOLS, 3.5)
+
+
+# ----------------------------------------------------------- message helpers
+def test_a_tool_call_renders_as_a_chat_tool_call_entry():
+    call = ToolCall(name="add", arguments={"a": 1}, id="c1")
+    assert call.to_chat() == {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "add", "arguments": {"a": 1}},
+    }
+
+
+def test_tool_results_are_named_after_the_call_they_answer():
+    messages = [
+        *CONVERSATION[:2],
+        {"role": "tool", "content": "Sunny", "tool_call_id": "call_1"},
+        {"role": "tool", "content": "?", "tool_call_id": "unknown"},
+        {"role": "tool", "content": "Named", "tool_call_id": "call_1", "name": "mine"},
+    ]
+    named = name_tool_results(messages)
+    assert [m.get("name") for m in named[2:]] == ["get_weather", None, "mine"]
+    assert "name" not in messages[2]  # the input is not modified
+    assert named[:2] == CONVERSATION[:2]
+
+
+# -------------------------------------------------------------------- holdback
+def test_the_first_marker_is_the_tagged_call_opening():
+    assert TOOL_CALL_MARKERS[0] == TOOL_CALL_OPEN
+
+
+@pytest.mark.parametrize(
+    ("deltas", "released"),
+    [
+        (["Hello", " there", "."], ["Hello", " there", "."]),
+        (["Sure ", "<tool", "_call>{}"], ["Sure", "", ""]),
+        (["  {", '"name"'], ["", ""]),
+        (["ok\n", "[TOOL_CALLS] [", "]"], ["ok", "", ""]),
+        (["Hi <", "b>"], ["Hi", " <b>"]),
+        (["`", "``json"], ["", ""]),
+        (["`x` is", " code"], ["`x` is", " code"]),
+        (["See [", "1]."], ["See", " [1]."]),
+        (["a\n\n", "\n", "b"], ["a", "", "\n\n\nb"]),
+    ],
+)
+def test_holdback_releases_only_text_that_cannot_start_a_call(deltas, released):
+    holdback = ToolCallHoldback()
+    assert [holdback.feed(d) for d in deltas] == released
+
+
+def test_holdback_releases_text_after_a_finished_call_and_tracks_the_calls():
+    holdback = ToolCallHoldback(TOOLS)
+    call = format_tool_call("add", {"a": 1})
+    released = [holdback.feed(d) for d in ["Adding. ", call[:20], call[20:], " Done."]]
+    assert released == ["Adding.", "", "", "  Done."]
+    assert [c.name for c in holdback.parsed.tool_calls] == ["add"]
+    content = parse_tool_calls(holdback.text, TOOLS).content
+    assert "".join(released) == content
+
+
+def test_holdback_finishes_with_the_rest_of_the_parsed_content():
+    holdback = ToolCallHoldback()
+    holdback.feed("Sure, ")
+    assert holdback.finish("Sure, here.") == " here."
+    assert holdback.finish("Different") == ""
+
+
+def test_a_scripted_tool_call_is_held_to_the_budget(tiny_tokenizer):
+    model = build_tiny_llama(tiny_tokenizer, max_position_embeddings=4096)
+    reply = format_tool_call("get_weather", {"city": "Paris"})
+    guard = ScriptedGuard(model, tiny_tokenizer, [reply], cost=KeywordCost(["paris"]))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    stream = guard.stream(messages, tools=TOOLS, on_unsafe="return")
+    assert "".join(stream) == reply
+    assert stream.result.cost == 1.0 and not stream.result.safe
+    refused = guard.generate(messages, tools=TOOLS)
+    assert refused.refused and parse_tool_calls(refused.text, TOOLS).tool_calls == []
+    assert guard.search_sizes == [1, 1]
+    assert "get_weather" in guard.rendered_prompts[-1]
