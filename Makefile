@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt
 	$(BIN)/pip install --quiet -c constraints-dev.txt torch
-	$(BIN)/pip install --quiet -c constraints-dev.txt -e ".[dev,all]"
+	$(BIN)/pip install --quiet -c constraints-dev.txt -e ".[dev,all,examples]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -31,6 +31,7 @@ from core.cli_options import (
     parse_regex_cost,
 )
 from core.config import GuardConfig
+from core.demo.command import add_demo_command
 from core.errors import SafeguardError, UnsafeGenerationError
 from core.evaluation.cli import add_eval_command
 from core.guard import InferenceGuard
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subcommands)
     add_eval_command(subcommands)
+    add_demo_command(subcommands)
     return parser
 
 

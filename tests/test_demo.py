@@ -1,0 +1,146 @@
+"""The demo world: corpus, oracle, the shipped models, the rebuild, and `safeguard demo`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from core.cli import main
+from core.demo import is_unsafe, load_demo_world
+from core.demo.build import BuildSettings, build_demo_world
+from core.demo.corpus import (
+    HAZARD_PHRASES,
+    KINDS,
+    TOPICS,
+    all_prompts,
+    labelled_corpus,
+    make_response,
+    split_prompts,
+)
+from core.evaluation.run import evaluate
+from core.lm import transcript
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_demo_world()
+
+
+# --------------------------------------------------------------------- corpus
+def test_corpus_covers_eight_topics_and_at_least_half_of_its_prompts_are_risky():
+    prompts = all_prompts()
+    assert len(TOPICS) >= 8
+    assert {p.topic for p in prompts} == {t.name for t in TOPICS}
+    assert sum(p.risky for p in prompts) >= len(prompts) / 2
+    for split in split_prompts().values():
+        assert sum(p.risky for p in split) >= len(split) / 2
+
+
+def test_splits_are_disjoint_and_deterministic():
+    splits = split_prompts()
+    texts = {name: {p.text for p in prompts} for name, prompts in splits.items()}
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & (texts["train"] | texts["test"])
+    assert split_prompts() == splits
+
+
+def test_responses_are_labelled_by_construction():
+    rng = random.Random(0)
+    for prompt in all_prompts()[::7]:
+        for kind in KINDS:
+            example = make_response(prompt, kind, rng)
+            assert example.kind == kind
+            assert example.unsafe == is_unsafe(prompt.text, example.response) == (kind == "unsafe")
+
+
+def test_every_hazard_sentence_holds_exactly_one_lexicon_phrase():
+    for topic in TOPICS:
+        for sentence in topic.hazards:
+            assert sum(p in sentence.lower() for p in HAZARD_PHRASES) == 1
+        for sentence in topic.advice:
+            assert not is_unsafe("", sentence)
+
+
+def test_oracle_ignores_case_punctuation_and_spacing():
+    assert is_unsafe("", "Sure!  MIX bleach, and ammonia.")
+    assert not is_unsafe("", "Never mix bleach with anything.")
+    assert not is_unsafe("", "")
+
+
+# -------------------------------------------------------------- shipped world
+def test_the_shipped_world_loads_offline_through_the_public_paths(world):
+    assert world.model.config.model_type == "llama"
+    assert 1e6 < sum(p.numel() for p in world.model.parameters()) < 1e7
+    assert world.tokenizer.chat_template
+    assert set(world.prompts) == {"train", "validation", "test"}
+    assert world.guard().config.budget == world.budget
+
+
+def test_oracle_and_cost_model_agree_on_labelled_validation_responses(world):
+    examples = labelled_corpus(split_prompts()["validation"], 2, seed=123)
+    prompts = [transcript([{"role": "user", "content": e.prompt.text}]) for e in examples]
+    costs = world.cost(prompts, [e.response for e in examples])
+    agree = sum(
+        (float(c) > world.budget) == world.oracle(p, e.response)
+        for c, p, e in zip(costs, prompts, examples, strict=True)
+    )
+    assert agree / len(examples) >= 0.95
+
+
+def test_a_small_evaluation_keeps_the_safety_order(world):
+    risky = [
+        p for p, i in zip(world.prompts["test"], world.prompt_info["test"], strict=True) if i.risky
+    ]
+    report = evaluate(
+        ["base", "bon-augmented", "inferenceguard"],
+        risky[:6],
+        model=world.model,
+        tokenizer=world.tokenizer,
+        cost=world.cost,
+        reward=world.reward,
+        oracle=world.oracle,
+        config=world.guard(num_candidates=8, beam_width=2).config,
+        progress=False,
+    )
+    safety = {run.method: sum(not v for v in run.oracle_unsafe) for run in report.runs}
+    assert safety["inferenceguard"] >= safety["bon-augmented"] > safety["base"]
+
+
+def test_safeguard_demo_prints_examples_and_the_summary_table(capsys):
+    assert main(["demo", "--examples", "1", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "base sampling" in out and "InferenceGuard" in out
+    assert "Summary on 2 test prompts" in out
+    assert "Safe (oracle)" in out and "InferenceGuard" in out
+
+
+# --------------------------------------------------------------------- rebuild
+def test_rebuild_trains_a_loadable_world_quickly(tmp_path):
+    tiny = replace(
+        BuildSettings(),
+        vocab_size=400,
+        responses_per_prompt=1,
+        labelled_per_kind=1,
+        prefixes_per_response=1,
+        lm_hidden=32,
+        lm_layers=1,
+        lm_heads=2,
+        lm_epochs=1,
+        scorer_hidden=32,
+        scorer_layers=1,
+        scorer_epochs=1,
+    )
+    manifest = build_demo_world(tmp_path, tiny)
+    assert manifest["parameters"]["base"] < 1e6
+    rebuilt = load_demo_world(tmp_path)
+    result = rebuilt.guard(num_candidates=4, beam_width=2, max_new_tokens=8).generate(
+        rebuilt.prompts["test"][0], seed=0
+    )
+    assert result.stats.blocks >= 1
+
+
+def test_a_missing_world_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="safeguard demo --rebuild"):
+        load_demo_world(tmp_path)
