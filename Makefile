@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/safeguard demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
