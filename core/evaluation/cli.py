@@ -91,7 +91,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--args-cost-weight",
         type=float,
         metavar="X",
-        help="cost weight of args-cost (default: 1.0)",
+        help="cost weight of args-cost (default: 10.0)",
     )
 
     models = parser.add_argument_group("models (default: the demo world's)")

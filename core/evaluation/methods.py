@@ -31,13 +31,15 @@ class MethodOptions:
         lagrange_multiplier: lambda of the Lagrangian scorings, `R - lambda * C`.
         args_num_tokens: candidate tokens per step of ARGS (its k).
         args_reward_weight: ARGS's weight w on the reward.
-        args_cost_weight: weight on the cost of "args-cost" (plain "args" uses 0).
+        args_cost_weight: weight on the cost of "args-cost" (plain "args" uses 0). Large
+            by default: a greedy decoder is usually confident in the token that
+            completes an unsafe phrase, and a small weight never outvotes it.
     """
 
     lagrange_multiplier: float = 1.0
     args_num_tokens: int = 10
     args_reward_weight: float = 1.0
-    args_cost_weight: float = 1.0
+    args_cost_weight: float = 10.0
 
     def __post_init__(self) -> None:
         if self.args_num_tokens < 1:
