@@ -181,7 +181,7 @@ def test_every_method_builds_its_decoder_with_the_shared_config(parts, eval_conf
     plain, with_cost = (
         build_decoder(n, **parts, config=eval_config) for n in ("args", "args-cost")
     )
-    assert plain.cost_weight == 0.0 and with_cost.cost_weight == 1.0
+    assert plain.cost_weight == 0.0 and with_cost.cost_weight == 10.0
 
 
 def test_methods_that_need_a_reward_model_are_left_out_without_one(parts, eval_config):
