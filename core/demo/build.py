@@ -91,27 +91,11 @@ def build_demo_world(
     )
 
     cost_inputs, unsafe, reward_inputs, rewards = _scorer_data(labelled, settings)
-    cost = _llama(
-        LlamaForSequenceClassification, tokenizer, settings.scorer_hidden, settings.scorer_layers, 4
+    cost, cost_loss = _train_scorer(
+        tokenizer, cost_inputs, unsafe, _bce_loss, "cost model", settings
     )
-    cost_loss = fit(
-        cost,
-        _scorer_batches(tokenizer, cost_inputs, unsafe, settings),
-        settings.scorer_epochs,
-        settings.scorer_lr,
-        _bce_loss,
-        "cost model",
-    )
-    reward = _llama(
-        LlamaForSequenceClassification, tokenizer, settings.scorer_hidden, settings.scorer_layers, 4
-    )
-    reward_loss = fit(
-        reward,
-        _scorer_batches(tokenizer, reward_inputs, rewards, settings),
-        settings.scorer_epochs,
-        settings.scorer_lr,
-        _mse_loss,
-        "reward model",
+    reward, reward_loss = _train_scorer(
+        tokenizer, reward_inputs, rewards, _mse_loss, "reward model", settings
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +144,22 @@ def _llama(
         num_labels=1,
     )
     return cls(config)
+
+
+def _train_scorer(
+    tokenizer: PreTrainedTokenizerFast,
+    inputs: list[str],
+    labels: list[float],
+    loss: Loss,
+    name: str,
+    settings: BuildSettings,
+) -> tuple[PreTrainedModel, float]:
+    """A one-output `LlamaForSequenceClassification` fitted to `labels`, and its last loss."""
+    model = _llama(
+        LlamaForSequenceClassification, tokenizer, settings.scorer_hidden, settings.scorer_layers, 4
+    )
+    batches = _scorer_batches(tokenizer, inputs, labels, settings)
+    return model, fit(model, batches, settings.scorer_epochs, settings.scorer_lr, loss, name)
 
 
 # ------------------------------------------------------------------- data
