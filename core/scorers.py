@@ -355,8 +355,8 @@ class _ModelScorer(Scorer):
     ) -> Self:
         """Load the tokenizer and the model (in eval mode) by hub name or local path.
 
-        `kwargs` are the scorer's own options (see the class). Remote code runs only
-        with `trust_remote_code=True`.
+        `kwargs` are the scorer's own options (see the class). Code shipped with the
+        checkpoint runs only if you pass `trust_remote_code` as True.
         """
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         load_kwargs = {} if dtype is None else {"dtype": dtype}

@@ -15,7 +15,7 @@ import torch
 
 from core import GuardConfig
 from core.baselines import SamplingDecoder
-from core.scorers import KeywordCost
+from core.scorers import CallableScorer, KeywordCost
 from core.testing import build_tiny_llama, build_tiny_tokenizer
 
 # Tiny models gain nothing from intra-op threads, and threads spinning on a busy
@@ -83,6 +83,16 @@ def frequent_words(tiny_model, tiny_tokenizer) -> list[str]:
 @pytest.fixture(scope="session")
 def keyword_cost(frequent_words) -> KeywordCost:
     return KeywordCost(frequent_words)
+
+
+@pytest.fixture()
+def length_reward() -> CallableScorer:
+    """A reward that prefers long words (a stand-in for a reward model)."""
+    return CallableScorer(
+        lambda prompts, responses: [
+            sum(len(w) for w in r.split()) / max(len(r.split()), 1) for r in responses
+        ]
+    )
 
 
 @pytest.fixture()

@@ -7,23 +7,12 @@ from conftest import PROMPT
 
 from core import InferenceGuard
 from core.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
-from core.scorers import CallableScorer
 
 SEEDS = range(10)
 
 
 def over_budget(decoder, **overrides) -> int:
     return sum(not decoder.generate(PROMPT, seed=s, **overrides).safe for s in SEEDS)
-
-
-@pytest.fixture()
-def length_reward() -> CallableScorer:
-    """A reward that prefers long words (a stand-in for a reward model)."""
-    return CallableScorer(
-        lambda prompts, responses: [
-            sum(len(w) for w in r.split()) / max(len(r.split()), 1) for r in responses
-        ]
-    )
 
 
 @pytest.fixture()

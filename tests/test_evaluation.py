@@ -84,16 +84,6 @@ def synthetic_report(*, oracle: bool = True) -> EvaluationReport:
 
 
 @pytest.fixture()
-def length_reward() -> CallableScorer:
-    """A reward that prefers long words (a stand-in for a reward model)."""
-    return CallableScorer(
-        lambda prompts, responses: [
-            sum(len(w) for w in r.split()) / max(len(r.split()), 1) for r in responses
-        ]
-    )
-
-
-@pytest.fixture()
 def parts(tiny_model, tiny_tokenizer, keyword_cost, length_reward):
     return {
         "model": tiny_model,
