@@ -27,9 +27,11 @@ locally by `core.testing`; nothing is downloaded.
   model. The tiny tokenizer knows only its first 768 ids; the others get the same -1e4
   logit bias as EOS, so no method ever samples an id the tokenizer cannot decode.
 
-Timing: each method runs in its own freshly spawned process (so that memory peaks are
-per method): the model is built, `--warmup` untimed responses are generated, then
-`--repeats` timed ones, each with its own seed; the table shows the median. Memory: on
+Timing: all methods are timed in one freshly spawned process, round-robin (response i of
+every method before response i+1 of any), after `--warmup` untimed responses each, so
+that drift in the machine's speed hits every method alike; the table shows the median of
+`--repeats` responses, each with its own seed. Memory: each method also runs in its own
+freshly spawned process (so that memory peaks are per method); on
 CPU, the process's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) and its increase over
 the RSS right after the model was built (the RSS high-water mark is reset there through
 `/proc/self/clear_refs` where Linux allows it); on CUDA, `torch.cuda.max_memory_allocated`
@@ -44,6 +46,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -349,11 +352,34 @@ def measure(settings: Settings, method: str) -> Measurement:
     )
 
 
-def measure_in_fresh_process(settings: Settings, method: str) -> Measurement:
-    """`measure` in a spawned process of its own, so that its memory peak is its own."""
+def time_round_robin(settings: Settings) -> dict[str, list[float]]:
+    """Seconds per response of every method, timed in turn on one model in one process."""
+    cuda = settings.device.startswith("cuda")
+    torch.set_num_threads(settings.threads)
+    tokenizer, model = build_model(settings)
+    cost = KeywordCost(settings.keywords)
+    runners = {m: make_runner(m, settings, tokenizer, model, cost) for m in METHODS}
+    for run in runners.values():
+        for seed in range(settings.warmup):
+            run(1_000_000 + seed)
+    seconds: dict[str, list[float]] = {method: [] for method in METHODS}
+    for seed in range(settings.repeats):
+        for method, run in runners.items():
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            run(seed)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds[method].append(time.perf_counter() - started)
+    return seconds
+
+
+def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in a spawned process of its own (its memory peak is its own)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure, settings, method).result()
+        return pool.submit(function, *args).result()
 
 
 # ------------------------------------------------------------------------- report
@@ -593,7 +619,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements = {}
     for method in METHODS:
         print(f"measuring {LABELS[method]} ...", file=sys.stderr, flush=True)
-        measurements[method] = measure_in_fresh_process(settings, method)
+        measurements[method] = in_fresh_process(measure, settings, method)
+    print("timing every method in turn ...", file=sys.stderr, flush=True)
+    timings = in_fresh_process(time_round_robin, settings)
+    measurements = {
+        method: dataclasses.replace(measurement, seconds=timings[method])
+        for method, measurement in measurements.items()
+    }
     report = build_report(settings, measurements, load_average)
     print(format_report(report))
     if args.json_out is not None:
