@@ -77,10 +77,7 @@ class Decoder(ABC):
         config: GuardConfig | None = None,
     ) -> None:
         if cost is None:
-            raise MissingCostModelError(
-                f"{type(self).__name__} needs a cost model: pass cost=KeywordCost([...]), "
-                "RegexCost(...), ClassifierScorer.from_pretrained(...) or GuardModelCost(...)"
-            )
+            raise MissingCostModelError.of(type(self).__name__)
         for name, scorer in (("cost", cost), ("reward", reward)):
             if scorer is not None and not isinstance(scorer, Scorer):
                 raise TypeError(

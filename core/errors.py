@@ -32,6 +32,14 @@ class ChatTemplateError(SafeguardError, ValueError):
 class MissingCostModelError(SafeguardError, ValueError):
     """A safe decoder was built without the cost model it needs."""
 
+    @classmethod
+    def of(cls, owner: str) -> MissingCostModelError:
+        """The error for `owner` (what was being built), saying which costs to pass."""
+        return cls(
+            f"{owner} needs a cost model: pass cost=KeywordCost([...]), RegexCost(...), "
+            "ClassifierScorer.from_pretrained(...) or GuardModelCost(...)"
+        )
+
 
 class ScorerOutputError(SafeguardError, ValueError):
     """A scorer returned the wrong number of scores or non-finite values."""

@@ -125,11 +125,7 @@ class SafeguardParams(BaseModel):
                     "or model='<hub name or local path>' with cost=..."
                 )
             if self.cost is None:
-                raise MissingCostModelError(
-                    f"{type(self).__name__}(model={self.model!r}) needs a cost model: pass "
-                    "cost=KeywordCost([...]), RegexCost(...), ClassifierScorer.from_pretrained"
-                    "(...) or GuardModelCost(...)"
-                )
+                raise MissingCostModelError.of(f"{type(self).__name__}(model={self.model!r})")
         else:
             given = [name for name in _LOADING_FIELDS if getattr(self, name) is not None]
             given += ["trust_remote_code"] if self.trust_remote_code else []

@@ -191,10 +191,7 @@ class SafeguardLLM(FunctionCallingLLM):
             **kwargs: `SafeguardLLM` fields (`callback_manager`, `system_prompt`, ...).
         """
         if cost is None:
-            raise MissingCostModelError(
-                "SafeguardLLM.from_model_id needs a cost model: pass cost=KeywordCost([...]), "
-                "RegexCost(...), ClassifierScorer.from_pretrained(...) or GuardModelCost(...)"
-            )
+            raise MissingCostModelError.of("SafeguardLLM.from_model_id")
         guard = InferenceGuard.from_pretrained(
             model_id,
             cost=cost,
