@@ -74,10 +74,16 @@ class GuardConfig(BaseModel):
         1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1]; 1 disables it."
     )
     top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens; 0 disables it.")
-    scorer: Literal["auto", "models"] = Field(
+    scorer: Literal["auto", "models", "critic"] = Field(
         "auto",
         description="How candidates are scored: 'models' runs the cost and reward models on "
-        "the candidate text; 'auto' picks the best mode available.",
+        "the candidate text; 'critic' asks the latent critic (the guard needs one); 'auto' "
+        "uses the critic when the guard has one, else the models.",
+    )
+    cost_probe: bool = Field(
+        True,
+        description="Critic mode: take the search's costs from the critic's cost probe (when "
+        "it has one) instead of the cost model; the final check always uses the cost model.",
     )
     on_unsafe: Literal["refuse", "return", "raise"] = Field(
         "refuse",

@@ -45,6 +45,27 @@ class ScorerOutputError(SafeguardError, ValueError):
     """A scorer returned the wrong number of scores or non-finite values."""
 
 
+class CriticError(SafeguardError):
+    """Base class of the latent critic's errors."""
+
+
+class CriticFileError(CriticError, ValueError):
+    """A critic file is missing, corrupted, or not a critic written by `LatentCritic.save`."""
+
+
+class CriticMismatchError(CriticError, ValueError):
+    """A critic was trained on another base model (its stored fingerprint differs)."""
+
+
+class MissingCriticError(CriticError, ValueError):
+    """Critic mode was asked for, but the guard has no critic."""
+
+
+class CriticMismatchWarning(UserWarning):
+    """A critic is used outside what it was trained for: a model of the same architecture
+    but another name, another block size, or a budget outside its training range."""
+
+
 class RefusalOverBudgetWarning(UserWarning):
     """The configured refusal text is itself over budget under the cost model."""
 

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 import warnings
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.decoder import Decoder, Response
-from core.errors import RefusalOverBudgetWarning, UnsafeGenerationError
+from core.errors import (
+    CriticMismatchWarning,
+    MissingCriticError,
+    RefusalOverBudgetWarning,
+    UnsafeGenerationError,
+)
 from core.lm import CausalLM, EncodedPrompt
 from core.results import GuardResult
 from core.scorers import Scorer
-from core.search import BlockSearch, ModelsEvaluator
+from core.search import (
+    BlockSearch,
+    CandidateEvaluator,
+    CriticEvaluator,
+    Finished,
+    ModelsEvaluator,
+    PromptSearch,
+)
+
+CriticInput: TypeAlias = "LatentCritic | str | os.PathLike[str] | None"
 
 
 class InferenceGuard(Decoder):
@@ -29,14 +46,27 @@ class InferenceGuard(Decoder):
     tokens penalised; the chosen response is checked by the real cost model and,
     if over budget, refused, returned flagged, or raised (`config.on_unsafe`).
 
+    With a latent critic (`critic` mode, the default when one is given), `R` is the
+    critic's `r_hat - n * (1 - p_safe)` read from the hidden states the decode already
+    has, and with `cost_probe` the costs that steer the search come from the critic's
+    cost probe; the cost model then scores only the finished candidates, best first,
+    and the best one it accepts is returned.
+
     Args:
         model: a Hugging Face causal LM.
         tokenizer: its tokenizer.
-        cost: cost model C(x, y); required.
-        reward: reward model R(x, y); without one, candidates are ranked by their
-            mean token log-likelihood.
-        critic: latent critic; not supported by this version (critic mode).
+        cost: cost model C(x, y); required (it always makes the final check).
+        reward: reward model R(x, y); without one (and without a critic), candidates are
+            ranked by their mean token log-likelihood. In critic mode it only scores
+            the returned responses.
+        critic: a `LatentCritic` trained on this base model, or the directory it was
+            saved in (see `safeguard train-critic`).
         config: default `GuardConfig`; per-call keyword overrides apply on top.
+
+    Raises:
+        CriticMismatchError: the critic was trained on another base model.
+        CriticFileError: the critic's files are missing or corrupted.
+        MissingCriticError: `config.scorer` is "critic" but no critic was given.
     """
 
     def __init__(
@@ -45,16 +75,14 @@ class InferenceGuard(Decoder):
         tokenizer: PreTrainedTokenizerBase,
         cost: Scorer | None = None,
         reward: Scorer | None = None,
-        critic: None = None,
+        critic: CriticInput = None,
         config: GuardConfig | None = None,
     ) -> None:
-        if critic is not None:
-            raise NotImplementedError(
-                "critic mode is not available in this version of InferenceGuard; "
-                "pass critic=None to search in 'models' mode with the cost and reward models"
-            )
         super().__init__(CausalLM(model, tokenizer), cost, reward, config)
+        self.critic = self._attach(critic)
         self.search = BlockSearch(self.lm, ModelsEvaluator(cost, reward), scoring="augmented")
+        self._warned: set[tuple[int, float]] = set()
+        self._evaluator(self.config)  # a config asking for a missing critic fails here
 
     @classmethod
     def from_pretrained(
@@ -63,7 +91,7 @@ class InferenceGuard(Decoder):
         *,
         cost: Scorer | None = None,
         reward: Scorer | None = None,
-        critic: None = None,
+        critic: CriticInput = None,
         config: GuardConfig | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -84,11 +112,115 @@ class InferenceGuard(Decoder):
         )
         return cls(lm.model, lm.tokenizer, cost=cost, reward=reward, critic=critic, config=config)
 
+    # -------------------------------------------------------------------- critic
+    def _attach(self, critic: CriticInput) -> LatentCritic | None:
+        """Load (from a directory), check and place the critic on the model's device."""
+        if critic is None:
+            return None
+        if isinstance(critic, (str, os.PathLike)):
+            critic = LatentCritic.load(critic)
+        elif not isinstance(critic, LatentCritic):
+            raise TypeError(
+                "critic must be a core.critic.LatentCritic or the directory it was saved in, "
+                f"got {type(critic).__name__}"
+            )
+        critic.check_base_model(self.lm.model)
+        return critic.to(self.lm.device).eval()
+
+    def _evaluator(self, config: GuardConfig) -> CandidateEvaluator | None:
+        """The critic evaluator for `config`, or None for the search's models mode."""
+        if config.scorer == "critic" and self.critic is None:
+            raise MissingCriticError(
+                "scorer='critic' needs a latent critic: pass critic=<directory> (see "
+                "`safeguard train-critic`) or a LatentCritic, or use scorer='models'"
+            )
+        if config.scorer == "models" or self.critic is None:
+            return None
+        self._warn_outside_training(config)
+        return CriticEvaluator(
+            self.critic,
+            self.cost,
+            use_probe=config.cost_probe and self.critic.has_cost_probe,
+            risk_weight=config.unsafe_penalty,
+        )
+
+    def _warn_outside_training(self, config: GuardConfig) -> None:
+        trained = self.critic.config
+        key = (config.block_size, config.budget)
+        low, high = trained.budget_range
+        if key in self._warned or (
+            config.block_size == trained.block_size and low <= config.budget <= high
+        ):
+            return
+        self._warned.add(key)
+        warnings.warn(
+            f"the critic was trained with block_size={trained.block_size} and budgets in "
+            f"[{low:.4g}, {high:.4g}]; this search uses block_size={config.block_size} and "
+            f"budget={config.budget:.4g}, so its predictions may be off (the final check by "
+            "the cost model still applies); retrain the critic for these settings",
+            CriticMismatchWarning,
+            stacklevel=5,
+        )
+
     # ------------------------------------------------------------------ decoding
     def _decode(
         self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
     ) -> list[Response]:
-        return [Response.of(search) for search in self.search.search(prompts, config, seeds)]
+        evaluator = self._evaluator(config)
+        searches = self.search.search(prompts, config, seeds, evaluator=evaluator)
+        return self._responses(prompts, searches, config, evaluator)
+
+    def _responses(
+        self,
+        prompts: list[EncodedPrompt],
+        searches: list[PromptSearch],
+        config: GuardConfig,
+        evaluator: CandidateEvaluator | None,
+    ) -> list[Response]:
+        """Each prompt's response: the best finished one, or, when the search's costs were
+        estimates (the cost probe), the best one the cost model accepts."""
+        if evaluator is None or evaluator.exact_cost:
+            return [Response.of(search) for search in searches]
+        return self._verified_responses(prompts, searches, config)
+
+    def _verified_responses(
+        self, prompts: list[EncodedPrompt], searches: list[PromptSearch], config: GuardConfig
+    ) -> list[Response]:
+        """Walk each prompt's finished responses, best score first (at most `beam_width`),
+        scoring every block-end prefix with the cost model; the first within budget wins.
+
+        Each round is one cost-model call for all prompts still looking. A prompt with no
+        accepted response gets its best one, with the cost model's cost (so `on_unsafe`
+        applies to it).
+        """
+        ranked = [
+            sorted(search.finished, key=lambda f: -f.score)[: config.beam_width]
+            for search in searches
+        ]
+        chosen: dict[int, tuple[int, float]] = {}
+        top_cost: dict[int, float] = {}
+        for rank in range(max(len(r) for r in ranked)):
+            looking = [p for p in range(len(searches)) if p not in chosen and rank < len(ranked[p])]
+            if not looking:
+                break
+            owners, texts = [], []
+            for p in looking:
+                prefixes = _block_prefix_texts(self.lm, ranked[p][rank], config.block_size)
+                owners += [p] * len(prefixes)
+                texts += prefixes
+            costs = self.cost([prompts[p].text for p in owners], texts).tolist()
+            worst = {p: -math.inf for p in looking}
+            for p, cost in zip(owners, costs, strict=True):
+                worst[p] = max(worst[p], cost)
+            for p in looking:
+                top_cost.setdefault(p, worst[p])
+                if worst[p] <= config.budget:
+                    chosen[p] = (rank, worst[p])
+        return [
+            Response.of(search, ranked[p][rank], prefix_cost=cost)
+            for p, search in enumerate(searches)
+            for rank, cost in [chosen.get(p, (0, top_cost[p]))]
+        ]
 
     def _stream(
         self, encoded: EncodedPrompt, config: GuardConfig
@@ -100,8 +232,13 @@ class InferenceGuard(Decoder):
         just ends, and its result has `refused=True` and `finish_reason="safety"`.
         """
         started = time.perf_counter()
+        evaluator = self._evaluator(config)
         run = self.search.run(
-            [encoded], config, self._seeds([encoded], config), commit=config.stream_commit
+            [encoded],
+            config,
+            self._seeds([encoded], config),
+            commit=config.stream_commit,
+            evaluator=evaluator,
         )
         emitted, accepted_tokens = "", 0
         while True:
@@ -120,7 +257,10 @@ class InferenceGuard(Decoder):
             yield text[len(emitted) :]
             emitted, accepted_tokens = text, len(prefix)
         [result] = self._finalize(
-            [encoded], [Response.of(searches[0])], config, time.perf_counter() - started
+            [encoded],
+            self._responses([encoded], searches, config, evaluator),
+            config,
+            time.perf_counter() - started,
         )
         self.last_result = result
         if result.text.startswith(emitted) and len(result.text) > len(emitted):
@@ -188,3 +328,10 @@ def _settled_text(text: str, stops: Sequence[str]) -> str:
                 text = text[:-size]
                 break
     return text
+
+
+def _block_prefix_texts(lm: CausalLM, response: Finished, block_size: int) -> list[str]:
+    """The texts the search scored for `response`: each full block's prefix, then the
+    response itself."""
+    ends = range(block_size, len(response.token_ids), block_size)
+    return [*lm.decode([response.token_ids[:end] for end in ends]), response.text]

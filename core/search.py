@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 import torch
 
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.lm import BlockCheckpoint, CausalLM, DecodedBlock, DecodeState, EncodedPrompt
 from core.safety import (
     augmented_score,
@@ -65,16 +66,24 @@ class Candidates:
 
 
 class CandidateEvaluator(Protocol):
-    """Gives the cost and reward of candidate responses: the seam between search modes."""
+    """Gives the cost and reward of candidate responses: the seam between search modes.
 
-    @property
-    def has_reward_model(self) -> bool: ...
+    Attributes:
+        has_reward_model: whether `reward` gives values (else the search ranks by
+            log-likelihood).
+        exact_cost: whether `cost` is the cost model's own value (not an estimate).
+        exact_reward: whether `reward` is the reward model's own value.
+    """
+
+    has_reward_model: bool
+    exact_cost: bool
+    exact_reward: bool
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
         """`(rows,)` cumulative cost C(x, y_<=t) of each candidate."""
 
-    def reward(self, candidates: Candidates) -> torch.Tensor:
-        """`(rows,)` reward R(x, y_<=t) of each candidate."""
+    def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
+        """`(rows,)` reward of each candidate given its `(rows,)` safety state `z`."""
 
 
 class ModelsEvaluator:
@@ -85,26 +94,72 @@ class ModelsEvaluator:
         reward: reward scorer, or None (the search then ranks by log-likelihood).
     """
 
+    exact_cost = True
+    exact_reward = True
+
     def __init__(self, cost: Scorer, reward: Scorer | None) -> None:
         self.cost_scorer = cost
         self.reward_scorer = reward
-
-    @property
-    def has_reward_model(self) -> bool:
-        return self.reward_scorer is not None
+        self.has_reward_model = reward is not None
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
         return self.cost_scorer(candidates.prompt_texts, candidates.texts)
 
-    def reward(self, candidates: Candidates) -> torch.Tensor:
+    def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
         if self.reward_scorer is None:
             raise RuntimeError("reward() called without a reward model")
         return self.reward_scorer(candidates.prompt_texts, candidates.texts)
 
 
+class CriticEvaluator:
+    """`critic` mode: the latent critic reads the hidden states the decode already has.
+
+    The reward of a candidate is the critic's risk-adjusted value
+    `r_hat - risk_weight * (1 - p_safe)`, which the augmented scoring uses while `z >= 0`
+    (over budget, a candidate scores `-n + z` as in models mode). The cost is the
+    critic's cost probe when `use_probe` (no second model in the search at all),
+    else the cost model's.
+
+    Args:
+        critic: the latent critic, on the base model's device.
+        cost: the cost model (used when `use_probe` is False).
+        use_probe: take costs from the critic's cost probe.
+        risk_weight: weight of `1 - p_safe`.
+    """
+
+    has_reward_model = True
+    exact_reward = False
+
+    def __init__(
+        self, critic: LatentCritic, cost: Scorer, *, use_probe: bool, risk_weight: float
+    ) -> None:
+        if use_probe and not critic.has_cost_probe:
+            raise ValueError("use_probe=True needs a critic with a cost probe")
+        self.critic = critic
+        self.cost_scorer = cost
+        self.use_probe = use_probe
+        self.exact_cost = not use_probe
+        self.risk_weight = risk_weight
+
+    def cost(self, candidates: Candidates) -> torch.Tensor:
+        if self.use_probe:
+            return self.critic.probe_cost(candidates.hidden)
+        return self.cost_scorer(candidates.prompt_texts, candidates.texts)
+
+    def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
+        prediction = self.critic.predict(candidates.hidden, z)
+        return prediction.r_hat - self.risk_weight * (1 - prediction.p_safe)
+
+
 @dataclass(frozen=True)
 class Finished:
-    """A finished response competing for the final answer."""
+    """A finished response competing for the final answer.
+
+    Attributes:
+        cost: the search's cumulative cost (the cost probe's estimate in critic mode).
+        reward: the reward model's value, or None when the search ranked by
+            log-likelihood or by the critic's estimates.
+    """
 
     token_ids: list[int]
     text: str
@@ -249,6 +304,7 @@ class BlockSearch:
         config: GuardConfig,
         seeds: Sequence[int],
         commit: Literal["agreement", "block"] | None = None,
+        evaluator: CandidateEvaluator | None = None,
     ) -> Generator[list[list[int] | None], None, list[PromptSearch]]:
         """Search every prompt; a generator that yields after each step.
 
@@ -259,6 +315,8 @@ class BlockSearch:
             commit: when streaming, what each step commits: "agreement" (the prefix all
                 beams and finished responses share) or "block" (the best safe candidate;
                 beams that do not extend it are dropped).
+            evaluator: where this run's costs and rewards come from (default: the
+                search's own).
 
         Yields:
             Per prompt, the response token ids committed so far (None when `commit` is
@@ -267,6 +325,7 @@ class BlockSearch:
         Returns:
             One `PromptSearch` per prompt with its finished responses and counts.
         """
+        evaluator = evaluator or self.evaluator
         searches = [PromptSearch(prompt) for prompt in prompts]
         samplers = PromptSamplers(seeds, self.lm.device)
         state = self.lm.prefill([p.ids for p in prompts])
@@ -303,17 +362,21 @@ class BlockSearch:
                 generated=generated,
                 block_len=block_len,
             )
-            step = self._decode_step(state, parents, layout, config, samplers, searches)
+            step = self._decode_step(state, parents, layout, config, samplers, searches, evaluator)
             beam_rows, beams, live = self._select(step, layout, config, searches, commit, committed)
             rows = step.rows
             yield [committed[p] if commit and p in live else None for p in range(len(prompts))]
         return searches
 
     def search(
-        self, prompts: Sequence[EncodedPrompt], config: GuardConfig, seeds: Sequence[int]
+        self,
+        prompts: Sequence[EncodedPrompt],
+        config: GuardConfig,
+        seeds: Sequence[int],
+        evaluator: CandidateEvaluator | None = None,
     ) -> list[PromptSearch]:
         """Run `run` to its end and return its searches."""
-        steps = self.run(prompts, config, seeds)
+        steps = self.run(prompts, config, seeds, evaluator=evaluator)
         while True:
             try:
                 next(steps)
@@ -329,6 +392,7 @@ class BlockSearch:
         config: GuardConfig,
         samplers: PromptSamplers,
         searches: list[PromptSearch],
+        evaluator: CandidateEvaluator,
     ) -> _Step:
         """Decode and score one block for every row, resampling all-unsafe prompts."""
         checkpoint = BlockCheckpoint.of(state, layout.block_len)
@@ -338,7 +402,7 @@ class BlockSearch:
             layout.block_len,
             self._chooser(samplers, layout.live, layout.group_sizes, all_rows, None, None, config),
         )
-        step = self._score(block, state, parents, layout, all_rows, config)
+        step = self._score(block, state, parents, layout, all_rows, config, evaluator)
         for group, size in enumerate(layout.group_sizes):
             searches[layout.live[group]].blocks += 1
             searches[layout.live[group]].candidates_scored += size
@@ -371,7 +435,8 @@ class BlockSearch:
                 ),
             )
             step = step.splice(
-                resampled, self._score(block, state, parents, layout, resampled, config)
+                resampled,
+                self._score(block, state, parents, layout, resampled, config, evaluator),
             )
             for g in failing:
                 searches[layout.live[g]].resample_rounds += 1
@@ -413,6 +478,7 @@ class BlockSearch:
         layout: _Layout,
         rows: torch.Tensor,
         config: GuardConfig,
+        evaluator: CandidateEvaluator,
     ) -> _Step:
         """Build and score the candidates of `rows` (a `(n,)` index into the step's rows)."""
         device = block.tokens.device
@@ -454,7 +520,7 @@ class BlockSearch:
             # Cumulative cost never falls: what has been said cannot be unsaid, and a
             # learned cost model that "forgets" an unsafe prefix must not be exploitable.
             cost = torch.maximum(
-                self.evaluator.cost(candidates).to(device=device, dtype=logprob.dtype),
+                evaluator.cost(candidates).to(device=device, dtype=logprob.dtype),
                 parents.cost[index],
             )
         z = update_safety_state(
@@ -464,15 +530,15 @@ class BlockSearch:
             candidates.new_tokens,
             config.safety_discount,
         )
-        if self.evaluator.has_reward_model:
-            reward = self.evaluator.reward(candidates).to(device=device, dtype=logprob.dtype)
+        if evaluator.has_reward_model:
+            reward = evaluator.reward(candidates, z).to(device=device, dtype=logprob.dtype)
         else:
             reward = logprob / length.clamp_min(1)
         return _Step(
             rows=_Rows(token_ids, cost, z, logprob, length),
             texts=texts,
             reasons=reasons,
-            reward=reward if self.evaluator.has_reward_model else None,
+            reward=reward if evaluator.has_reward_model and evaluator.exact_reward else None,
             score=self._objective(reward, cost, z, config),
         )
 

@@ -28,6 +28,7 @@ from transformers import (
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import GuardConfig
+from core.critic import CriticConfig, LatentCritic, ModelFingerprint
 from core.decoder import Response
 from core.guard import InferenceGuard
 from core.lm import EncodedPrompt
@@ -170,6 +171,31 @@ def build_tiny_classifier(
     config = tiny_llama_config(tokenizer, **config_kwargs)
     config.num_labels = num_labels
     return LlamaForSequenceClassification(config).eval()
+
+
+def build_random_critic(
+    model: PreTrainedModel,
+    *,
+    budget: float = 0.0,
+    block_size: int = 8,
+    width: int = 64,
+    cost_probe: bool = True,
+    seed: int = 0,
+) -> LatentCritic:
+    """An untrained `LatentCritic` for `model` (random heads, unit statistics): for tests of
+    the plumbing and for timing, where the critic's predictions do not matter."""
+    torch.manual_seed(seed)
+    config = CriticConfig(
+        hidden_size=model.config.get_text_config().hidden_size,
+        width=width,
+        cost_probe=cost_probe,
+        budget=budget,
+        budget_range=(budget - 1.0, budget + 1.0),
+        block_size=block_size,
+        z_scale=1.0,
+        fingerprint=ModelFingerprint.of(model),
+    )
+    return LatentCritic(config).eval()
 
 
 # ------------------------------------------------------------------ scripted guard

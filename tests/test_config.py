@@ -86,7 +86,7 @@ def test_suggested_num_candidates_is_at_least_beam_width() -> None:
         ({"stop": ""}, "stop", "non-empty"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
         ({"on_unsafe": "ignore"}, "on_unsafe", "'refuse', 'return' or 'raise'"),
-        ({"scorer": "critic"}, "scorer", "'auto' or 'models'"),
+        ({"scorer": "latent"}, "scorer", "'auto', 'models' or 'critic'"),
         ({"stream_commit": "token"}, "stream_commit", "'agreement' or 'block'"),
     ],
 )

@@ -286,11 +286,6 @@ def test_invalid_overrides_are_rejected(guard):
         guard.generate(PROMPT, unsafe_penalty=-1)
 
 
-def test_critic_mode_is_refused_clearly(tiny_model, tiny_tokenizer, keyword_cost):
-    with pytest.raises(NotImplementedError, match="critic=None"):
-        InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=object())
-
-
 def test_from_pretrained_loads_a_local_checkpoint_without_remote_code(
     tiny_model_dir, keyword_cost, monkeypatch
 ):
