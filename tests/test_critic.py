@@ -1,0 +1,278 @@
+"""The latent critic: its files, its fit to a base model, and InferenceGuard's critic mode."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import OTHER_PROMPT, PROMPT
+
+from core import GuardConfig, InferenceGuard
+from core.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprint
+from core.errors import (
+    CriticFileError,
+    CriticMismatchError,
+    CriticMismatchWarning,
+    MissingCriticError,
+)
+from core.lm import CausalLM
+from core.scorers import CallableScorer
+from core.search import Finished, PromptSearch
+from core.testing import build_random_critic, build_tiny_llama
+
+CONFIG = GuardConfig(
+    num_candidates=8, beam_width=2, block_size=4, max_new_tokens=16, seed=0, budget=0.0
+)
+
+
+@pytest.fixture()
+def critic(tiny_model) -> LatentCritic:
+    return build_random_critic(tiny_model, budget=0.0, block_size=4)
+
+
+@pytest.fixture()
+def saved_critic(critic, tmp_path):
+    return critic.save(tmp_path / "critic", training={"note": "test"})
+
+
+class CountingScorer(CallableScorer):
+    """A cost scorer that counts the texts it scored."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(self._score)
+        self.inner = inner
+        self.texts = 0
+
+    def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        self.texts += len(responses)
+        return self.inner(prompts, responses)
+
+
+# ------------------------------------------------------------------- files
+def test_save_and_load_are_bit_exact(critic, saved_critic):
+    loaded = LatentCritic.load(saved_critic)
+    original, restored = critic.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, restored[name]), name
+    assert loaded.config == critic.config
+    assert loaded.config.training == {"note": "test"}
+    hidden, z = torch.randn(5, critic.config.hidden_size), torch.linspace(-1, 1, 5)
+    assert torch.equal(critic.predict(hidden, z).p_safe, loaded.predict(hidden, z).p_safe)
+    assert torch.equal(critic.probe_cost(hidden), loaded.probe_cost(hidden))
+
+
+def test_saved_files_are_safetensors_and_json_only(saved_critic):
+    assert sorted(p.name for p in saved_critic.iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE])
+    config = json.loads((saved_critic / CONFIG_FILE).read_text())
+    assert set(config["fingerprint"]) == {"name", "config_hash", "vocab_size"}
+    assert len(config["weights_sha256"]) == 64
+
+
+def test_a_flipped_byte_in_the_weights_is_rejected(saved_critic):
+    weights = saved_critic / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CriticFileError, match="corrupted"):
+        LatentCritic.load(saved_critic)
+
+
+def test_a_truncated_weights_file_is_rejected_even_without_a_checksum(saved_critic):
+    config_path = saved_critic / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config["weights_sha256"] = ""
+    config_path.write_text(json.dumps(config))
+    weights = saved_critic / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CriticFileError, match="not a readable safetensors file"):
+        LatentCritic.load(saved_critic)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / CONFIG_FILE).write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / CONFIG_FILE).write_text('{"hidden_size": 3}'), "not a valid critic config"),
+        (lambda d: (d / CONFIG_FILE).unlink(), "no critic.json"),
+        (lambda d: (d / WEIGHTS_FILE).unlink(), "no critic.safetensors"),
+    ],
+)
+def test_damaged_critic_files_are_rejected_with_clear_errors(saved_critic, damage, message):
+    damage(saved_critic)
+    with pytest.raises(CriticFileError, match=message):
+        LatentCritic.load(saved_critic)
+
+
+def test_tensors_that_do_not_fit_the_config_are_rejected(saved_critic):
+    config_path = saved_critic / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config["width"] = 32
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CriticFileError, match="do not fit"):
+        LatentCritic.load(saved_critic)
+
+
+def test_a_newer_format_is_rejected(saved_critic):
+    config_path = saved_critic / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config["format_version"] = 99
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CriticFileError, match="format version 99"):
+        LatentCritic.load(saved_critic)
+
+
+# ----------------------------------------------------------- base-model fit
+def test_a_critic_for_another_base_model_is_rejected(saved_critic, tiny_tokenizer, keyword_cost):
+    other = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    with pytest.raises(CriticMismatchError, match="hidden size 32") as error:
+        InferenceGuard(other, tiny_tokenizer, cost=keyword_cost, critic=str(saved_critic))
+    assert "safeguard train-critic" in str(error.value)
+
+
+def test_a_model_with_another_architecture_config_is_rejected(
+    critic, tiny_model, tiny_tokenizer, keyword_cost
+):
+    other = build_tiny_llama(tiny_tokenizer, max_position_embeddings=1024)
+    assert other.config.hidden_size == tiny_model.config.hidden_size
+    with pytest.raises(CriticMismatchError, match="architecture config differs"):
+        InferenceGuard(other, tiny_tokenizer, cost=keyword_cost, critic=critic)
+
+
+def test_fingerprint_ignores_how_the_model_was_loaded(tiny_model):
+    before = ModelFingerprint.of(tiny_model)
+    tiny_model.config.use_cache = not tiny_model.config.use_cache
+    try:
+        assert ModelFingerprint.of(tiny_model) == before
+    finally:
+        tiny_model.config.use_cache = not tiny_model.config.use_cache
+
+
+def test_the_same_architecture_under_another_name_only_warns(
+    critic, tiny_model, tiny_tokenizer, keyword_cost
+):
+    critic.config = critic.config.model_copy(
+        update={
+            "fingerprint": critic.config.fingerprint.model_copy(update={"name": "org/other-model"})
+        }
+    )
+    with pytest.warns(CriticMismatchWarning, match="org/other-model"):
+        InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG)
+
+
+def test_critic_must_be_a_critic_or_a_directory(tiny_model, tiny_tokenizer, keyword_cost):
+    with pytest.raises(TypeError, match="LatentCritic or the directory"):
+        InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=object())
+
+
+# ------------------------------------------------------------- critic mode
+def test_critic_mode_without_a_critic_is_a_clear_error(tiny_model, tiny_tokenizer, keyword_cost):
+    with pytest.raises(MissingCriticError, match="safeguard train-critic"):
+        InferenceGuard(
+            tiny_model, tiny_tokenizer, cost=keyword_cost, config=GuardConfig(scorer="critic")
+        )
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, config=CONFIG)
+    with pytest.raises(MissingCriticError):
+        guard.generate(PROMPT, scorer="critic")
+
+
+def test_auto_scorer_uses_the_critic_and_models_mode_does_not(
+    critic, tiny_model, tiny_tokenizer, keyword_cost, monkeypatch
+):
+    calls = []
+    predict = critic.predict
+    monkeypatch.setattr(critic, "predict", lambda h, z: calls.append(len(z)) or predict(h, z))
+    guard = InferenceGuard(
+        tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG
+    )
+    guard.generate(PROMPT, scorer="models")
+    assert calls == []
+    result = guard.generate(PROMPT)
+    assert sum(calls) == result.stats.candidates_scored
+
+
+def test_the_cost_probe_keeps_the_cost_model_out_of_the_search(
+    critic, tiny_model, tiny_tokenizer, keyword_cost
+):
+    counted = CountingScorer(keyword_cost)
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=counted, critic=critic, config=CONFIG)
+    models = guard.generate(PROMPT, scorer="models", on_unsafe="return")
+    models_texts, counted.texts = counted.texts, 0
+    guard.generate(PROMPT, on_unsafe="return")
+    # The search scored every candidate with the cost model in models mode; with the
+    # probe, the cost model only checks finished responses' block-end prefixes.
+    assert models_texts >= models.stats.candidates_scored
+    blocks = CONFIG.max_new_tokens // CONFIG.block_size
+    assert counted.texts <= CONFIG.beam_width * blocks + 1
+    counted.texts = 0
+    probe_off = guard.generate(PROMPT, cost_probe=False, on_unsafe="return")
+    assert counted.texts >= probe_off.stats.candidates_scored
+
+
+@pytest.mark.parametrize("cost_probe", [True, False])
+def test_critic_guided_search_returns_no_over_budget_response(
+    critic, tiny_model, tiny_tokenizer, keyword_cost, cost_probe
+):
+    guard = InferenceGuard(
+        tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG
+    )
+    results = []
+    for seed in range(8):
+        results += guard.generate_batch([PROMPT, OTHER_PROMPT], seed=seed, cost_probe=cost_probe)
+    for result in results:
+        assert result.refused or (result.safe and result.cost <= CONFIG.budget)
+        # Whatever was returned, the real cost model agrees with its record.
+        assert float(keyword_cost([""], [result.text])[0]) <= result.cost or result.refused
+    if not cost_probe:  # the cost model steers the search, as in models mode
+        assert sum(r.refused for r in results) <= len(results) // 4
+
+
+def test_with_the_probe_the_best_response_the_cost_model_accepts_is_returned(
+    critic, tiny_model, tiny_tokenizer
+):
+    lm = CausalLM(tiny_model, tiny_tokenizer)
+    [prompt] = [lm.encode(PROMPT)]
+    cost = CallableScorer(lambda p, r: torch.tensor([float("fire" in x) for x in r]))
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=cost, critic=critic, config=CONFIG)
+    search = PromptSearch(prompt)
+    search.finished = [
+        Finished(lm.tokenizer.encode(t, add_special_tokens=False), t, 0.0, None, s, "stop")
+        for t, s in (("a warm fire", 3.0), ("a calm river", 2.0), ("a big fire", 1.0))
+    ]
+    [response] = guard._verified_responses([prompt], [search], CONFIG)
+    assert response.text == "a calm river"
+    assert response.prefix_cost == 0.0
+    search.finished = [f for f in search.finished if "fire" in f.text]
+    [response] = guard._verified_responses([prompt], [search], CONFIG)
+    assert response.text == "a warm fire"
+    assert response.prefix_cost == 1.0
+
+
+def test_critic_mode_streams_exactly_what_it_returns(
+    critic, tiny_model, tiny_tokenizer, keyword_cost
+):
+    guard = InferenceGuard(
+        tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG
+    )
+    stream = guard.stream(PROMPT)
+    text = "".join(stream)
+    assert text == stream.result.text
+    assert guard.generate(PROMPT).text == text
+
+
+def test_settings_outside_the_critics_training_warn_once(
+    critic, tiny_model, tiny_tokenizer, keyword_cost
+):
+    guard = InferenceGuard(
+        tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.generate(PROMPT)
+    with pytest.warns(CriticMismatchWarning, match="block_size=8"):
+        guard.generate(PROMPT, block_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.generate(PROMPT, block_size=8)
