@@ -66,10 +66,19 @@ def parse_regex_cost(pattern: str) -> RegexCost:
 def add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInfo) -> None:
     """Add `--field-name` for one `GuardConfig` field; its default None means "not given"."""
     flag = "--" + name.replace("_", "-")
-    value_type, choices, repeatable = _option_type(name, field.annotation)
     help_text = (field.description or "").replace("%", "%%")
     if field.default not in (None, ()):
         help_text += f" (default: {field.default})"
+    if field.annotation is bool:  # --flag / --no-flag
+        group.add_argument(
+            flag,
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=help_text,
+        )
+        return
+    value_type, choices, repeatable = _option_type(name, field.annotation)
     group.add_argument(
         flag,
         dest=name,

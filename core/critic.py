@@ -65,7 +65,8 @@ class ModelFingerprint(BaseModel):
     """What identifies the base model a critic was trained on.
 
     Attributes:
-        name: the model's name or path (`config._name_or_path`), as loaded.
+        name: the model's name or path (`config._name_or_path`) as loaded; empty for a
+            model built in memory.
         config_hash: SHA-256 of its architecture config (loading settings left out).
         vocab_size: rows of its output embedding.
     """
@@ -86,7 +87,7 @@ class ModelFingerprint(BaseModel):
         }
         text = json.dumps(entries, sort_keys=True, default=str)
         return cls(
-            name=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+            name=str(getattr(model.config, "_name_or_path", "") or ""),
             config_hash=hashlib.sha256(text.encode()).hexdigest(),
             vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         )
@@ -259,12 +260,13 @@ class LatentCritic(nn.Module):
             problems.append("the model's architecture config differs")
         if problems:
             raise CriticMismatchError(
-                f"this critic was trained on {expected.name!r}, not on {actual.name!r}: "
-                f"{'; '.join(problems)}. Train a critic for this model with "
-                f"`safeguard train-critic --model {actual.name} ...`, or load the base "
-                "model the critic was made for"
+                f"this critic was trained on {_described(expected.name)}, not on "
+                f"{_described(actual.name)}: {'; '.join(problems)}. Train a critic for this "
+                f"model with `safeguard train-critic --model {actual.name or 'MODEL'} ...`, "
+                "or load the base model the critic was made for"
             )
-        if _short_name(actual.name) != _short_name(expected.name):
+        named = actual.name and expected.name
+        if named and _short_name(actual.name) != _short_name(expected.name):
             warnings.warn(
                 f"this critic was trained on {expected.name!r} and is used with "
                 f"{actual.name!r}, which has the same architecture config; if the weights "
@@ -366,6 +368,10 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _described(name: str) -> str:
+    return repr(name) if name else "a model built in memory"
 
 
 def _short_name(name: str) -> str:

@@ -58,7 +58,7 @@ class SafeguardParams(BaseModel):
     reward: Scorer | None = Field(default=None, exclude=True)
     """Reward model R(x, y); without one, candidates rank by mean token log-likelihood."""
     critic: Any = Field(default=None, exclude=True)
-    """Latent critic for InferenceGuard's critic mode, passed to `InferenceGuard`."""
+    """Latent critic (a `LatentCritic` or its directory) for InferenceGuard's critic mode."""
     device: str | None = None
     """Device to load `model` on (default: CUDA when available, else CPU)."""
     dtype: str | torch.dtype | None = None
@@ -101,8 +101,10 @@ class SafeguardParams(BaseModel):
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int | None = None
     """Sample from the k likeliest tokens; 0 disables it."""
-    scorer: Literal["auto", "models"] | None = None
-    """How candidates are scored: 'models' runs the cost and reward models on the text."""
+    scorer: Literal["auto", "models", "critic"] | None = None
+    """How candidates are scored: the cost and reward models, or the latent critic."""
+    cost_probe: bool | None = None
+    """Critic mode: steer the search by the critic's cost probe (final check: cost model)."""
     on_unsafe: Literal["refuse", "return", "raise"] | None = None
     """Over-budget final response: refuse (default), return flagged, or raise."""
     refusal_text: str | None = None
@@ -166,7 +168,7 @@ class SafeguardParams(BaseModel):
             model_id: the base model.
             cost: cost model C(x, y).
             reward: reward model R(x, y), or None.
-            critic: latent critic, or None.
+            critic: latent critic (or its directory) for critic mode, or None.
             device, dtype, device_map, trust_remote_code: how to load the model.
             **kwargs: other fields: `GuardConfig` fields, `max_tokens`, `stop`, ...
         """

@@ -28,7 +28,7 @@ from llama_index.core.llms.llm import ToolSelection, default_completion_to_promp
 from core.config import GuardConfig
 from core.decoder import Decoder
 from core.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
-from core.guard import InferenceGuard
+from core.guard import CriticInput, InferenceGuard
 from core.lm import PromptInput
 from core.results import GuardResult
 from core.scorers import Scorer
@@ -134,7 +134,10 @@ class SafeguardLLM(FunctionCallingLLM):
     temperature: float | None = Field(default=None, description=_describe("temperature"))
     top_p: float | None = Field(default=None, description=_describe("top_p"))
     top_k: int | None = Field(default=None, description=_describe("top_k"))
-    scorer: Literal["auto", "models"] | None = Field(default=None, description=_describe("scorer"))
+    scorer: Literal["auto", "models", "critic"] | None = Field(
+        default=None, description=_describe("scorer")
+    )
+    cost_probe: bool | None = Field(default=None, description=_describe("cost_probe"))
     on_unsafe: Literal["refuse", "return", "raise"] | None = Field(
         default=None, description=_describe("on_unsafe")
     )
@@ -172,6 +175,7 @@ class SafeguardLLM(FunctionCallingLLM):
         *,
         cost: Scorer | None,
         reward: Scorer | None = None,
+        critic: CriticInput = None,
         config: GuardConfig | None = None,
         device: str | None = None,
         dtype: str | None = None,
@@ -185,6 +189,7 @@ class SafeguardLLM(FunctionCallingLLM):
             model_id: hub name or local path of the base model.
             cost: cost model C(x, y) (required).
             reward: reward model R(x, y), or None to rank by likelihood.
+            critic: latent critic (or its directory) for critic mode, or None.
             config: default `GuardConfig` of every call.
             device, dtype, device_map, trust_remote_code: see
                 `InferenceGuard.from_pretrained`.
@@ -196,6 +201,7 @@ class SafeguardLLM(FunctionCallingLLM):
             model_id,
             cost=cost,
             reward=reward,
+            critic=critic,
             config=config,
             device=device,
             dtype=dtype,

@@ -141,6 +141,18 @@ def test_a_model_with_another_architecture_config_is_rejected(
         InferenceGuard(other, tiny_tokenizer, cost=keyword_cost, critic=critic)
 
 
+def test_a_local_copy_of_the_named_model_is_accepted(
+    critic, tiny_model, tiny_tokenizer, keyword_cost, monkeypatch
+):
+    critic.config = critic.config.model_copy(
+        update={"fingerprint": critic.config.fingerprint.model_copy(update={"name": "org/m"})}
+    )
+    monkeypatch.setattr(tiny_model.config, "_name_or_path", "/models/m/")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG)
+
+
 def test_fingerprint_ignores_how_the_model_was_loaded(tiny_model):
     before = ModelFingerprint.of(tiny_model)
     tiny_model.config.use_cache = not tiny_model.config.use_cache
@@ -151,14 +163,15 @@ def test_fingerprint_ignores_how_the_model_was_loaded(tiny_model):
 
 
 def test_the_same_architecture_under_another_name_only_warns(
-    critic, tiny_model, tiny_tokenizer, keyword_cost
+    critic, tiny_model, tiny_tokenizer, keyword_cost, monkeypatch
 ):
+    monkeypatch.setattr(tiny_model.config, "_name_or_path", "/models/my-model")
     critic.config = critic.config.model_copy(
         update={
             "fingerprint": critic.config.fingerprint.model_copy(update={"name": "org/other-model"})
         }
     )
-    with pytest.warns(CriticMismatchWarning, match="org/other-model"):
+    with pytest.warns(CriticMismatchWarning, match="org/other-model.*/models/my-model"):
         InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG)
 
 

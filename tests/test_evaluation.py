@@ -35,7 +35,7 @@ from core.evaluation.cli import add_eval_command
 from core.evaluation.methods import runnable_methods
 from core.evaluation.metrics import mean_and_sd
 from core.scorers import CallableScorer
-from core.testing import build_tiny_classifier
+from core.testing import build_random_critic, build_tiny_classifier
 
 REFUSAL = "Sorry."
 """A refusal with none of the tiny model's words, so no keyword cost or oracle flags it."""
@@ -146,7 +146,12 @@ def test_summary_rejects_no_results_and_mismatched_verdicts():
 
 # ------------------------------------------------------------------------- methods
 def test_every_method_builds_its_decoder_with_the_shared_config(parts, eval_config):
-    options = MethodOptions(lagrange_multiplier=3.0, args_num_tokens=4, args_cost_weight=2.0)
+    critic = build_random_critic(
+        parts["model"], budget=eval_config.budget, block_size=eval_config.block_size
+    )
+    options = MethodOptions(
+        lagrange_multiplier=3.0, args_num_tokens=4, args_cost_weight=2.0, critic=critic
+    )
     expected = {
         "base": (SamplingDecoder, None),
         "bon-reward": (BestOfN, "reward"),
@@ -158,12 +163,17 @@ def test_every_method_builds_its_decoder_with_the_shared_config(parts, eval_conf
         "args": (ARGS, None),
         "args-cost": (ARGS, None),
         "inferenceguard": (InferenceGuard, "augmented"),
+        "inferenceguard-critic": (InferenceGuard, "augmented"),
     }
     assert list(METHODS) == list(expected)
     for name, (kind, scoring) in expected.items():
         decoder = build_decoder(name, **parts, config=eval_config, options=options)
         assert type(decoder) is kind, name
-        assert decoder.config is eval_config
+        if name == "inferenceguard-critic":
+            assert decoder.config == eval_config.with_overrides(scorer="critic")
+            assert decoder.critic is critic
+        else:
+            assert decoder.config is eval_config
         if scoring is not None:
             assert decoder.search.scoring == scoring
         if kind in (BestOfN, BlockBeamSearch):
@@ -176,7 +186,8 @@ def test_every_method_builds_its_decoder_with_the_shared_config(parts, eval_conf
 
 def test_methods_that_need_a_reward_model_are_left_out_without_one(parts, eval_config):
     assert "args" not in runnable_methods(has_reward=False)
-    assert runnable_methods(has_reward=True) == list(METHODS)
+    assert runnable_methods(has_reward=True, has_critic=True) == list(METHODS)
+    assert "inferenceguard-critic" not in runnable_methods(has_reward=True)
     with pytest.raises(ValueError, match="needs a reward model"):
         build_decoder("args", **{**parts, "reward": None}, config=eval_config)
 
@@ -354,13 +365,15 @@ def reward_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 def test_eval_command_runs_every_method_and_writes_the_report(
-    tiny_model_dir, reward_model_dir, prompt_file, frequent_words, tmp_path, capsys
+    tiny_model, tiny_model_dir, reward_model_dir, prompt_file, frequent_words, tmp_path, capsys
 ):
     out = tmp_path / "out"
+    critic = build_random_critic(tiny_model, block_size=8).save(tmp_path / "critic")
     code = safeguard_eval(
         "--model", str(tiny_model_dir),
         "--cost-keywords", ",".join(frequent_words),
         "--reward-model", str(reward_model_dir),
+        "--critic", str(critic),
         "--prompts", str(prompt_file),
         "--limit", "3",
         "--batch-size", "2",
@@ -391,14 +404,16 @@ def test_eval_command_defaults_to_the_demo_world(
         oracle=lambda prompt, response: False,
         prompts={"test": PROMPTS[:2], "validation": PROMPTS[2:]},
         budget=2.5,
+        critic=build_random_critic(tiny_model, budget=2.5, block_size=8),
     )
     demo = types.ModuleType("core.demo")
     demo.load_demo_world = lambda: world
     monkeypatch.setitem(sys.modules, "core.demo", demo)
 
-    assert safeguard_eval("--methods", "base,inferenceguard", *SMALL) == 0
+    assert safeguard_eval("--methods", "base,inferenceguard,inferenceguard-critic", *SMALL) == 0
     printed = capsys.readouterr().out
     assert "2 prompts · budget 2.5" in printed
+    assert "InferenceGuard + critic" in printed
     assert "Safe (oracle)" in printed
     with pytest.raises(CommandLineError, match="no split 'train'; choose from test, validation"):
         safeguard_eval("--split", "train", *SMALL)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.demo.build import ASSETS
 from core.demo.corpus import Prompt, as_messages
 from core.demo.oracle import is_unsafe
@@ -37,6 +38,8 @@ class DemoWorld:
         prompt_info: the same prompts with their topic and whether they are risky.
         budget: the cost budget the world is built for.
         manifest: how it was built (settings, losses, sizes, seconds).
+        critic: the latent critic trained on the world's base model (None in a world
+            built without one).
     """
 
     model: PreTrainedModel
@@ -47,18 +50,28 @@ class DemoWorld:
     prompt_info: dict[str, list[Prompt]]
     budget: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    critic: LatentCritic | None = None
 
     def oracle(self, prompt: str, response: str) -> bool:
         """Whether `response` is unsafe, judged by the hazard lexicon (not by a model)."""
         return is_unsafe(prompt, response)
 
-    def guard(self, **config: Any) -> InferenceGuard:
-        """An `InferenceGuard` on this world; `config` overrides `GuardConfig` fields."""
+    def guard(self, *, critic: bool = False, **config: Any) -> InferenceGuard:
+        """An `InferenceGuard` on this world; `config` overrides `GuardConfig` fields.
+
+        Args:
+            critic: guide the search with the world's latent critic (critic mode).
+        """
+        if critic and self.critic is None:
+            raise FileNotFoundError(
+                "this demo world has no critic; rebuild it with `safeguard demo --rebuild`"
+            )
         return InferenceGuard(
             self.model,
             self.tokenizer,
             cost=self.cost,
             reward=self.reward,
+            critic=self.critic if critic else None,
             config=GuardConfig(**{"budget": self.budget, **config}),
         )
 
@@ -94,6 +107,7 @@ def load_demo_world(
     info = {split: [Prompt(**record) for record in records] for split, records in splits.items()}
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    critic = LatentCritic.load(root / "critic") if (root / "critic").exists() else None
     return DemoWorld(
         model=lm.model,
         tokenizer=lm.tokenizer,
@@ -103,4 +117,5 @@ def load_demo_world(
         prompt_info=info,
         budget=float(manifest.get("budget", 0.5)),
         manifest=manifest,
+        critic=critic,
     )

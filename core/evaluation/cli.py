@@ -30,6 +30,7 @@ from core.cli_options import (
     parse_keyword_cost,
 )
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.evaluation.methods import METHODS, MethodOptions, get_method, runnable_methods
 from core.evaluation.report import print_table, write_csv, write_json, write_plot
 from core.evaluation.run import Oracle, evaluate
@@ -70,7 +71,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=_method_names,
         metavar="NAME[,NAME...]",
         help=f"methods in table order, from {', '.join(METHODS)} (default: all that can run "
-        "with the models given; ARGS needs a reward model)",
+        "with the models given; ARGS needs a reward model, inferenceguard-critic a critic)",
     )
     methods.add_argument(
         "--lagrange-multiplier",
@@ -111,6 +112,13 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     models.add_argument(
         "--reward-model", metavar="PATH", help="sequence-classification reward model"
+    )
+    models.add_argument(
+        "--critic",
+        type=Path,
+        metavar="DIR",
+        help="latent critic of the base model (from `safeguard train-critic`), for the "
+        "inferenceguard-critic row (default: the demo world's)",
     )
     models.add_argument(
         "--device",
@@ -168,7 +176,10 @@ def run_eval(args: argparse.Namespace) -> int:
     prompts = (file_prompts if file_prompts is not None else setup.prompts)[: args.limit]
     if args.budget is None and setup.budget is not None:
         config = config.with_overrides(budget=setup.budget)
-    methods = _chosen_methods(args.methods, has_reward=setup.reward is not None)
+    methods = _chosen_methods(
+        args.methods, has_reward=setup.reward is not None, has_critic=setup.critic is not None
+    )
+    options = dataclasses.replace(options, critic=setup.critic)
     if args.plot and setup.reward is None:
         raise CommandLineError(
             "--plot puts reward on its x axis; add --reward-model or leave --plot out"
@@ -241,6 +252,7 @@ class _Setup:
     oracle: Oracle | None = None
     budget: float | None = None
     prompts: list[PromptInput] | None = None
+    critic: LatentCritic | None = None
 
 
 def _demo_world_setup(args: argparse.Namespace) -> _Setup:
@@ -249,6 +261,7 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
     from core.demo import load_demo_world  # heavy: loads the world's models
 
     world = load_demo_world()
+    critic = _critic(args, world.model)
     prompts = None
     if args.prompts is None:
         if args.split not in world.prompts:
@@ -266,6 +279,7 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
         oracle=world.oracle,
         budget=world.budget,
         prompts=prompts,
+        critic=world.critic if critic is None else critic,
     )
 
 
@@ -279,7 +293,13 @@ def _loaded_setup(args: argparse.Namespace) -> _Setup:
         lm = CausalLM.from_pretrained(
             args.model, device=_device(args), trust_remote_code=args.trust_remote_code
         )
-    return _Setup(model=lm.model, tokenizer=lm.tokenizer, cost=cost, reward=reward)
+    return _Setup(
+        model=lm.model,
+        tokenizer=lm.tokenizer,
+        cost=cost,
+        reward=reward,
+        critic=_critic(args, lm.model),
+    )
 
 
 def _cost(args: argparse.Namespace) -> Scorer | None:
@@ -302,18 +322,27 @@ def _reward(args: argparse.Namespace) -> Scorer | None:
         )
 
 
+def _critic(args: argparse.Namespace, model: PreTrainedModel) -> LatentCritic | None:
+    """The critic given on the command line, checked against the base model, or None."""
+    if args.critic is None:
+        return None
+    critic = LatentCritic.load(args.critic)
+    critic.check_base_model(model)
+    return critic
+
+
 def _device(args: argparse.Namespace) -> torch.device:
     return args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------- methods and types
-def _chosen_methods(names: list[str] | None, *, has_reward: bool) -> list[str]:
+def _chosen_methods(names: list[str] | None, *, has_reward: bool, has_critic: bool) -> list[str]:
     """`names`, checked to be runnable; default every method that can run."""
     if names is None:
-        return runnable_methods(has_reward=has_reward)
+        return runnable_methods(has_reward=has_reward, has_critic=has_critic)
     for name in names:
         try:
-            get_method(name, has_reward=has_reward)
+            get_method(name, has_reward=has_reward, has_critic=has_critic)
         except ValueError as exc:
             raise CommandLineError(f"--methods: {exc}") from exc
     return names
@@ -321,7 +350,7 @@ def _chosen_methods(names: list[str] | None, *, has_reward: bool) -> list[str]:
 
 def _method_options(args: argparse.Namespace) -> MethodOptions:
     """`MethodOptions` from the flags given (each flag is named after its field)."""
-    names = [field.name for field in dataclasses.fields(MethodOptions)]
+    names = [field.name for field in dataclasses.fields(MethodOptions) if field.name != "critic"]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:
         return MethodOptions(**given)

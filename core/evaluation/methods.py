@@ -17,6 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.decoder import Decoder
 from core.guard import InferenceGuard
 from core.scorers import Scorer
@@ -34,12 +35,14 @@ class MethodOptions:
         args_cost_weight: weight on the cost of "args-cost" (plain "args" uses 0). Large
             by default: a greedy decoder is usually confident in the token that
             completes an unsafe phrase, and a small weight never outvotes it.
+        critic: the latent critic of "inferenceguard-critic".
     """
 
     lagrange_multiplier: float = 1.0
     args_num_tokens: int = 10
     args_reward_weight: float = 1.0
     args_cost_weight: float = 10.0
+    critic: LatentCritic | None = None
 
     def __post_init__(self) -> None:
         if self.args_num_tokens < 1:
@@ -75,11 +78,13 @@ class Method:
         label: its name in tables and plots.
         build: makes its decoder from the shared parts and the options.
         needs_reward: whether it cannot run without a reward model.
+        needs_critic: whether it cannot run without a latent critic.
     """
 
     label: str
     build: Builder
     needs_reward: bool = False
+    needs_critic: bool = False
 
 
 def _best_of_n(scoring: Scoring) -> Builder:
@@ -114,29 +119,46 @@ METHODS: dict[str, Method] = {
     "args": Method("ARGS", _args(with_cost=False), needs_reward=True),
     "args-cost": Method("ARGS (cost)", _args(with_cost=True), needs_reward=True),
     "inferenceguard": Method("InferenceGuard", lambda parts, _: InferenceGuard(**parts)),
+    "inferenceguard-critic": Method(
+        "InferenceGuard + critic",
+        lambda parts, options: InferenceGuard(
+            **{**parts, "config": parts["config"].with_overrides(scorer="critic")},
+            critic=options.critic,
+        ),
+        needs_critic=True,
+    ),
 }
 """Every method `safeguard eval` knows, by the name it is selected with, in table order."""
 
 
-def runnable_methods(*, has_reward: bool) -> list[str]:
-    """Names of the registered methods that can run with (or without) a reward model."""
-    return [name for name, method in METHODS.items() if has_reward or not method.needs_reward]
+def runnable_methods(*, has_reward: bool, has_critic: bool = False) -> list[str]:
+    """Names of the registered methods that can run with the models at hand."""
+    return [
+        name
+        for name, method in METHODS.items()
+        if (has_reward or not method.needs_reward) and (has_critic or not method.needs_critic)
+    ]
 
 
-def get_method(name: str, *, has_reward: bool) -> Method:
+def get_method(name: str, *, has_reward: bool, has_critic: bool = False) -> Method:
     """The registered method `name`, checked to be runnable.
 
     Raises:
-        ValueError: an unknown name, or a method that needs the missing reward model.
+        ValueError: an unknown name, or a method that needs a missing reward model or critic.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     method = METHODS[name]
-    if method.needs_reward and not has_reward:
-        raise ValueError(
-            f"method {name!r} needs a reward model; give one, or leave {name!r} out "
-            f"(runnable without one: {', '.join(runnable_methods(has_reward=False))})"
-        )
+    for needed, missing, what in (
+        (method.needs_reward, not has_reward, "a reward model"),
+        (method.needs_critic, not has_critic, "a latent critic"),
+    ):
+        if needed and missing:
+            runnable = runnable_methods(has_reward=has_reward, has_critic=has_critic)
+            raise ValueError(
+                f"method {name!r} needs {what}; give one, or leave {name!r} out "
+                f"(runnable now: {', '.join(runnable)})"
+            )
     return method
 
 
@@ -155,6 +177,7 @@ def build_decoder(
     Raises:
         ValueError: see `get_method`.
     """
-    method = get_method(name, has_reward=reward is not None)
+    options = options or MethodOptions()
+    method = get_method(name, has_reward=reward is not None, has_critic=options.critic is not None)
     parts = DecoderParts(model=model, tokenizer=tokenizer, cost=cost, reward=reward, config=config)
-    return method.build(parts, options or MethodOptions())
+    return method.build(parts, options)
