@@ -42,6 +42,7 @@ from core.scorers import (
     GuardModelCost,
     Scorer,
 )
+from core.training.cli import add_train_critic_command
 
 EXIT_USAGE = 2
 """Bad command line, invalid settings, or a model path that cannot be loaded."""
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subcommands)
     add_eval_command(subcommands)
+    add_train_critic_command(subcommands)
     add_demo_command(subcommands)
     return parser
 

@@ -57,6 +57,11 @@ class CriticMismatchError(CriticError, ValueError):
     """A critic was trained on another base model (its stored fingerprint differs)."""
 
 
+class CriticTrainingError(CriticError, ValueError):
+    """A critic cannot be fitted: too few prompts for a train/validation split, or the
+    loss diverged."""
+
+
 class MissingCriticError(CriticError, ValueError):
     """Critic mode was asked for, but the guard has no critic."""
 
