@@ -64,14 +64,19 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core import GuardConfig, InferenceGuard
 from core.baselines import BestOfN, SamplingDecoder
 from core.decoder import Decoder
 from core.scorers import KeywordCost
-from core.testing import build_tiny_llama, build_tiny_tokenizer
+from core.testing import build_tiny_classifier, build_tiny_llama, build_tiny_tokenizer
 
 PROMPT = "Tell me about the dog and the garden."
 DEFAULT_KEYWORDS = ("fire", "cut", "dark", "cold", "black")
@@ -87,6 +92,8 @@ LABELS = {
 TARGET_VS_BEST_OF_N = 1.3
 TARGET_VS_SAMPLING = 4.0
 
+TINY_SHAPE: dict[str, int] = {"hidden_size": 256, "num_layers": 4, "num_heads": 4}
+"""`core.testing.tiny_llama_config` arguments of the `tiny` shape."""
 LLAMA_VOCAB_SIZE = 32000
 LLAMA_SHAPES: dict[str, dict[str, int]] = {
     "1b": {
@@ -189,27 +196,57 @@ def build_model(settings: Settings) -> tuple[PreTrainedTokenizerBase, PreTrained
     """The tokenizer and the random-weight model of `settings.shape`, EOS banned."""
     tokenizer = build_tiny_tokenizer()
     dtype = resolve_dtype(settings.dtype, settings.device)
-    if settings.shape == "tiny":
-        model = build_tiny_llama(tokenizer, hidden_size=256, num_layers=4, num_heads=4)
-        model = model.to(device=settings.device, dtype=dtype)
-    else:
-        config = LlamaConfig(
-            vocab_size=LLAMA_VOCAB_SIZE,
-            max_position_embeddings=2048,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-            **LLAMA_SHAPES[settings.shape],
-        )
-        torch.manual_seed(0)
-        # Built in place on the target device and dtype: a 7B model never exists in fp32.
-        with torch.device(settings.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+    model = build_random_llama(tokenizer, settings.shape, settings.device, dtype)
+    ban_unusable_tokens(model, tokenizer)
+    return tokenizer, model
+
+
+def build_random_llama(
+    tokenizer: PreTrainedTokenizerBase,
+    shape: str,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    num_labels: int | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A random-weight Llama of `shape` ("tiny", "1b", "7b") in eval mode on `device`.
+
+    Args:
+        num_labels: None for a causal LM; else a `LlamaForSequenceClassification` of the
+            same shape with that many labels (a stand-in reward or cost model).
+        seed: torch seed of the weights.
+    """
+    if shape == "tiny":
+        if num_labels is None:
+            model = build_tiny_llama(tokenizer, seed=seed, **TINY_SHAPE)
+        else:
+            model = build_tiny_classifier(tokenizer, num_labels=num_labels, seed=seed, **TINY_SHAPE)
+        return model.to(device=device, dtype=dtype).eval()
+    config = LlamaConfig(
+        vocab_size=LLAMA_VOCAB_SIZE,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **LLAMA_SHAPES[shape],
+    )
+    auto_class = AutoModelForCausalLM
+    if num_labels is not None:
+        config.num_labels = num_labels
+        auto_class = AutoModelForSequenceClassification
+    torch.manual_seed(seed)
+    # Built in place on the target device and dtype: a 7B model never exists in fp32.
+    with torch.device(device):
+        model = auto_class.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def ban_unusable_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Ban EOS and the ids the tokenizer lacks with `BANNED_LOGIT_BIAS` on the LM head."""
     banned = [tokenizer.eos_token_id, *range(len(tokenizer), model.config.vocab_size)]
     _add_logit_bias(model, banned)
-    return tokenizer, model
 
 
 def _add_logit_bias(model: PreTrainedModel, banned: Sequence[int]) -> None:
@@ -254,10 +291,14 @@ Runner = Callable[[int], tuple[list[int], str, int]]
 """`seed -> (response token ids, response text, resample rounds)`."""
 
 
-def _hf_runner(
-    settings: Settings, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
+def hf_sampling_runner(
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    prompt: str,
+    max_new_tokens: int,
 ) -> Runner:
-    inputs = tokenizer(PROMPT, return_tensors="pt").to(settings.device)
+    """`model.generate(do_sample=True)` at batch 1, temperature 1, no top-k or top-p."""
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
 
     def run(seed: int) -> tuple[list[int], str, int]:
@@ -266,7 +307,7 @@ def _hf_runner(
             output = model.generate(
                 **inputs,
                 do_sample=True,
-                max_new_tokens=settings.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 temperature=1.0,
                 top_k=0,
                 top_p=1.0,
@@ -278,9 +319,11 @@ def _hf_runner(
     return run
 
 
-def _decoder_runner(decoder: Decoder) -> Runner:
+def decoder_runner(decoder: Decoder, prompt: str = PROMPT) -> Runner:
+    """`decoder.generate(prompt)` with the given seed."""
+
     def run(seed: int) -> tuple[list[int], str, int]:
-        result = decoder.generate(PROMPT, seed=seed)
+        result = decoder.generate(prompt, seed=seed)
         return result.token_ids, result.text, result.stats.resample_rounds
 
     return run
@@ -295,7 +338,7 @@ def make_runner(
 ) -> Runner:
     """A function that generates one response to `PROMPT` with `method`."""
     if method == "hf-sampling":
-        return _hf_runner(settings, tokenizer, model)
+        return hf_sampling_runner(tokenizer, model, PROMPT, settings.max_new_tokens)
     config = settings.guard_config()
     if method == "sampling":
         decoder: Decoder = SamplingDecoder(model, tokenizer, cost=cost, config=config)
@@ -305,7 +348,7 @@ def make_runner(
         decoder = InferenceGuard(model, tokenizer, cost=cost, config=config)
     else:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    return _decoder_runner(decoder)
+    return decoder_runner(decoder)
 
 
 def measure(settings: Settings, method: str) -> Measurement:
