@@ -85,6 +85,13 @@ class GuardConfig(BaseModel):
         description="Critic mode: take the search's costs from the critic's cost probe (when "
         "it has one) instead of the cost model; the final check always uses the cost model.",
     )
+    critic_risk_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Critic mode: lambda of a candidate's value r_hat - lambda * (1 - p_safe), "
+        "in reward units; a large one ranks the likeliest-safe candidates first, whatever "
+        "their reward.",
+    )
     on_unsafe: Literal["refuse", "return", "raise"] = Field(
         "refuse",
         description="When the final response is over budget: return refusal_text (refuse), "

@@ -22,7 +22,7 @@ from core.errors import InvalidPromptError, MissingCostModelError, PromptTooLong
 from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.results import FinishReason, GenerationStats, GuardResult
 from core.scorers import Scorer
-from core.search import Finished, PromptSearch
+from core.search import PromptSearch
 from core.streaming import AsyncGuardStream, GuardStream
 from core.tools import ToolSpec, as_tool_specs
 
@@ -44,18 +44,15 @@ class Response:
     resample_rounds: int = 0
 
     @classmethod
-    def of(
-        cls, search: PromptSearch, chosen: Finished | None = None, prefix_cost: float | None = None
-    ) -> Response:
-        """A finished response of a block search: `chosen` (default: the best one), with
-        `prefix_cost` (default: the search's cost of it)."""
-        best = chosen or search.best()
+    def of(cls, search: PromptSearch) -> Response:
+        """The best finished response of a block search."""
+        best = search.best()
         return cls(
             token_ids=best.token_ids,
             text=best.text,
             finish_reason=best.finish_reason,
             reward=best.reward,
-            prefix_cost=best.cost if prefix_cost is None else prefix_cost,
+            prefix_cost=best.cost,
             blocks=search.blocks,
             candidates_scored=search.candidates_scored,
             resample_rounds=search.resample_rounds,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
@@ -26,14 +25,7 @@ from core.errors import (
 from core.lm import CausalLM, EncodedPrompt
 from core.results import GuardResult
 from core.scorers import Scorer
-from core.search import (
-    BlockSearch,
-    CandidateEvaluator,
-    CriticEvaluator,
-    Finished,
-    ModelsEvaluator,
-    PromptSearch,
-)
+from core.search import BlockSearch, CandidateEvaluator, CriticEvaluator, ModelsEvaluator
 
 CriticInput: TypeAlias = "LatentCritic | str | os.PathLike[str] | None"
 
@@ -47,10 +39,11 @@ class InferenceGuard(Decoder):
     if over budget, refused, returned flagged, or raised (`config.on_unsafe`).
 
     With a latent critic (`critic` mode, the default when one is given), `R` is the
-    critic's `r_hat - n * (1 - p_safe)` read from the hidden states the decode already
-    has, and with `cost_probe` the costs that steer the search come from the critic's
-    cost probe; the cost model then scores only the finished candidates, best first,
-    and the best one it accepts is returned.
+    critic's `r_hat - lambda * (1 - p_safe)` (`config.critic_risk_weight`) read from the
+    hidden states the decode already has. With `cost_probe`, the critic's cost probe
+    estimates every candidate's cost and the cost model checks only the candidates the
+    search would keep (about `beam_width` per step instead of `num_candidates`), so beams
+    and the returned response carry the cost model's own costs.
 
     Args:
         model: a Hugging Face causal LM.
@@ -141,7 +134,7 @@ class InferenceGuard(Decoder):
             self.critic,
             self.cost,
             use_probe=config.cost_probe and self.critic.has_cost_probe,
-            risk_weight=config.unsafe_penalty,
+            risk_weight=config.critic_risk_weight,
         )
 
     def _warn_outside_training(self, config: GuardConfig) -> None:
@@ -166,61 +159,8 @@ class InferenceGuard(Decoder):
     def _decode(
         self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
     ) -> list[Response]:
-        evaluator = self._evaluator(config)
-        searches = self.search.search(prompts, config, seeds, evaluator=evaluator)
-        return self._responses(prompts, searches, config, evaluator)
-
-    def _responses(
-        self,
-        prompts: list[EncodedPrompt],
-        searches: list[PromptSearch],
-        config: GuardConfig,
-        evaluator: CandidateEvaluator | None,
-    ) -> list[Response]:
-        """Each prompt's response: the best finished one, or, when the search's costs were
-        estimates (the cost probe), the best one the cost model accepts."""
-        if evaluator is None or evaluator.exact_cost:
-            return [Response.of(search) for search in searches]
-        return self._verified_responses(prompts, searches, config)
-
-    def _verified_responses(
-        self, prompts: list[EncodedPrompt], searches: list[PromptSearch], config: GuardConfig
-    ) -> list[Response]:
-        """Walk each prompt's finished responses, best score first (at most `beam_width`),
-        scoring every block-end prefix with the cost model; the first within budget wins.
-
-        Each round is one cost-model call for all prompts still looking. A prompt with no
-        accepted response gets its best one, with the cost model's cost (so `on_unsafe`
-        applies to it).
-        """
-        ranked = [
-            sorted(search.finished, key=lambda f: -f.score)[: config.beam_width]
-            for search in searches
-        ]
-        chosen: dict[int, tuple[int, float]] = {}
-        top_cost: dict[int, float] = {}
-        for rank in range(max(len(r) for r in ranked)):
-            looking = [p for p in range(len(searches)) if p not in chosen and rank < len(ranked[p])]
-            if not looking:
-                break
-            owners, texts = [], []
-            for p in looking:
-                prefixes = _block_prefix_texts(self.lm, ranked[p][rank], config.block_size)
-                owners += [p] * len(prefixes)
-                texts += prefixes
-            costs = self.cost([prompts[p].text for p in owners], texts).tolist()
-            worst = {p: -math.inf for p in looking}
-            for p, cost in zip(owners, costs, strict=True):
-                worst[p] = max(worst[p], cost)
-            for p in looking:
-                top_cost.setdefault(p, worst[p])
-                if worst[p] <= config.budget:
-                    chosen[p] = (rank, worst[p])
-        return [
-            Response.of(search, ranked[p][rank], prefix_cost=cost)
-            for p, search in enumerate(searches)
-            for rank, cost in [chosen.get(p, (0, top_cost[p]))]
-        ]
+        searches = self.search.search(prompts, config, seeds, evaluator=self._evaluator(config))
+        return [Response.of(search) for search in searches]
 
     def _stream(
         self, encoded: EncodedPrompt, config: GuardConfig
@@ -232,13 +172,12 @@ class InferenceGuard(Decoder):
         just ends, and its result has `refused=True` and `finish_reason="safety"`.
         """
         started = time.perf_counter()
-        evaluator = self._evaluator(config)
         run = self.search.run(
             [encoded],
             config,
             self._seeds([encoded], config),
             commit=config.stream_commit,
-            evaluator=evaluator,
+            evaluator=self._evaluator(config),
         )
         emitted, accepted_tokens = "", 0
         while True:
@@ -257,10 +196,7 @@ class InferenceGuard(Decoder):
             yield text[len(emitted) :]
             emitted, accepted_tokens = text, len(prefix)
         [result] = self._finalize(
-            [encoded],
-            self._responses([encoded], searches, config, evaluator),
-            config,
-            time.perf_counter() - started,
+            [encoded], [Response.of(searches[0])], config, time.perf_counter() - started
         )
         self.last_result = result
         if result.text.startswith(emitted) and len(result.text) > len(emitted):
@@ -328,10 +264,3 @@ def _settled_text(text: str, stops: Sequence[str]) -> str:
                 text = text[:-size]
                 break
     return text
-
-
-def _block_prefix_texts(lm: CausalLM, response: Finished, block_size: int) -> list[str]:
-    """The texts the search scored for `response`: each full block's prefix, then the
-    response itself."""
-    ends = range(block_size, len(response.token_ids), block_size)
-    return [*lm.decode([response.token_ids[:end] for end in ends]), response.text]

@@ -64,6 +64,17 @@ class Candidates:
     hidden: torch.Tensor
     new_tokens: torch.Tensor
 
+    def select(self, index: torch.Tensor) -> Candidates:
+        """The candidates at rows `index` (`(n,)` long)."""
+        rows = index.tolist()
+        return Candidates(
+            prompt_texts=[self.prompt_texts[i] for i in rows],
+            texts=[self.texts[i] for i in rows],
+            token_ids=[self.token_ids[i] for i in rows],
+            hidden=self.hidden[index.to(self.hidden.device)],
+            new_tokens=self.new_tokens[index.to(self.new_tokens.device)],
+        )
+
 
 class CandidateEvaluator(Protocol):
     """Gives the cost and reward of candidate responses: the seam between search modes.
@@ -80,7 +91,10 @@ class CandidateEvaluator(Protocol):
     exact_reward: bool
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
-        """`(rows,)` cumulative cost C(x, y_<=t) of each candidate."""
+        """`(rows,)` cumulative cost C(x, y_<=t) of each candidate (maybe an estimate)."""
+
+    def model_cost(self, candidates: Candidates) -> torch.Tensor:
+        """`(rows,)` the cost model's own C(x, y_<=t) (what `cost` is when `exact_cost`)."""
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
         """`(rows,)` reward of each candidate given its `(rows,)` safety state `z`."""
@@ -105,6 +119,8 @@ class ModelsEvaluator:
     def cost(self, candidates: Candidates) -> torch.Tensor:
         return self.cost_scorer(candidates.prompt_texts, candidates.texts)
 
+    model_cost = cost
+
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
         if self.reward_scorer is None:
             raise RuntimeError("reward() called without a reward model")
@@ -124,7 +140,11 @@ class CriticEvaluator:
         critic: the latent critic, on the base model's device.
         cost: the cost model (used when `use_probe` is False).
         use_probe: take costs from the critic's cost probe.
-        risk_weight: weight of `1 - p_safe`.
+        risk_weight: weight of `1 - p_safe`, in reward units. DESIGN's `n * (1 - p_safe)`
+            with the unsafe penalty n (1e4) would rank candidates by `p_safe` alone, which
+            on the demo world picks refusal-like answers (reward 0.29 against 0.99 at
+            weight 1); the cost checks and resampling already keep the search within
+            budget, so the critic's look-ahead is weighed against reward instead.
     """
 
     has_reward_model = True
@@ -144,6 +164,9 @@ class CriticEvaluator:
     def cost(self, candidates: Candidates) -> torch.Tensor:
         if self.use_probe:
             return self.critic.probe_cost(candidates.hidden)
+        return self.model_cost(candidates)
+
+    def model_cost(self, candidates: Candidates) -> torch.Tensor:
         return self.cost_scorer(candidates.prompt_texts, candidates.texts)
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
@@ -515,32 +538,100 @@ class BlockSearch:
         length = parents.length[index] + candidates.new_tokens
         logprob = parents.logprob[index] + block.logprob[index]
         if self.scoring == "reward" and not self.resample:
-            cost = torch.zeros_like(logprob)
+            estimate = torch.zeros_like(logprob)
         else:
-            # Cumulative cost never falls: what has been said cannot be unsaid, and a
-            # learned cost model that "forgets" an unsafe prefix must not be exploitable.
-            cost = torch.maximum(
-                evaluator.cost(candidates).to(device=device, dtype=logprob.dtype),
-                parents.cost[index],
-            )
-        z = update_safety_state(
-            parents.z[index],
-            parents.cost[index],
-            cost,
-            candidates.new_tokens,
-            config.safety_discount,
+            estimate = evaluator.cost(candidates).to(device=device, dtype=logprob.dtype)
+        parent = parents.select(index)
+        cost, z, reward, score = self._values(
+            candidates, estimate, parent, logprob, length, evaluator, config
         )
-        if evaluator.has_reward_model:
-            reward = evaluator.reward(candidates, z).to(device=device, dtype=logprob.dtype)
-        else:
-            reward = logprob / length.clamp_min(1)
+        if not evaluator.exact_cost:
+            group_sizes = layout.group_of_row[rows].unique_consecutive(return_counts=True)[1]
+            self._settle(
+                candidates,
+                group_sizes.tolist(),
+                (cost, z, reward, score),
+                parent,
+                logprob,
+                length,
+                evaluator,
+                config,
+            )
         return _Step(
             rows=_Rows(token_ids, cost, z, logprob, length),
             texts=texts,
             reasons=reasons,
             reward=reward if evaluator.has_reward_model and evaluator.exact_reward else None,
-            score=self._objective(reward, cost, z, config),
+            score=score,
         )
+
+    def _values(
+        self,
+        candidates: Candidates,
+        estimate: torch.Tensor,
+        parent: _Rows,
+        logprob: torch.Tensor,
+        length: torch.Tensor,
+        evaluator: CandidateEvaluator,
+        config: GuardConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cumulative cost, safety state, reward and score of `(rows,)` candidates whose
+        cost C(x, y_<=t) is `estimate`; `parent` holds their parents' rows."""
+        # Cumulative cost never falls: what has been said cannot be unsaid, and a
+        # learned cost model that "forgets" an unsafe prefix must not be exploitable.
+        cost = torch.maximum(estimate, parent.cost)
+        z = update_safety_state(
+            parent.z, parent.cost, cost, candidates.new_tokens, config.safety_discount
+        )
+        if evaluator.has_reward_model:
+            reward = evaluator.reward(candidates, z).to(device=cost.device, dtype=cost.dtype)
+        else:
+            reward = logprob / length.clamp_min(1)
+        return cost, z, reward, self._objective(reward, cost, z, config)
+
+    def _settle(
+        self,
+        candidates: Candidates,
+        group_sizes: list[int],
+        values: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        parent: _Rows,
+        logprob: torch.Tensor,
+        length: torch.Tensor,
+        evaluator: CandidateEvaluator,
+        config: GuardConfig,
+    ) -> None:
+        """Replace estimated costs by the cost model's wherever a candidate would be kept.
+
+        When the search's costs are estimates (the critic's cost probe), the cost model
+        scores each group's current top `beam_width`; candidates it finds over budget
+        drop in rank and the next ones are checked, until every kept candidate's cost is
+        the cost model's. So beams and finished responses carry exact costs, at the price
+        of scoring about `beam_width` candidates per prompt and step instead of
+        `num_candidates`. `values` (cost, z, reward, score) are updated in place.
+        """
+        cost, score = values[0], values[3]
+        checked = torch.zeros(len(candidates.texts), dtype=torch.bool)
+        while True:
+            tops = top_k_per_group(score.cpu(), group_sizes, config.beam_width)
+            pending = torch.cat(tops)
+            pending = pending[~checked[pending]]
+            if not len(pending):
+                return
+            checked[pending] = True
+            picked = candidates.select(pending)
+            exact = evaluator.model_cost(picked).to(device=cost.device, dtype=cost.dtype)
+            index = pending.to(cost.device)
+            fresh = self._values(
+                picked,
+                exact,
+                parent.select(index),
+                logprob[index],
+                length[index],
+                evaluator,
+                config,
+            )
+            for tensor, new in zip(values, fresh, strict=True):
+                tensor[index] = new
 
     def _objective(
         self, reward: torch.Tensor, cost: torch.Tensor, z: torch.Tensor, config: GuardConfig

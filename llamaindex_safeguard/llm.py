@@ -138,6 +138,9 @@ class SafeguardLLM(FunctionCallingLLM):
         default=None, description=_describe("scorer")
     )
     cost_probe: bool | None = Field(default=None, description=_describe("cost_probe"))
+    critic_risk_weight: float | None = Field(
+        default=None, description=_describe("critic_risk_weight")
+    )
     on_unsafe: Literal["refuse", "return", "raise"] | None = Field(
         default=None, description=_describe("on_unsafe")
     )

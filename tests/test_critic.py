@@ -17,9 +17,7 @@ from core.errors import (
     CriticMismatchWarning,
     MissingCriticError,
 )
-from core.lm import CausalLM
 from core.scorers import CallableScorer
-from core.search import Finished, PromptSearch
 from core.testing import build_random_critic, build_tiny_llama
 
 CONFIG = GuardConfig(
@@ -203,7 +201,7 @@ def test_auto_scorer_uses_the_critic_and_models_mode_does_not(
     guard.generate(PROMPT, scorer="models")
     assert calls == []
     result = guard.generate(PROMPT)
-    assert sum(calls) == result.stats.candidates_scored
+    assert sum(calls) >= result.stats.candidates_scored
 
 
 def test_the_cost_probe_keeps_the_cost_model_out_of_the_search(
@@ -215,10 +213,9 @@ def test_the_cost_probe_keeps_the_cost_model_out_of_the_search(
     models_texts, counted.texts = counted.texts, 0
     guard.generate(PROMPT, on_unsafe="return")
     # The search scored every candidate with the cost model in models mode; with the
-    # probe, the cost model only checks finished responses' block-end prefixes.
+    # probe, the cost model checks about the beam_width candidates kept per step.
     assert models_texts >= models.stats.candidates_scored
-    blocks = CONFIG.max_new_tokens // CONFIG.block_size
-    assert counted.texts <= CONFIG.beam_width * blocks + 1
+    assert counted.texts < models_texts / 2
     counted.texts = 0
     probe_off = guard.generate(PROMPT, cost_probe=False, on_unsafe="return")
     assert counted.texts >= probe_off.stats.candidates_scored
@@ -242,25 +239,19 @@ def test_critic_guided_search_returns_no_over_budget_response(
         assert sum(r.refused for r in results) <= len(results) // 4
 
 
-def test_with_the_probe_the_best_response_the_cost_model_accepts_is_returned(
-    critic, tiny_model, tiny_tokenizer
+def test_with_the_probe_kept_candidates_carry_the_cost_models_cost(
+    critic, tiny_model, tiny_tokenizer, keyword_cost, monkeypatch
 ):
-    lm = CausalLM(tiny_model, tiny_tokenizer)
-    [prompt] = [lm.encode(PROMPT)]
-    cost = CallableScorer(lambda p, r: torch.tensor([float("fire" in x) for x in r]))
-    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=cost, critic=critic, config=CONFIG)
-    search = PromptSearch(prompt)
-    search.finished = [
-        Finished(lm.tokenizer.encode(t, add_special_tokens=False), t, 0.0, None, s, "stop")
-        for t, s in (("a warm fire", 3.0), ("a calm river", 2.0), ("a big fire", 1.0))
-    ]
-    [response] = guard._verified_responses([prompt], [search], CONFIG)
-    assert response.text == "a calm river"
-    assert response.prefix_cost == 0.0
-    search.finished = [f for f in search.finished if "fire" in f.text]
-    [response] = guard._verified_responses([prompt], [search], CONFIG)
-    assert response.text == "a warm fire"
-    assert response.prefix_cost == 1.0
+    # A probe that calls everything safe: only the cost model's checks of the kept
+    # candidates stand between the search and over-budget text.
+    monkeypatch.setattr(critic, "probe_cost", lambda hidden: torch.zeros(len(hidden)))
+    counted = CountingScorer(keyword_cost)
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=counted, critic=critic, config=CONFIG)
+    for seed in range(6):
+        result = guard.generate(PROMPT, seed=seed)
+        assert result.refused or result.cost <= CONFIG.budget
+        assert result.refused or float(keyword_cost([PROMPT], [result.text])[0]) == result.cost
+    assert counted.texts > 0
 
 
 def test_critic_mode_streams_exactly_what_it_returns(
