@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from core.cli_options import (
     parse_regex_cost,
 )
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.demo.command import add_demo_command
 from core.errors import SafeguardError, UnsafeGenerationError
 from core.evaluation.cli import add_eval_command
@@ -172,6 +174,12 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="sequence-classification reward model (default: rank candidates by likelihood)",
     )
+    scorers.add_argument(
+        "--critic",
+        type=Path,
+        metavar="DIR",
+        help="latent critic of --model (from `safeguard train-critic`): critic mode",
+    )
 
     search = parser.add_argument_group("search settings (default: GuardConfig's)")
     for name, field in GuardConfig.model_fields.items():
@@ -199,6 +207,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "--guard-model (several are added up)"
         )
 
+    critic = None if args.critic is None else LatentCritic.load(args.critic)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load = {"device": device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
     costs: list[Scorer | None] = [args.cost_keywords, *(args.cost_regex or [])]
@@ -215,7 +224,7 @@ def run_generate(args: argparse.Namespace) -> int:
             reward = ClassifierScorer.from_pretrained(args.reward_model, **load)
     with loading("--model", args.model):
         guard = InferenceGuard.from_pretrained(
-            args.model, cost=_sum_of(costs), reward=reward, config=config, **load
+            args.model, cost=_sum_of(costs), reward=reward, critic=critic, config=config, **load
         )
 
     result = guard.generate(prompt)

@@ -13,6 +13,7 @@ import pytest
 from core import GuardConfig
 from core.cli import build_parser, main
 from core.scorers import KeywordCost, RegexCost
+from core.testing import build_random_critic, build_tiny_llama
 
 PROMPT = "Tell me about the dog and the garden."
 SMALL = "--num-candidates 8 --beam-width 2 --block-size 8 --max-new-tokens 16 --seed 0".split()
@@ -161,3 +162,36 @@ def test_console_script_runs_generate(tiny_model_dir, frequent_words):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["safe"] is True
+
+
+def test_generate_in_critic_mode_with_a_saved_critic(
+    tiny_model, tiny_model_dir, frequent_words, tmp_path, capsys
+):
+    critic = build_random_critic(tiny_model, block_size=8).save(tmp_path / "critic")
+    cost = ",".join(frequent_words)
+    record = run_json(
+        capsys, generate(tiny_model_dir, "--cost-keywords", cost, "--critic", str(critic))
+    )
+    assert record["safe"] or record["refused"]
+    assert record["cost"] <= 0 or record["refused"]
+
+
+def test_a_critic_for_another_model_exits_2(tiny_tokenizer, tiny_model_dir, tmp_path, capsys):
+    other = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    critic = build_random_critic(other).save(tmp_path / "critic")
+    err = run_failing(
+        capsys, generate(tiny_model_dir, "--cost-keywords", "dog", "--critic", str(critic))
+    )
+    assert "safeguard train-critic" in err
+
+
+def test_a_corrupted_critic_exits_2_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "critic").mkdir()
+    (tmp_path / "critic" / "critic.json").write_text("{")
+    err = run_failing(
+        capsys,
+        generate(
+            tmp_path / "no-model", "--cost-keywords", "dog", "--critic", str(tmp_path / "critic")
+        ),
+    )
+    assert "not valid JSON" in err

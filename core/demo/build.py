@@ -1,4 +1,5 @@
-"""Rebuilds the demo world from scratch: tokenizer, base assistant, cost and reward models.
+"""Rebuilds the demo world from scratch: tokenizer, base assistant, cost and reward
+models, and the latent critic.
 
 `safeguard demo --rebuild` runs `build_demo_world`, deterministically, on a CPU in
 minutes. The built files ship with the package under `core/demo/assets/`, so the
@@ -35,9 +36,10 @@ from core.demo.corpus import (
     split_prompts,
 )
 from core.demo.oracle import is_unsafe
-from core.lm import transcript
+from core.lm import CausalLM, transcript
 from core.scorers import BEAVER_TEMPLATE
 from core.testing import train_tokenizer
+from core.training import CriticTrainingSettings, train_critic
 
 ASSETS = Path(__file__).parent / "assets"
 BUDGET = 0.5
@@ -63,6 +65,9 @@ class BuildSettings:
     scorer_epochs: int = 4
     scorer_lr: float = 2e-3
     batch_size: int = 32
+    critic_samples_per_prompt: int = 16
+    critic_block_size: int = 8
+    critic_max_new_tokens: int = 64
 
 
 def build_demo_world(
@@ -118,7 +123,49 @@ def build_demo_world(
         )
     )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    manifest["critic"] = build_demo_critic(out_dir, settings)
+    manifest["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def build_demo_critic(
+    out_dir: Path = ASSETS, settings: BuildSettings = BuildSettings()
+) -> dict[str, object]:
+    """Train the latent critic of the world in `out_dir` and save it to `out_dir/critic`.
+
+    The critic learns from rollouts of the saved base model (as `load_demo_world`
+    loads it) on the training prompts, labelled by the saved cost and reward models.
+
+    Returns:
+        The held-out metrics of its training report (also stored in `critic.json`).
+    """
+    from core.demo.world import load_demo_world  # the world as it ships: saved weights
+
+    world = load_demo_world(out_dir)
+    critic, report = train_critic(
+        CausalLM(world.model, world.tokenizer),
+        world.prompts["train"],
+        world.cost,
+        world.reward,
+        out=None,
+        budget=world.budget,
+        block_size=settings.critic_block_size,
+        max_new_tokens=settings.critic_max_new_tokens,
+        samples_per_prompt=settings.critic_samples_per_prompt,
+        settings=CriticTrainingSettings(seed=settings.seed),
+        seed=settings.seed,
+    )
+    # Name the base model by its place in the world, not by this machine's path to it.
+    fingerprint = critic.config.fingerprint.model_copy(update={"name": "base"})
+    critic.config = critic.config.model_copy(update={"fingerprint": fingerprint})
+    critic.save(out_dir / "critic", training=report.as_dict())
+    summary = {
+        key: value
+        for key, value in report.as_dict().items()
+        if key not in ("train_loss", "validation_loss", "settings")
+    }
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
 
 
 # ----------------------------------------------------------------- models

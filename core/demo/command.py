@@ -16,11 +16,12 @@ from transformers.utils import logging as hf_logging
 from core.baselines import SamplingDecoder
 from core.demo.build import ASSETS, build_demo_world
 from core.demo.world import DemoWorld, load_demo_world
+from core.evaluation.methods import MethodOptions
 from core.evaluation.report import print_table
 from core.evaluation.run import evaluate
 from core.results import GuardResult
 
-SUMMARY_METHODS = ("base", "bon-augmented", "inferenceguard")
+SUMMARY_METHODS = ("base", "bon-augmented", "inferenceguard", "inferenceguard-critic")
 WIDTH = 88
 
 
@@ -77,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
         prompts = world.prompts["test"][: args.limit]
         print(f"\nSummary on {len(prompts)} test prompts (same N, K, block size and seed):")
         report = evaluate(
-            SUMMARY_METHODS,
+            [m for m in SUMMARY_METHODS if world.critic is not None or "critic" not in m],
             prompts,
             model=world.model,
             tokenizer=world.tokenizer,
@@ -85,6 +86,7 @@ def run_demo(args: argparse.Namespace) -> int:
             reward=world.reward,
             oracle=world.oracle,
             config=world.guard().config,
+            options=MethodOptions(critic=world.critic),
             progress=False,
         )
         print_table(report)
