@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from core.config import GuardConfig
-from core.errors import InvalidPromptError, MissingCostModelError, PromptTooLongError
+from core.errors import MissingCostModelError
 from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.results import FinishReason, GenerationStats, GuardResult
 from core.scorers import Scorer
@@ -171,33 +171,7 @@ class Decoder(ABC):
     ) -> list[EncodedPrompt]:
         """Validate and tokenize prompts (with `tools` offered), checking they fit the
         context window."""
-        specs = as_tool_specs(tools)
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise InvalidPromptError(
-                "generate_batch takes a list of prompts; for a single prompt call generate()"
-            )
-        if not prompts:
-            raise InvalidPromptError("no prompts given; pass at least one prompt")
-        window = self.lm.context_window
-        encoded = []
-        for index, prompt in enumerate(prompts):
-            if not isinstance(prompt, (str, list, tuple)):
-                raise InvalidPromptError(
-                    f"prompt {index} must be a string or a list of {{'role', 'content'}} "
-                    f"messages, got {type(prompt).__name__}"
-                )
-            item = self.lm.encode(prompt, specs)
-            if not item.ids:
-                raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
-            if window is not None and len(item.ids) + config.max_new_tokens > window:
-                raise PromptTooLongError(
-                    f"prompt {index} has {len(item.ids)} tokens and max_new_tokens is "
-                    f"{config.max_new_tokens}, but the model's context window is {window} "
-                    f"tokens; shorten the prompt or lower max_new_tokens to at most "
-                    f"{max(window - len(item.ids), 0)}"
-                )
-            encoded.append(item)
-        return encoded
+        return self.lm.encode_batch(prompts, config.max_new_tokens, as_tool_specs(tools))
 
     @staticmethod
     def _seeds(prompts: Sequence[EncodedPrompt], config: GuardConfig) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from core.errors import ChatTemplateError, InvalidPromptError
+from core.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
 from core.tools import (
     ToolSpec,
     inline_tool_messages,
@@ -236,6 +236,44 @@ class CausalLM:
             rendered, add_generation_prompt=True, tokenize=True, return_dict=False, **tool_kwargs
         )
         return EncodedPrompt(ids=list(ids), text=transcript(inline_tool_messages(messages, ())))
+
+    def encode_batch(
+        self, prompts: Sequence[PromptInput], max_new_tokens: int, tools: Sequence[ToolSpec] = ()
+    ) -> list[EncodedPrompt]:
+        """Validate and tokenize a list of prompts (see `encode`), checking that each fits
+        the context window with `max_new_tokens` more tokens.
+
+        Raises:
+            InvalidPromptError: not a list, no prompts, or a prompt `encode` rejects.
+            PromptTooLongError: a prompt plus `max_new_tokens` exceeds the context window.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidPromptError(
+                f"expected a list of prompts, got {type(prompts).__name__}; wrap a single "
+                "prompt in a list (or call generate() for one prompt)"
+            )
+        if not prompts:
+            raise InvalidPromptError("no prompts given; pass at least one prompt")
+        window = self.context_window
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, (str, list, tuple)):
+                raise InvalidPromptError(
+                    f"prompt {index} must be a string or a list of {{'role', 'content'}} "
+                    f"messages, got {type(prompt).__name__}"
+                )
+            item = self.encode(prompt, tools)
+            if not item.ids:
+                raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
+            if window is not None and len(item.ids) + max_new_tokens > window:
+                raise PromptTooLongError(
+                    f"prompt {index} has {len(item.ids)} tokens and max_new_tokens is "
+                    f"{max_new_tokens}, but the model's context window is {window} tokens; "
+                    f"shorten the prompt or lower max_new_tokens to at most "
+                    f"{max(window - len(item.ids), 0)}"
+                )
+            encoded.append(item)
+        return encoded
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of token id lists, special tokens skipped."""

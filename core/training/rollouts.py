@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from core.errors import InvalidPromptError, PromptTooLongError
 from core.lm import CausalLM, EncodedPrompt, PromptInput
 from core.sampling import PromptSamplers
 from core.scorers import Scorer
@@ -146,7 +145,7 @@ def collect_rollouts(
     _check_settings(
         samples_per_prompt, block_size, max_new_tokens, temperature, top_k, top_p, prompts_per_batch
     )
-    encoded = _encode(lm, prompts, max_new_tokens)
+    encoded = lm.encode_batch(prompts, max_new_tokens)
     seeds = torch.randint(
         0, 2**62, (len(encoded),), generator=torch.Generator().manual_seed(seed)
     ).tolist()
@@ -271,36 +270,3 @@ def _check_settings(
         raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
-
-
-def _encode(
-    lm: CausalLM, prompts: Sequence[PromptInput], max_new_tokens: int
-) -> list[EncodedPrompt]:
-    """Validate and tokenize every prompt before any decoding starts."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise InvalidPromptError(
-            f"prompts must be a list of prompts, got {type(prompts).__name__}; wrap a single "
-            "prompt in a list"
-        )
-    if not prompts:
-        raise InvalidPromptError("no prompts given; rollouts need at least one prompt")
-    window = lm.context_window
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, (str, list, tuple)):
-            raise InvalidPromptError(
-                f"prompt {index} must be a string or a list of {{'role', 'content'}} "
-                f"messages, got {type(prompt).__name__}"
-            )
-        item = lm.encode(prompt)
-        if not item.ids:
-            raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
-        if window is not None and len(item.ids) + max_new_tokens > window:
-            raise PromptTooLongError(
-                f"prompt {index} has {len(item.ids)} tokens and max_new_tokens is "
-                f"{max_new_tokens}, but the model's context window is {window} tokens; "
-                f"shorten the prompt or lower max_new_tokens to at most "
-                f"{max(window - len(item.ids), 0)}"
-            )
-        encoded.append(item)
-    return encoded
