@@ -432,6 +432,11 @@ class ClassifierScorer(_ModelScorer):
         batch_size: pairs per forward pass.
         max_length: maximum tokens per input; default: the model's context window.
         device: moves the model there; default: leave it where it is.
+        share_prompt_cache: for a decoder-only classifier, run each distinct rendered
+            prompt once and reuse its KV cache for every response to it (a search scores
+            many candidates of the same prompt). Inputs whose tokens do not split cleanly
+            at the response (a merge across the boundary, truncation) run whole. The
+            scores are those of the whole input up to float rounding.
     """
 
     _auto_class = AutoModelForSequenceClassification
@@ -447,6 +452,7 @@ class ClassifierScorer(_ModelScorer):
         batch_size: int = 16,
         max_length: int | None = None,
         device: str | torch.device | None = None,
+        share_prompt_cache: bool = True,
     ) -> None:
         num_labels = model.config.num_labels
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
@@ -484,6 +490,12 @@ class ClassifierScorer(_ModelScorer):
         self.batch_size = batch_size
         limits = [n for n in (max_length, _context_length(model)) if n is not None]
         self.max_length = min(limits) if limits else None
+        parameters = inspect.signature(model.forward).parameters
+        # Building a KV cache for a whole batch of inputs scored once is wasted memory.
+        self._no_cache = {"use_cache": False} if "use_cache" in parameters else {}
+        cache_keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
+        decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+        self._cache_keyword = cache_keyword if share_prompt_cache and decoder_only else None
 
     def _render(self, prompt: str, response: str) -> str:
         if self.template is not None:
@@ -501,24 +513,92 @@ class ClassifierScorer(_ModelScorer):
         texts = [self._render(p, r) for p, r in zip(prompts, responses, strict=True)]
         # A rendered chat template already holds its special tokens.
         uses_chat_template = self.template is None and _has_chat_template(self.tokenizer)
-        encoded = self._encode(texts, add_special_tokens=not uses_chat_template)
-        sequences = [self._truncate(ids, self.max_length) for ids in encoded]
+        special = not uses_chat_template
+        encoded = self._encode(texts, add_special_tokens=special)
+        splits = self._prompt_splits(prompts, encoded, special) if self._cache_keyword else {}
+        whole = [i for i in range(len(texts)) if i not in splits]
         scores = torch.empty(len(texts), dtype=torch.float32)
         with torch.inference_mode():
-            for indices in self._batches(sequences):
-                input_ids, attention_mask = self._pad(
-                    [sequences[i] for i in indices], self._pad_id, "right"
-                )
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                logits = logits.float()
-                if self.output == "logit":
-                    chunk = logits[:, self.label]
-                elif logits.shape[-1] == 1:
-                    chunk = torch.sigmoid(logits[:, 0])
-                else:
-                    chunk = torch.softmax(logits, dim=-1)[:, self.label]
-                scores[indices] = chunk.cpu()
+            scores[whole] = self._score_whole(
+                [self._truncate(encoded[i], self.max_length) for i in whole]
+            )
+            by_prefix: dict[tuple[int, ...], list[int]] = {}
+            for row, (prefix, _) in splits.items():
+                by_prefix.setdefault(prefix, []).append(row)
+            for prefix, rows in by_prefix.items():
+                suffixes = [splits[row][1] for row in rows]
+                for chunk in self._batches(suffixes):
+                    scores[[rows[i] for i in chunk]] = self._score_suffixes(
+                        prefix, [suffixes[i] for i in chunk]
+                    )
         return scores
+
+    def _prompt_splits(
+        self, prompts: list[str], encoded: list[list[int]], special: bool
+    ) -> dict[int, tuple[tuple[int, ...], list[int]]]:
+        """Rows whose token ids are the rendered prompt's ids then a non-empty suffix:
+        `{row: (prompt ids, suffix ids)}`."""
+        marker = "\x00response\x00"
+        prefixes: dict[str, tuple[int, ...] | None] = {}
+        splits = {}
+        for row, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+            if prompt not in prefixes:
+                rendered = self._render(prompt, marker)
+                head = rendered.split(marker)[0] if marker in rendered else ""
+                prefix = self._encode([head], add_special_tokens=special)[0] if head else None
+                prefixes[prompt] = None if prefix is None else tuple(prefix)
+            prefix = prefixes[prompt]
+            if (
+                prefix is None
+                or (self.max_length is not None and len(ids) > self.max_length)
+                or tuple(ids[: len(prefix)]) != prefix
+                # The model pools the last token that is not padding: keep one in the suffix.
+                or all(t == self._pad_id for t in ids[len(prefix) :])
+            ):
+                continue
+            splits[row] = (prefix, ids[len(prefix) :])
+        return splits
+
+    def _score_whole(self, sequences: list[list[int]]) -> torch.Tensor:
+        """`(len(sequences),)` scores of whole inputs, in chunks of `batch_size`."""
+        scores = torch.empty(len(sequences), dtype=torch.float32)
+        for chunk in self._batches(sequences):
+            input_ids, attention_mask = self._pad(
+                [sequences[i] for i in chunk], self._pad_id, "right"
+            )
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._no_cache)
+            scores[chunk] = self._label_scores(out.logits)
+        return scores
+
+    def _score_suffixes(self, prefix: tuple[int, ...], suffixes: list[list[int]]) -> torch.Tensor:
+        """`(len(suffixes),)` scores of `prefix + suffix` inputs, running `prefix` once."""
+        device = self.model.device
+        prefix_ids = torch.tensor([prefix], dtype=torch.long, device=device)
+        out = self.model(input_ids=prefix_ids, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return self._score_whole([[*prefix, *suffix] for suffix in suffixes])
+        cache.batch_repeat_interleave(len(suffixes))
+        input_ids, suffix_mask = self._pad(suffixes, self._pad_id, "right")
+        prefix_mask = torch.ones((len(suffixes), len(prefix)), dtype=torch.long, device=device)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=torch.cat([prefix_mask, suffix_mask], dim=-1),
+            **{self._cache_keyword: cache},
+            use_cache=True,
+        )
+        return self._label_scores(out.logits)
+
+    def _label_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """`(batch,)` float scores on the CPU from `(batch, num_labels)` logits."""
+        logits = logits.float()
+        if self.output == "logit":
+            chunk = logits[:, self.label]
+        elif logits.shape[-1] == 1:
+            chunk = torch.sigmoid(logits[:, 0])
+        else:
+            chunk = torch.softmax(logits, dim=-1)[:, self.label]
+        return chunk.cpu()
 
 
 class GuardModelCost(_ModelScorer):

@@ -278,6 +278,39 @@ def test_classifier_batch_equals_one_by_one(tokenizer, classifier, batch_size):
     )
 
 
+@pytest.mark.parametrize("template", [None, BEAVER_TEMPLATE, "{prompt}\n\n{response}"])
+def test_sharing_the_prompt_cache_gives_the_scores_of_whole_inputs(tokenizer, classifier, template):
+    prompts = ["Tell me about the dog.", "How do I cook rice?"] * 4 + ["x", "y"]
+    responses = [
+        "", "The", "The dog is happy and the garden is green", "Boil water, add rice.",
+        "a" * 60, " leading space", "end.", "cat", "q", "dog " * 300,
+    ]  # fmt: skip
+    shared = ClassifierScorer(classifier, tokenizer, template=template, max_length=128)
+    whole = ClassifierScorer(
+        classifier, tokenizer, template=template, max_length=128, share_prompt_cache=False
+    )
+    tokens = {}
+    forward = classifier.forward
+    for name, scorer in (("shared", shared), ("whole", whole)):
+        shapes = []
+
+        def counted(*args, shapes=shapes, **kwargs):
+            shapes.append(kwargs["input_ids"].shape)
+            return forward(*args, **kwargs)
+
+        classifier.forward = counted
+        try:
+            scores = scorer(prompts, responses)
+        finally:
+            del classifier.forward
+        tokens[name] = sum(rows * width for rows, width in shapes)
+        if name == "shared":
+            shared_scores = scores
+    torch.testing.assert_close(shared_scores, whole(prompts, responses), rtol=0, atol=1e-4)
+    # The prompts' tokens ran once per distinct prompt, not once per response.
+    assert tokens["shared"] < 0.8 * tokens["whole"]
+
+
 def test_classifier_loads_through_from_pretrained(saved_dir, tokenizer, classifier):
     loaded = ClassifierScorer.from_pretrained(saved_dir / "classifier", label=1)
     assert not loaded.model.training
