@@ -39,6 +39,8 @@ class Response:
     reward: float | None = None
     prefix_cost: float = 0.0
     """Highest cost the search's cost model gave a block-end prefix of the response."""
+    cost_checked: bool = False
+    """Whether `prefix_cost` already covers the response's own text (no need to score it)."""
     blocks: int = 0
     candidates_scored: int = 0
     resample_rounds: int = 0
@@ -53,6 +55,7 @@ class Response:
             finish_reason=best.finish_reason,
             reward=best.reward,
             prefix_cost=best.cost,
+            cost_checked=best.cost_checked,
             blocks=search.blocks,
             candidates_scored=search.candidates_scored,
             resample_rounds=search.resample_rounds,
@@ -198,17 +201,18 @@ class Decoder(ABC):
         config: GuardConfig,
         seconds: float,
     ) -> list[GuardResult]:
-        """Score the responses with the real cost model (and the reward model where the
-        search did not) and build the results. Baselines report; InferenceGuard enforces."""
+        """Score the responses with the real cost model (unless the search already scored
+        the very text) and the reward model (where the search did not), and build the
+        results. Baselines report; InferenceGuard enforces."""
         prompt_texts = [p.text for p in prompts]
         texts = [r.text for r in responses]
         # The cost of what was said: the full text's, or a prefix's if that was higher.
-        costs = [
-            max(cost, response.prefix_cost)
-            for cost, response in zip(
-                self.cost(prompt_texts, texts).tolist(), responses, strict=True
-            )
-        ]
+        unchecked = [i for i, r in enumerate(responses) if not r.cost_checked]
+        costs = [r.prefix_cost for r in responses]
+        if unchecked:
+            scored = self.cost([prompt_texts[i] for i in unchecked], [texts[i] for i in unchecked])
+            for i, cost in zip(unchecked, scored.tolist(), strict=True):
+                costs[i] = max(cost, costs[i])
         rewards: list[float | None] = [r.reward for r in responses]
         missing = [i for i, r in enumerate(rewards) if r is None]
         if self.reward is not None and missing:

@@ -182,6 +182,8 @@ class Finished:
         cost: the search's cumulative cost (the cost probe's estimate in critic mode).
         reward: the reward model's value, or None when the search ranked by
             log-likelihood or by the critic's estimates.
+        cost_checked: whether `cost` is the cost model's own value of `text` and its
+            block-end prefixes (so the final check need not score the text again).
     """
 
     token_ids: list[int]
@@ -190,6 +192,7 @@ class Finished:
     reward: float | None
     score: float
     finish_reason: Literal["stop", "length"]
+    cost_checked: bool = False
 
 
 @dataclass
@@ -320,6 +323,15 @@ class BlockSearch:
         self.scoring = scoring
         self.lagrange_multiplier = lagrange_multiplier
         self.resample = resample
+
+    @property
+    def scores_cost(self) -> bool:
+        """Whether the search scores costs; only reward-only beam search does not.
+
+        Kept candidates always carry the cost model's value: estimated costs (the cost
+        probe) are replaced by the cost model's before a candidate is kept.
+        """
+        return self.scoring != "reward" or self.resample
 
     def run(
         self,
@@ -537,7 +549,7 @@ class BlockSearch:
         )
         length = parents.length[index] + candidates.new_tokens
         logprob = parents.logprob[index] + block.logprob[index]
-        if self.scoring == "reward" and not self.resample:
+        if not self.scores_cost:
             estimate = torch.zeros_like(logprob)
         else:
             estimate = evaluator.cost(candidates).to(device=device, dtype=logprob.dtype)
@@ -690,6 +702,7 @@ class BlockSearch:
                         reward=None if step.reward is None else float(step.reward[row]),
                         score=float(score[row]),
                         finish_reason=reason,
+                        cost_checked=self.scores_cost,
                     )
                 )
             if commit == "block" and float(step.rows.z[top[0]]) >= 0:

@@ -71,15 +71,16 @@ def test_time_shares_sum_to_one(report: dict) -> None:
 def test_scorers_run_where_each_mode_says(report: dict) -> None:
     calls = {name: row["profile"]["scorer_calls"] for name, row in report["methods"].items()}
     blocks = NEW_TOKENS // 4
-    # Models mode scores every block with both models, and the final response's cost once.
-    assert calls["guard-models"] == {"cost model": blocks + 1, "reward model": blocks}
+    # Models mode scores every block with both models; the final check reuses the cost
+    # the search gave the very text.
+    assert calls["guard-models"] == {"cost model": blocks, "reward model": blocks}
     # Critic mode with the probe: the probe and critic score every block's candidates;
     # the cost model checks the kept ones (one call per round of checks, at most
-    # num_candidates / beam_width = 2 rounds a block) and the final response; the
-    # reward model scores only the final response.
+    # num_candidates / beam_width = 2 rounds a block); the reward model scores only the
+    # final response.
     assert calls["guard-critic"]["cost probe"] == blocks
     assert blocks <= calls["guard-critic"]["critic"] <= 3 * blocks
-    assert blocks + 1 <= calls["guard-critic"]["cost model"] <= 2 * blocks + 1
+    assert blocks <= calls["guard-critic"]["cost model"] <= 2 * blocks
     assert calls["guard-critic"]["reward model"] == 1
     assert calls["guard-critic-cost"]["cost model"] >= blocks
     assert "cost probe" not in calls["guard-critic-cost"]
