@@ -60,10 +60,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import transformers
+from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -113,13 +114,18 @@ LLAMA_SHAPES: dict[str, dict[str, int]] = {
 }
 BANNED_LOGIT_BIAS = -1e4
 """Added to the logits of EOS and of ids the tokenizer lacks: exp(-1e4) is exactly 0."""
+WARMUP_SEED = 1_000_000
+"""Seed of the first untimed warm-up response (the timed ones are seeded 0, 1, ...)."""
 
 MIB = 2**20
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What every method is measured with."""
+class BenchSettings:
+    """What a benchmark measures every method with: the model, the timing and the search.
+
+    Each field is the command-line option of the same name (see `run_benchmark`).
+    """
 
     device: str
     dtype: str
@@ -131,10 +137,13 @@ class Settings:
     block_size: int
     max_new_tokens: int
     budget: float
-    keywords: tuple[str, ...]
     threads: int
 
-    def guard_config(self) -> GuardConfig:
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def guard_config(self, **overrides: Any) -> GuardConfig:
         """The `GuardConfig` shared by the core decoders (each applies its own shape)."""
         return GuardConfig(
             budget=self.budget,
@@ -146,7 +155,15 @@ class Settings:
             top_k=0,
             top_p=1.0,
             on_unsafe="return",
+            **overrides,
         )
+
+
+@dataclass(frozen=True)
+class Settings(BenchSettings):
+    """What every method of this benchmark is measured with."""
+
+    keywords: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -192,11 +209,13 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtype
 
 
-def build_model(settings: Settings) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The tokenizer and the random-weight model of `settings.shape`, EOS banned."""
+def build_model(
+    shape: str, device: str, dtype: str
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The locally trained tokenizer and the random-weight model of `shape` on `device`
+    (`dtype`: "auto" or a dtype's name), EOS and the ids the tokenizer lacks banned."""
     tokenizer = build_tiny_tokenizer()
-    dtype = resolve_dtype(settings.dtype, settings.device)
-    model = build_random_llama(tokenizer, settings.shape, settings.device, dtype)
+    model = build_random_llama(tokenizer, shape, device, resolve_dtype(dtype, device))
     ban_unusable_tokens(model, tokenizer)
     return tokenizer, model
 
@@ -286,6 +305,28 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def reset_peak_memory(device: str) -> tuple[int, bool]:
+    """Collect garbage and reset the memory high-water mark of `device` (CUDA) or of this
+    process (CPU, RSS).
+
+    Returns:
+        The bytes in use now, and whether the high-water mark was reset (on CPU, Linux
+        may refuse; the peak may then be an earlier one).
+    """
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        in_use = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return in_use, True
+    return _current_rss(), _reset_peak_rss()
+
+
+def peak_memory(device: str) -> int:
+    """Peak bytes since `reset_peak_memory`: CUDA memory allocated on `device`, else RSS."""
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else _peak_rss()
+
+
 # ------------------------------------------------------------------------ methods
 Runner = Callable[[int], tuple[list[int], str, int]]
 """`seed -> (response token ids, response text, resample rounds)`."""
@@ -317,6 +358,48 @@ def hf_sampling_runner(
         return ids, tokenizer.decode(ids, skip_special_tokens=True), 0
 
     return run
+
+
+@dataclass(frozen=True)
+class Response:
+    """One timed response of a `Runner`."""
+
+    seconds: float
+    token_ids: list[int]
+    text: str
+    resample_rounds: int
+
+
+def synchronize(device: str) -> None:
+    """Wait for the work queued on a CUDA `device`, so that a timer includes it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(
+    runners: dict[str, Runner], *, repeats: int, warmup: int, device: str
+) -> dict[str, list[Response]]:
+    """`repeats` timed responses of every runner (seeds 0, 1, ...), taken in turn: response
+    i of every method before response i+1 of any, after `warmup` untimed responses each.
+    """
+    for run in runners.values():
+        for seed in range(warmup):
+            run(WARMUP_SEED + seed)
+    responses: dict[str, list[Response]] = {method: [] for method in runners}
+    progress = tqdm(
+        total=repeats * len(runners), desc="timing", unit="response", leave=False, disable=None
+    )
+    with progress:
+        for seed in range(repeats):
+            for method, run in runners.items():
+                synchronize(device)
+                started = time.perf_counter()
+                ids, text, resample_rounds = run(seed)
+                synchronize(device)
+                seconds = time.perf_counter() - started
+                responses[method].append(Response(seconds, ids, text, resample_rounds))
+                progress.update()
+    return responses
 
 
 def decoder_runner(decoder: Decoder, prompt: str = PROMPT) -> Runner:
@@ -353,69 +436,38 @@ def make_runner(
 
 def measure(settings: Settings, method: str) -> Measurement:
     """Build the model and time `method` on it; meant to run in a fresh process."""
-    cuda = settings.device.startswith("cuda")
     torch.set_num_threads(settings.threads)
-    tokenizer, model = build_model(settings)
+    tokenizer, model = build_model(settings.shape, settings.device, settings.dtype)
     cost = KeywordCost(settings.keywords)
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        memory_after_load = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        peak_reset = True
-    else:
-        memory_after_load = _current_rss()
-        peak_reset = _reset_peak_rss()
-    run = make_runner(method, settings, tokenizer, model, cost)
-    for seed in range(settings.warmup):
-        run(1_000_000 + seed)
-    seconds, tokens, texts, rounds = [], [], [], []
-    for seed in range(settings.repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        ids, text, resample_rounds = run(seed)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-        tokens.append(len(ids))
-        texts.append(text)
-        rounds.append(resample_rounds)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    memory_after_load, peak_reset = reset_peak_memory(settings.device)
+    runners = {method: make_runner(method, settings, tokenizer, model, cost)}
+    responses = time_round_robin(
+        runners, repeats=settings.repeats, warmup=settings.warmup, device=settings.device
+    )[method]
+    texts = [response.text for response in responses]
     return Measurement(
         method=method,
-        seconds=seconds,
-        tokens=tokens,
+        seconds=[response.seconds for response in responses],
+        tokens=[len(response.token_ids) for response in responses],
         costs=cost([PROMPT] * len(texts), texts).tolist(),
-        resample_rounds=rounds,
+        resample_rounds=[response.resample_rounds for response in responses],
         memory_after_load=memory_after_load,
-        peak_memory=peak,
+        peak_memory=peak_memory(settings.device),
         peak_includes_load=not peak_reset,
         parameters=sum(p.numel() for p in model.parameters()),
     )
 
 
-def time_round_robin(settings: Settings) -> dict[str, list[float]]:
+def time_every_method(settings: Settings) -> dict[str, list[float]]:
     """Seconds per response of every method, timed in turn on one model in one process."""
-    cuda = settings.device.startswith("cuda")
     torch.set_num_threads(settings.threads)
-    tokenizer, model = build_model(settings)
+    tokenizer, model = build_model(settings.shape, settings.device, settings.dtype)
     cost = KeywordCost(settings.keywords)
     runners = {m: make_runner(m, settings, tokenizer, model, cost) for m in METHODS}
-    for run in runners.values():
-        for seed in range(settings.warmup):
-            run(1_000_000 + seed)
-    seconds: dict[str, list[float]] = {method: [] for method in METHODS}
-    for seed in range(settings.repeats):
-        for method, run in runners.items():
-            if cuda:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            run(seed)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds[method].append(time.perf_counter() - started)
-    return seconds
+    responses = time_round_robin(
+        runners, repeats=settings.repeats, warmup=settings.warmup, device=settings.device
+    )
+    return {method: [response.seconds for response in rows] for method, rows in responses.items()}
 
 
 def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
@@ -440,16 +492,11 @@ def build_report(
     return {
         "settings": asdict(settings),
         "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_at_start": load_average,
-            "gpu": torch.cuda.get_device_name() if settings.device.startswith("cuda") else None,
+            **environment(load_average),
+            "gpu": torch.cuda.get_device_name() if settings.cuda else None,
         },
         "prompt": PROMPT,
-        "memory_kind": "cuda_max_memory_allocated" if settings.device.startswith("cuda") else "rss",
+        "memory_kind": "cuda_max_memory_allocated" if settings.cuda else "rss",
         "methods": {
             name: {
                 **asdict(m),
@@ -475,6 +522,56 @@ def build_report(
             },
         },
     }
+
+
+def environment(load_average: float | None) -> dict[str, Any]:
+    """The versions, the platform, the CPU count and `load_average` (at start), as JSON."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_average,
+    }
+
+
+def versions_line(environment: dict[str, Any]) -> str:
+    """The torch, transformers and python versions of an `environment`, for a header."""
+    return (
+        f"torch {environment['torch']}, transformers {environment['transformers']}, "
+        f"python {environment['python']}"
+    )
+
+
+def aligned_table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2
+) -> list[str]:
+    """Rows as aligned text under `columns` and a rule: the first `left` columns flush
+    left, the others right."""
+    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(columns), "  ".join("-" * w for w in widths), *map(line, rows)]
+
+
+def busy_machine_warning(environment: dict[str, Any], threads: int, advice: str) -> str | None:
+    """A warning when the 1-minute load average at start plus `threads` exceeds the CPUs
+    by more than one, so that CPU timings are noisy; `advice` is added for a
+    multi-threaded run. None when the machine was idle enough."""
+    load, cpus = environment["load_average_at_start"], environment["cpu_count"]
+    if load is None or not cpus or load + threads <= cpus + 1:
+        return None
+    return (
+        f"warning: 1-minute load average {load:.1f} on {cpus} CPUs at start: other "
+        "processes may compete for the cores, so CPU timings are noisy"
+        + (f" ({advice})" if threads > 1 else "")
+    )
 
 
 def _search_shapes(settings: Settings) -> dict[str, str]:
@@ -510,7 +607,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"temperature 1; cost: KeywordCost({list(settings.keywords)}), budget {settings.budget:g}",
         f"timing: median of {settings.repeats} responses after {settings.warmup} warm-up, "
         "each method in its own process",
-        f"torch {env['torch']}, transformers {env['transformers']}, python {env['python']}",
+        versions_line(env),
     ]
     columns = [
         "method",
@@ -548,16 +645,6 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{m['ratio_vs_hf_sampling']:.2f}",
             ]
         )
-    numeric = set(range(2, len(columns)))
-    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    table = [line(columns), "  ".join("-" * w for w in widths), *map(line, rows)]
     ratios, targets = report["ratios"], report["targets"]
     checks = [
         _check_line(
@@ -572,20 +659,16 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     notes = []
-    load, cpus = env["load_average_at_start"], env["cpu_count"]
-    if not on_cuda and load is not None and cpus and load + settings.threads > cpus + 1:
-        advice = (
-            " (contended multi-threaded torch can be 10-100x slower; --threads 1 avoids that)"
-            if settings.threads > 1
-            else ""
-        )
-        notes.append(
-            f"warning: 1-minute load average {load:.1f} on {cpus} CPUs at start: other "
-            f"processes may compete for the cores, so CPU timings are noisy{advice}"
-        )
+    busy = busy_machine_warning(
+        env,
+        settings.threads,
+        "contended multi-threaded torch can be 10-100x slower; --threads 1 avoids that",
+    )
+    if busy is not None and not on_cuda:
+        notes.append(busy)
     if any(m["peak_includes_load"] for m in report["methods"].values()):
         notes.append("* peak RSS could not be reset after loading: it may be the load's peak")
-    return "\n".join([*header, "", *table, "", *checks, *notes])
+    return "\n".join([*header, "", *aligned_table(columns, rows), "", *checks, *notes])
 
 
 def _check_line(name: str, ratio: float, target: dict[str, Any]) -> str:
@@ -600,14 +683,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Time InferenceGuard against plain sampling and Best-of-N on one model."
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="float32, bfloat16, float16; auto: float32 on CPU, bfloat16 on CUDA",
-    )
+    add_dtype_option(parser)
     parser.add_argument("--shape", choices=("tiny", "1b", "7b"), default="tiny")
-    parser.add_argument("--repeats", type=int, default=7, help="timed responses per method")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed responses first")
+    add_timing_options(parser, repeats=7, warmup=2)
     parser.add_argument("--num-candidates", type=int, default=16, help="N")
     parser.add_argument("--beam-width", type=int, default=4, help="K (InferenceGuard)")
     parser.add_argument("--block-size", type=int, default=8, help="tokens per block")
@@ -619,63 +697,105 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=list(DEFAULT_KEYWORDS),
         help="words KeywordCost counts (default: %(default)s)",
     )
+    add_output_options(parser)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    resolve_device_options(parser, args)
+    args.keywords = tuple(args.keywords)
+    return args
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`, resolved by `resolve_device_options`."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16, float16; auto: float32 on CPU, bfloat16 on CUDA",
+    )
+
+
+def add_timing_options(parser: argparse.ArgumentParser, *, repeats: int, warmup: int) -> None:
+    """`--repeats` and `--warmup`, with these defaults."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed responses per method")
+    parser.add_argument(
+        "--warmup", type=int, default=warmup, help="untimed responses per method first"
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """`--threads` and `--json-out`."""
     parser.add_argument(
         "--threads",
         type=int,
         default=torch.get_num_threads(),
-        help="torch CPU threads per method (default: torch's, %(default)s); on a machine "
-        "that other jobs keep busy, 1 avoids the stalls of oversubscribed OpenMP threads",
+        help="torch CPU threads (default: torch's, %(default)s); on a machine that other "
+        "jobs keep busy, 1 avoids the stalls of oversubscribed OpenMP threads",
     )
     parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+
+
+def resolve_device_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a CUDA `--device` torch cannot see; replace `--dtype` by the name of the
+    dtype it stands for on that device."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")
     args.dtype = str(resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
-    return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Measure every method, print the table, write the JSON; returns the exit status."""
-    args = parse_args(argv)
-    settings = Settings(
-        device=args.device,
-        dtype=args.dtype,
-        shape=args.shape,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        num_candidates=args.num_candidates,
-        beam_width=args.beam_width,
-        block_size=args.block_size,
-        max_new_tokens=args.max_new_tokens,
-        budget=args.budget,
-        keywords=tuple(args.keywords),
-        threads=args.threads,
-    )
+SettingsT = TypeVar("SettingsT", bound=BenchSettings)
+
+
+def run_benchmark(
+    args: argparse.Namespace,
+    settings_class: type[SettingsT],
+    measure: Callable[[SettingsT, float | None], dict[str, Any]],
+    format_report: Callable[[dict[str, Any]], str],
+) -> int:
+    """Check the search settings, then `measure(settings, load average at start)`, print
+    its report and write it to `--json-out`.
+
+    Args:
+        args: the options, one for each field of `settings_class`, and `json_out`.
+
+    Returns:
+        The exit status: 0, or 2 for invalid search settings.
+    """
+    fields = dataclasses.fields(settings_class)
+    settings = settings_class(**{field.name: getattr(args, field.name) for field in fields})
     try:  # validate N, K, block size and length before any work
         settings.guard_config()
     except ValueError as error:
         print(f"invalid search settings: {error}", file=sys.stderr)
         return 2
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    measurements = {}
-    for method in METHODS:
-        print(f"measuring {LABELS[method]} ...", file=sys.stderr, flush=True)
-        measurements[method] = in_fresh_process(measure, settings, method)
-    print("timing every method in turn ...", file=sys.stderr, flush=True)
-    timings = in_fresh_process(time_round_robin, settings)
-    measurements = {
-        method: dataclasses.replace(measurement, seconds=timings[method])
-        for method, measurement in measurements.items()
-    }
-    report = build_report(settings, measurements, load_average)
+    report = measure(settings, load_average)
     print(format_report(report))
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
+
+
+def measure_every_method(settings: Settings, load_average: float | None) -> dict[str, Any]:
+    """Memory of every method in a process of its own, then their timings in one."""
+    measurements = {}
+    for method in METHODS:
+        print(f"measuring {LABELS[method]} ...", file=sys.stderr, flush=True)
+        measurements[method] = in_fresh_process(measure, settings, method)
+    print("timing every method in turn ...", file=sys.stderr, flush=True)
+    timings = in_fresh_process(time_every_method, settings)
+    measurements = {
+        method: dataclasses.replace(measurement, seconds=timings[method])
+        for method, measurement in measurements.items()
+    }
+    return build_report(settings, measurements, load_average)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure every method, print the table, write the JSON; returns the exit status."""
+    return run_benchmark(parse_args(argv), Settings, measure_every_method, format_report)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
-import json
-import os
 import platform
 import statistics
 import sys
@@ -77,35 +74,42 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 # benchmarks/ is on sys.path when a script there runs (and the tests put it there).
 from cpu_overhead import (
     PROMPT,
+    BenchSettings,
     Runner,
-    _current_rss,
-    _peak_rss,
-    _reset_peak_rss,
-    ban_unusable_tokens,
+    add_dtype_option,
+    add_output_options,
+    add_timing_options,
+    aligned_table,
+    build_model,
     build_random_llama,
+    busy_machine_warning,
     decoder_runner,
+    environment,
     hf_sampling_runner,
-    resolve_dtype,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device_options,
+    run_benchmark,
+    synchronize,
+    time_round_robin,
+    versions_line,
 )
-from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from core import GuardConfig, InferenceGuard
+from core import InferenceGuard
 from core.baselines import BestOfN
 from core.critic import LatentCritic
 from core.decoder import Decoder
 from core.scorers import ClassifierScorer
-from core.testing import build_random_critic, build_tiny_tokenizer
+from core.testing import build_random_critic
 
 METHODS = ("sampling", "best-of-n", "guard-models", "guard-critic", "guard-critic-cost")
 LABELS = {
@@ -123,7 +127,6 @@ SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
 """Search defaults per shape: the paper's on GPU shapes, a small search for tiny on CPU."""
 SCORER_BATCH_SIZE = 32
 """Default pairs per cost/reward model forward (fewer when N is smaller)."""
-WARMUP_SEED = 1_000_000
 PROFILE_SEED = 2_000_000
 MIB = 2**20
 
@@ -176,43 +179,13 @@ TARGETS = {
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(BenchSettings):
     """What every method is measured with."""
 
-    device: str
-    shape: str
-    dtype: str
     prompt_tokens: int
-    max_new_tokens: int
-    num_candidates: int
-    beam_width: int
-    block_size: int
-    budget: float
     scorer_batch_size: int
     critic_width: int
-    repeats: int
-    warmup: int
     methods: tuple[str, ...]
-    threads: int
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.startswith("cuda")
-
-    def guard_config(self, **overrides: Any) -> GuardConfig:
-        """The `GuardConfig` of the core decoders (each applies its own search shape)."""
-        return GuardConfig(
-            budget=self.budget,
-            num_candidates=self.num_candidates,
-            beam_width=self.beam_width,
-            block_size=self.block_size,
-            max_new_tokens=self.max_new_tokens,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            on_unsafe="return",
-            **overrides,
-        )
 
 
 @dataclass
@@ -264,14 +237,11 @@ def exact_length_prompt(tokenizer: PreTrainedTokenizerBase, num_tokens: int) -> 
 
 def build_bench(settings: Settings) -> Bench:
     """The tokenizer, base model (EOS banned), cost and reward classifiers and critic."""
-    tokenizer = build_tiny_tokenizer()
-    dtype = resolve_dtype(settings.dtype, settings.device)
-    model = build_random_llama(tokenizer, settings.shape, settings.device, dtype)
-    ban_unusable_tokens(model, tokenizer)
+    tokenizer, model = build_model(settings.shape, settings.device, settings.dtype)
     scorers = [
         ClassifierScorer(
             build_random_llama(
-                tokenizer, settings.shape, settings.device, dtype, num_labels=1, seed=seed
+                tokenizer, settings.shape, settings.device, model.dtype, num_labels=1, seed=seed
             ),
             tokenizer,
             batch_size=settings.scorer_batch_size,
@@ -321,41 +291,6 @@ def make_runner(method: str, bench: Bench, settings: Settings) -> Runner:
     else:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     return decoder_runner(decoder, bench.prompt)
-
-
-# -------------------------------------------------------------------------- timing
-def _synchronize(settings: Settings) -> None:
-    if settings.cuda:
-        torch.cuda.synchronize(settings.device)
-
-
-def time_round_robin(
-    runners: dict[str, Runner], settings: Settings
-) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Seconds and tokens of each timed response of every method, taken in turn."""
-    for run in runners.values():
-        for seed in range(settings.warmup):
-            run(WARMUP_SEED + seed)
-    seconds: dict[str, list[float]] = {method: [] for method in runners}
-    tokens: dict[str, list[int]] = {method: [] for method in runners}
-    progress = tqdm(
-        total=settings.repeats * len(runners),
-        desc="timing",
-        unit="response",
-        leave=False,
-        disable=None,
-    )
-    with progress:
-        for seed in range(settings.repeats):
-            for method, run in runners.items():
-                _synchronize(settings)
-                started = time.perf_counter()
-                ids, _text, _rounds = run(seed)
-                _synchronize(settings)
-                seconds[method].append(time.perf_counter() - started)
-                tokens[method].append(len(ids))
-                progress.update()
-    return seconds, tokens
 
 
 # ------------------------------------------------------------------------- profile
@@ -412,12 +347,12 @@ def _timers(bench: Bench, settings: Settings, profile: Profile) -> Iterator[None
     def timed(function: Callable[..., Any], bucket: str, name: str) -> Callable[..., Any]:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            _synchronize(settings)
+            synchronize(settings.device)
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                _synchronize(settings)
+                synchronize(settings.device)
                 setattr(profile, bucket, getattr(profile, bucket) + time.perf_counter() - started)
                 if bucket == "decoding":
                     profile.forwards += 1
@@ -448,23 +383,15 @@ def _timers(bench: Bench, settings: Settings, profile: Profile) -> Iterator[None
 def profile_response(run: Runner, bench: Bench, settings: Settings) -> Profile:
     """One untimed response of `run` with timers, forward counts and its memory peak."""
     profile = Profile()
-    gc.collect()
-    if settings.cuda:
-        torch.cuda.synchronize(settings.device)
-        profile.memory_at_start = torch.cuda.memory_allocated(settings.device)
-        torch.cuda.reset_peak_memory_stats(settings.device)
-    else:
-        profile.memory_at_start = _current_rss()
-        profile.peak_may_include_earlier = not _reset_peak_rss()
+    profile.memory_at_start, peak_reset = reset_peak_memory(settings.device)
+    profile.peak_may_include_earlier = not peak_reset
     with _timers(bench, settings, profile):
-        _synchronize(settings)
+        synchronize(settings.device)
         started = time.perf_counter()
         run(PROFILE_SEED)
-        _synchronize(settings)
+        synchronize(settings.device)
         profile.seconds = time.perf_counter() - started
-    profile.peak_memory = (
-        torch.cuda.max_memory_allocated(settings.device) if settings.cuda else _peak_rss()
-    )
+    profile.peak_memory = peak_memory(settings.device)
     return profile
 
 
@@ -562,14 +489,9 @@ def build_report(
     return {
         "settings": asdict(settings),
         "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "platform": platform.platform(),
+            **environment(load_average),
             "device_name": _device_name(settings),
-            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": load_average,
         },
         "prompt": {"text": bench.prompt, "tokens": settings.prompt_tokens},
         "parameters": parameters,
@@ -577,19 +499,6 @@ def build_report(
         "methods": methods,
         "targets": targets,
     }
-
-
-def _aligned(columns: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> list[str]:
-    """Rows as aligned text: the first `left` columns flush left, the others right."""
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if i < left else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return [line(columns), "  ".join("-" * w for w in widths), *map(line, rows)]
 
 
 def _check_line(target: dict[str, Any]) -> str:
@@ -621,7 +530,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"timing: median of {settings['repeats']} responses per method after "
         f"{settings['warmup']} warm-up, round-robin in one process"
         + (", CUDA synchronised" if on_cuda else ""),
-        f"torch {env['torch']}, transformers {env['transformers']}, python {env['python']}",
+        versions_line(env),
     ]
     memory = "GPU peak MiB" if on_cuda else "peak RSS MiB"
     columns = [
@@ -666,20 +575,16 @@ def format_report(report: dict[str, Any]) -> str:
     }
     if short:
         notes.append(f"note: responses of other lengths than {settings['max_new_tokens']}: {short}")
-    load, cpus = env["load_average_at_start"], env["cpu_count"]
-    if not on_cuda and load is not None and cpus and load + settings["threads"] > cpus + 1:
-        advice = " (--threads 1 helps)" if settings["threads"] > 1 else ""
-        notes.append(
-            f"warning: 1-minute load average {load:.1f} on {cpus} CPUs at start: other "
-            f"processes compete for the cores, so timings are noisy{advice}"
-        )
+    busy = busy_machine_warning(env, settings["threads"], "--threads 1 helps")
+    if busy is not None and not on_cuda:
+        notes.append(busy)
     if any(m["memory"]["peak_may_include_earlier"] for m in report["methods"].values()):
         notes.append("* the RSS high-water mark could not be reset: the peak may be earlier")
     legend = (
         "forwards: base-model forwards per response (prefill included); steps/s: forwards "
         "per second of the median response; decode/scoring/host: shares of a profiled response"
     )
-    return "\n".join([*header, "", *_aligned(columns, rows), "", *checks, *notes, legend])
+    return "\n".join([*header, "", *aligned_table(columns, rows), "", *checks, *notes, legend])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -697,11 +602,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=tuple(SHAPE_DEFAULTS),
         help="model shape (default: tiny on CPU, 7b on CUDA)",
     )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="float32, bfloat16, float16; auto: float32 on CPU, bfloat16 on CUDA",
-    )
+    add_dtype_option(parser)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens")
     parser.add_argument(
         "--max-new-tokens", type=int, help="response length (default: 128; 64 for tiny)"
@@ -721,8 +622,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="pairs per cost/reward model forward (default: min(N, 32))",
     )
     parser.add_argument("--critic-width", type=int, default=256, help="critic hidden width")
-    parser.add_argument("--repeats", type=int, default=5, help="timed responses per method")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed responses per method first")
+    add_timing_options(parser, repeats=5, warmup=1)
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -730,18 +630,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=list(METHODS),
         help="rows to measure (default: all)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch CPU threads (default: torch's, %(default)s); 1 on a busy machine",
-    )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but torch sees no CUDA device")
+    resolve_device_options(parser, args)
     if args.shape is None:
         args.shape = "7b" if args.device.startswith("cuda") else "tiny"
     for name, value in SHAPE_DEFAULTS[args.shape].items():
@@ -751,57 +644,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.scorer_batch_size = min(args.num_candidates, SCORER_BATCH_SIZE)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.prompt_tokens < 1:
         parser.error("--repeats, --threads and --prompt-tokens must be >= 1, --warmup >= 0")
-    args.dtype = str(resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
     args.methods = tuple(m for m in METHODS if m in args.methods)  # table order, no repeats
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Measure every requested method, print the table, write the JSON; the exit status."""
-    args = parse_args(argv)
-    settings = Settings(
-        device=args.device,
-        shape=args.shape,
-        dtype=args.dtype,
-        prompt_tokens=args.prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
-        num_candidates=args.num_candidates,
-        beam_width=args.beam_width,
-        block_size=args.block_size,
-        budget=args.budget,
-        scorer_batch_size=args.scorer_batch_size,
-        critic_width=args.critic_width,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        methods=args.methods,
-        threads=args.threads,
-    )
-    try:  # validate N, K, block size and length before any work
-        settings.guard_config()
-    except ValueError as error:
-        print(f"invalid search settings: {error}", file=sys.stderr)
-        return 2
-    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def measure_every_method(settings: Settings, load_average: float | None) -> dict[str, Any]:
+    """Build the models, time every requested method in turn and profile one response
+    of each."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
         print(f"building {settings.shape} models on {settings.device} ...", file=sys.stderr)
         bench = build_bench(settings)
         runners = {method: make_runner(method, bench, settings) for method in settings.methods}
-        seconds, tokens = time_round_robin(runners, settings)
+        responses = time_round_robin(
+            runners, repeats=settings.repeats, warmup=settings.warmup, device=settings.device
+        )
         print("profiling one response per method ...", file=sys.stderr)
         profiles = {
             method: profile_response(run, bench, settings) for method, run in runners.items()
         }
     finally:
         torch.set_num_threads(previous_threads)
-    report = build_report(settings, bench, seconds, tokens, profiles, load_average)
-    print(format_report(report))
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json_out}", file=sys.stderr)
-    return 0
+    seconds = {method: [r.seconds for r in rows] for method, rows in responses.items()}
+    tokens = {method: [len(r.token_ids) for r in rows] for method, rows in responses.items()}
+    return build_report(settings, bench, seconds, tokens, profiles, load_average)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure every requested method, print the table, write the JSON; the exit status."""
+    return run_benchmark(parse_args(argv), Settings, measure_every_method, format_report)
 
 
 if __name__ == "__main__":

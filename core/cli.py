@@ -25,10 +25,12 @@ import torch
 from core.cli_options import (
     CommandLineError,
     add_config_option,
+    add_cost_keywords_option,
+    add_loading_options,
+    from_pretrained_options,
     guard_config,
+    load_reward,
     loading,
-    parse_device,
-    parse_keyword_cost,
     parse_regex_cost,
 )
 from core.config import GuardConfig
@@ -50,8 +52,6 @@ EXIT_USAGE = 2
 """Bad command line, invalid settings, or a model path that cannot be loaded."""
 EXIT_UNSAFE = 3
 """The response stayed over budget and `--on-unsafe raise` was given."""
-
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 # ----------------------------------------------------------------------- entry point
@@ -109,23 +109,11 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--model", required=True, metavar="NAME_OR_PATH", help="causal LM: hub name or local path"
     )
-    model.add_argument(
-        "--device",
-        type=parse_device,
-        default=None,
-        help="device of every model (default: cuda when available, else cpu)",
-    )
-    model.add_argument(
-        "--dtype",
-        choices=_DTYPES,
-        default=None,
-        help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for the "
-        "base model; the checkpoint's own for cost and reward models)",
-    )
-    model.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run code shipped with the checkpoints; only for authors you trust",
+    add_loading_options(
+        model,
+        device_help="device of every model (default: cuda when available, else cpu)",
+        dtype_help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for "
+        "the base model; the checkpoint's own for cost and reward models)",
     )
 
     prompt = parser.add_argument_group("prompt")
@@ -140,12 +128,7 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
     )
 
     scorers = parser.add_argument_group("cost and reward (at least one cost)")
-    scorers.add_argument(
-        "--cost-keywords",
-        type=parse_keyword_cost,
-        metavar="WORD[,WORD...]",
-        help="cost 1 per occurrence of these words (case-insensitive, whole words)",
-    )
+    add_cost_keywords_option(scorers)
     scorers.add_argument(
         "--cost-regex",
         type=parse_regex_cost,
@@ -208,8 +191,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
 
     critic = None if args.critic is None else LatentCritic.load(args.critic)
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    load = {"device": device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    load = from_pretrained_options(args)
     costs: list[Scorer | None] = [args.cost_keywords, *(args.cost_regex or [])]
     if args.cost_model is not None:
         template = {} if args.cost_template is None else {"template": args.cost_template}
@@ -218,10 +200,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.guard_model is not None:
         with loading("--guard-model", args.guard_model):
             costs.append(GuardModelCost.from_pretrained(args.guard_model, **load))
-    reward = None
-    if args.reward_model is not None:
-        with loading("--reward-model", args.reward_model):
-            reward = ClassifierScorer.from_pretrained(args.reward_model, **load)
+    reward = load_reward(args)
     with loading("--model", args.model):
         guard = InferenceGuard.from_pretrained(
             args.model, cost=_sum_of(costs), reward=reward, critic=critic, config=config, **load

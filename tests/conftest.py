@@ -1,4 +1,5 @@
-"""Session fixtures: a tiny local Llama, its tokenizer, and keywords it says often.
+"""Session fixtures: a tiny local Llama, its tokenizer, a tiny reward model, and
+keywords the Llama says often.
 
 Everything is built locally once per session (no hub) and saved to a temporary
 directory, so `from_pretrained` paths are exercised on real files.
@@ -16,7 +17,7 @@ import torch
 from core import GuardConfig
 from core.baselines import SamplingDecoder
 from core.scorers import CallableScorer, KeywordCost
-from core.testing import build_tiny_llama, build_tiny_tokenizer
+from core.testing import build_tiny_classifier, build_tiny_llama, build_tiny_tokenizer
 
 # Tiny models gain nothing from intra-op threads, and threads spinning on a busy
 # 2-core machine can slow a test a hundredfold.
@@ -52,6 +53,16 @@ def tiny_model_dir(tiny_model, tiny_tokenizer, tmp_path_factory) -> Path:
     """The tiny model and tokenizer saved with `save_pretrained`."""
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A one-label tiny sequence classifier (a stand-in reward model) and its tokenizer,
+    saved with `save_pretrained`."""
+    path = tmp_path_factory.mktemp("tiny-reward")
+    build_tiny_classifier(tiny_tokenizer, num_labels=1).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
 

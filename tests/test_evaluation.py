@@ -35,7 +35,7 @@ from core.evaluation.cli import add_eval_command
 from core.evaluation.methods import runnable_methods
 from core.evaluation.metrics import mean_and_sd
 from core.scorers import CallableScorer
-from core.testing import build_random_critic, build_tiny_classifier
+from core.testing import build_random_critic
 
 REFUSAL = "Sorry."
 """A refusal with none of the tiny model's words, so no keyword cost or oracle flags it."""
@@ -356,23 +356,15 @@ def prompt_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-reward")
-    build_tiny_classifier(tiny_tokenizer, num_labels=1).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_eval_command_runs_every_method_and_writes_the_report(
-    tiny_model, tiny_model_dir, reward_model_dir, prompt_file, frequent_words, tmp_path, capsys
+    tiny_model, tiny_model_dir, tiny_reward_model_dir, prompt_file, frequent_words, tmp_path, capsys
 ):
     out = tmp_path / "out"
     critic = build_random_critic(tiny_model, block_size=8).save(tmp_path / "critic")
     code = safeguard_eval(
         "--model", str(tiny_model_dir),
         "--cost-keywords", ",".join(frequent_words),
-        "--reward-model", str(reward_model_dir),
+        "--reward-model", str(tiny_reward_model_dir),
         "--critic", str(critic),
         "--prompts", str(prompt_file),
         "--limit", "3",

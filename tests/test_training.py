@@ -19,7 +19,6 @@ from core.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprin
 from core.errors import InvalidPromptError, PromptTooLongError
 from core.lm import CausalLM
 from core.scorers import CallableScorer, Scorer
-from core.testing import build_tiny_classifier
 from core.training import (
     CriticTrainingError,
     CriticTrainingSettings,
@@ -373,23 +372,15 @@ def prompt_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-reward")
-    build_tiny_classifier(tiny_tokenizer, num_labels=1).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_train_critic_command_saves_a_loadable_critic_and_prints_its_metrics(
-    tiny_model_dir, reward_model_dir, prompt_file, frequent_words, tmp_path, capsys
+    tiny_model_dir, tiny_reward_model_dir, prompt_file, frequent_words, tmp_path, capsys
 ):
     out = tmp_path / "critic"
     code = main([
         "train-critic",
         "--model", str(tiny_model_dir),
         "--cost-keywords", ",".join(frequent_words),
-        "--reward-model", str(reward_model_dir),
+        "--reward-model", str(tiny_reward_model_dir),
         "--prompts", str(prompt_file),
         "--out", str(out),
         "--budget", "1",
@@ -455,13 +446,13 @@ def test_train_critic_command_defaults_to_the_demo_world(
     ],
 )  # fmt: skip
 def test_train_critic_command_explains_bad_input_without_a_traceback(
-    flags, message, tiny_model_dir, reward_model_dir, prompt_file, tmp_path, capsys
+    flags, message, tiny_model_dir, tiny_reward_model_dir, prompt_file, tmp_path, capsys
 ):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
     paths = {
         "model": tiny_model_dir,
-        "reward": reward_model_dir,
+        "reward": tiny_reward_model_dir,
         "prompts": prompt_file,
         "empty": tmp_path / "empty.jsonl",
         "one": tmp_path / "one.jsonl",

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -24,18 +22,25 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from core.cli_options import (
     CommandLineError,
     add_config_option,
+    add_loading_options,
+    add_option_with_default,
+    add_prompts_option,
+    add_scorer_options,
+    check_single_cost,
+    file_prompts,
     guard_config,
-    loading,
-    parse_device,
-    parse_keyword_cost,
+    load_base_model,
+    load_cost,
+    load_reward,
+    positive_int,
 )
 from core.config import GuardConfig
 from core.critic import LatentCritic
 from core.evaluation.methods import METHODS, MethodOptions, get_method, runnable_methods
 from core.evaluation.report import print_table, write_csv, write_json, write_plot
 from core.evaluation.run import Oracle, evaluate
-from core.lm import CausalLM, PromptInput
-from core.scorers import ClassifierScorer, Scorer
+from core.lm import PromptInput
+from core.scorers import Scorer
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,18 +56,12 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.set_defaults(run=run_eval)
 
     prompts = parser.add_argument_group("prompts")
-    prompts.add_argument(
-        "--prompts",
-        type=Path,
-        metavar="FILE.jsonl",
-        help='one JSON object per line with a "prompt": a string or a list of '
-        '{"role", "content"} messages (default: the demo world\'s --split)',
-    )
+    add_prompts_option(prompts, default_help="the demo world's --split")
     prompts.add_argument(
         "--split", default="test", help="demo world split to evaluate (default: test)"
     )
     prompts.add_argument(
-        "--limit", type=_positive_int, metavar="N", help="evaluate only the first N prompts"
+        "--limit", type=positive_int, metavar="N", help="evaluate only the first N prompts"
     )
 
     methods = parser.add_argument_group("methods")
@@ -99,20 +98,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     models.add_argument(
         "--model", metavar="NAME_OR_PATH", help="base causal LM; needs --prompts and a cost"
     )
-    models.add_argument(
-        "--cost-model",
-        metavar="PATH",
-        help="sequence-classification cost model (higher = more unsafe)",
-    )
-    models.add_argument(
-        "--cost-keywords",
-        type=parse_keyword_cost,
-        metavar="WORD[,WORD...]",
-        help="cost 1 per occurrence of these words (case-insensitive, whole words)",
-    )
-    models.add_argument(
-        "--reward-model", metavar="PATH", help="sequence-classification reward model"
-    )
+    add_scorer_options(models, reward_help="sequence-classification reward model")
     models.add_argument(
         "--critic",
         type=Path,
@@ -120,16 +106,10 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="latent critic of the base model (from `safeguard train-critic`), for the "
         "inferenceguard-critic row (default: the demo world's)",
     )
-    models.add_argument(
-        "--device",
-        type=parse_device,
-        default=None,
-        help="device of the models loaded from paths (default: cuda when available, else cpu)",
-    )
-    models.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run code shipped with the checkpoints; only for authors you trust",
+    add_loading_options(
+        models,
+        device_help="device of the models loaded from paths "
+        "(default: cuda when available, else cpu)",
     )
 
     search = parser.add_argument_group(
@@ -140,13 +120,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         add_config_option(search, name, field)
 
     output = parser.add_argument_group("run and output")
-    output.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=8,
-        metavar="N",
-        help="prompts decoded together (default: 8)",
-    )
+    add_option_with_default(output, "--batch-size", positive_int, 8, "prompts decoded together")
     output.add_argument(
         "--out", type=Path, metavar="DIR", help="write results.json and results.csv here"
     )
@@ -164,16 +138,11 @@ def run_eval(args: argparse.Namespace) -> int:
     options = _method_options(args)
     if args.plot and args.out is None:
         raise CommandLineError("--plot writes DIR/plot.png; add --out DIR")
-    if args.cost_keywords is not None and args.cost_model is not None:
-        raise CommandLineError("give one cost: --cost-keywords or --cost-model")
-    file_prompts = None if args.prompts is None else read_prompt_file(args.prompts)
-    if args.model is not None and file_prompts is None:
-        raise CommandLineError(
-            "--model needs --prompts FILE.jsonl: the demo world's splits go with its model"
-        )
+    check_single_cost(args)
+    given_prompts = file_prompts(args, demo_prompts="splits")
 
     setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
-    prompts = (file_prompts if file_prompts is not None else setup.prompts)[: args.limit]
+    prompts = (given_prompts if given_prompts is not None else setup.prompts)[: args.limit]
     if args.budget is None and setup.budget is not None:
         config = config.with_overrides(budget=setup.budget)
     methods = _chosen_methods(
@@ -210,36 +179,6 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_prompt_file(path: Path) -> list[PromptInput]:
-    """The prompts of a JSONL file: one object with a `"prompt"` per line; blank lines skipped.
-
-    Raises:
-        CommandLineError: a line that is not such an object, or a file with no prompts.
-        OSError: the file cannot be read.
-    """
-    prompts: list[PromptInput] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CommandLineError(
-                    f'{path}:{number}: not JSON ({exc.msg}); write {{"prompt": "..."}} per line'
-                ) from exc
-            prompt = record.get("prompt") if isinstance(record, dict) else None
-            if not isinstance(prompt, (str, list)):
-                raise CommandLineError(
-                    f'{path}:{number}: needs a "prompt" that is a string or a list of '
-                    '{"role", "content"} messages'
-                )
-            prompts.append(prompt)
-    if not prompts:
-        raise CommandLineError(f"{path} holds no prompts; write one JSON object per line")
-    return prompts
-
-
 # --------------------------------------------------------------- models and prompts
 @dataclass(frozen=True)
 class _Setup:
@@ -270,7 +209,7 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
                 f"{', '.join(world.prompts)}"
             )
         prompts = list(world.prompts[args.split])
-    cost, reward = _cost(args), _reward(args)
+    cost, reward = load_cost(args), load_reward(args)
     return _Setup(
         model=world.model,
         tokenizer=world.tokenizer,
@@ -285,14 +224,9 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
 
 def _loaded_setup(args: argparse.Namespace) -> _Setup:
     """The model and scorers named on the command line (a cost is required)."""
-    cost = _cost(args)
-    if cost is None:
-        raise CommandLineError("--model needs a cost: --cost-keywords or --cost-model")
-    reward = _reward(args)
-    with loading("--model", args.model):
-        lm = CausalLM.from_pretrained(
-            args.model, device=_device(args), trust_remote_code=args.trust_remote_code
-        )
+    cost = load_cost(args, required=True)
+    reward = load_reward(args)
+    lm = load_base_model(args)
     return _Setup(
         model=lm.model,
         tokenizer=lm.tokenizer,
@@ -302,26 +236,6 @@ def _loaded_setup(args: argparse.Namespace) -> _Setup:
     )
 
 
-def _cost(args: argparse.Namespace) -> Scorer | None:
-    """The cost given on the command line, or None."""
-    if args.cost_model is None:
-        return args.cost_keywords
-    with loading("--cost-model", args.cost_model):
-        return ClassifierScorer.from_pretrained(
-            args.cost_model, device=_device(args), trust_remote_code=args.trust_remote_code
-        )
-
-
-def _reward(args: argparse.Namespace) -> Scorer | None:
-    """The reward model given on the command line, or None."""
-    if args.reward_model is None:
-        return None
-    with loading("--reward-model", args.reward_model):
-        return ClassifierScorer.from_pretrained(
-            args.reward_model, device=_device(args), trust_remote_code=args.trust_remote_code
-        )
-
-
 def _critic(args: argparse.Namespace, model: PreTrainedModel) -> LatentCritic | None:
     """The critic given on the command line, checked against the base model, or None."""
     if args.critic is None:
@@ -329,10 +243,6 @@ def _critic(args: argparse.Namespace, model: PreTrainedModel) -> LatentCritic | 
     critic = LatentCritic.load(args.critic)
     critic.check_base_model(model)
     return critic
-
-
-def _device(args: argparse.Namespace) -> torch.device:
-    return args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------- methods and types
@@ -366,13 +276,3 @@ def _method_names(text: str) -> list[str]:
             "e.g. base,bon-augmented,inferenceguard"
         )
     return names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value

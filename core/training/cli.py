@@ -10,24 +10,34 @@ and train prompts; a cost or reward given on the command line replaces the world
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from core.cli_options import CommandLineError, loading, parse_device, parse_keyword_cost
+from core.cli_options import (
+    CommandLineError,
+    add_loading_options,
+    add_option_with_default,
+    add_prompts_option,
+    add_scorer_options,
+    check_single_cost,
+    file_prompts,
+    finite_float,
+    load_base_model,
+    load_cost,
+    load_reward,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from core.config import GuardConfig
-from core.evaluation.cli import read_prompt_file
 from core.lm import CausalLM, PromptInput
-from core.scorers import ClassifierScorer, Scorer
+from core.scorers import Scorer
 from core.training.fit import CriticTrainingSettings, TrainingReport, train_critic
-
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 _SETTING_FLAGS = (
     "epochs",
@@ -55,13 +65,8 @@ def add_train_critic_command(subparsers: argparse._SubParsersAction) -> argparse
     )
     parser.set_defaults(run=run_train_critic)
 
-    prompts = parser.add_argument_group("prompts")
-    prompts.add_argument(
-        "--prompts",
-        type=Path,
-        metavar="FILE.jsonl",
-        help='one JSON object per line with a "prompt": a string or a list of '
-        '{"role", "content"} messages (default: the demo world\'s train split)',
+    add_prompts_option(
+        parser.add_argument_group("prompts"), default_help="the demo world's train split"
     )
 
     models = parser.add_argument_group("models (default: the demo world's)")
@@ -70,83 +75,54 @@ def add_train_critic_command(subparsers: argparse._SubParsersAction) -> argparse
         metavar="NAME_OR_PATH",
         help="base causal LM; needs --prompts, a cost and a reward",
     )
-    models.add_argument(
-        "--cost-model",
-        metavar="PATH",
-        help="sequence-classification cost model (higher = more unsafe)",
-    )
-    models.add_argument(
-        "--cost-keywords",
-        type=parse_keyword_cost,
-        metavar="WORD[,WORD...]",
-        help="cost 1 per occurrence of these words (case-insensitive, whole words)",
-    )
-    models.add_argument(
-        "--reward-model", metavar="PATH", help="sequence-classification reward model (required)"
-    )
-    models.add_argument(
-        "--device",
-        type=parse_device,
-        default=None,
-        help="device of the models (default: cuda when available, else cpu; the demo "
+    add_scorer_options(models, reward_help="sequence-classification reward model (required)")
+    add_loading_options(
+        models,
+        device_help="device of the models (default: cuda when available, else cpu; the demo "
         "world runs on cpu)",
-    )
-    models.add_argument(
-        "--dtype",
-        choices=_DTYPES,
-        default=None,
-        help="dtype of the models loaded from paths (default: bfloat16 on CUDA and float32 "
-        "on CPU for the base model; the checkpoint's own for cost and reward models)",
-    )
-    models.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run code shipped with the checkpoints; only for authors you trust",
+        dtype_help="dtype of the models loaded from paths (default: bfloat16 on CUDA and "
+        "float32 on CPU for the base model; the checkpoint's own for cost and reward models)",
     )
 
     rollouts = parser.add_argument_group("rollouts")
     rollouts.add_argument(
         "--budget",
-        type=_finite_float,
+        type=finite_float,
         metavar="X",
         help="the budget d the critic is trained for (default: the demo world's, else "
         f"{GuardConfig.model_fields['budget'].default})",
     )
-    rollouts.add_argument(
+    add_option_with_default(
+        rollouts,
         "--block-size",
-        type=_positive_int,
-        default=GuardConfig.model_fields["block_size"].default,
-        metavar="N",
-        help="tokens per block; use the search's (default: %(default)s)",
+        positive_int,
+        GuardConfig.model_fields["block_size"].default,
+        "tokens per block; use the search's",
     )
-    rollouts.add_argument(
+    add_option_with_default(
+        rollouts,
         "--max-new-tokens",
-        type=_positive_int,
-        default=GuardConfig.model_fields["max_new_tokens"].default,
-        metavar="N",
-        help="most tokens per response (default: %(default)s)",
+        positive_int,
+        GuardConfig.model_fields["max_new_tokens"].default,
+        "most tokens per response",
     )
-    rollouts.add_argument(
-        "--samples-per-prompt",
-        type=_positive_int,
-        default=8,
-        metavar="N",
-        help="responses sampled per prompt (default: %(default)s)",
+    add_option_with_default(
+        rollouts, "--samples-per-prompt", positive_int, 8, "responses sampled per prompt"
     )
-    rollouts.add_argument(
+    add_option_with_default(
+        rollouts,
         "--temperature",
-        type=_positive_float,
-        default=1.0,
+        positive_float,
+        1.0,
+        "sampling temperature, > 0",
         metavar="X",
-        help="sampling temperature, > 0 (default: %(default)s)",
     )
-    rollouts.add_argument(
+    add_option_with_default(
+        rollouts,
         "--seed",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="seed of the rollouts, the split, the initial weights and the shuffling "
-        "(default: %(default)s)",
+        non_negative_int,
+        0,
+        "seed of the rollouts, the split, the initial weights and the shuffling",
     )
 
     training = parser.add_argument_group("training (default: CriticTrainingSettings')")
@@ -178,19 +154,14 @@ def add_train_critic_command(subparsers: argparse._SubParsersAction) -> argparse
 def run_train_critic(args: argparse.Namespace) -> int:
     """`safeguard train-critic`: check the settings, load, collect, fit, report, save."""
     settings = _training_settings(args)
-    if args.cost_keywords is not None and args.cost_model is not None:
-        raise CommandLineError("give one cost: --cost-keywords or --cost-model")
-    file_prompts = None if args.prompts is None else read_prompt_file(args.prompts)
-    if args.model is not None and file_prompts is None:
-        raise CommandLineError(
-            "--model needs --prompts FILE.jsonl: the demo world's prompts go with its model"
-        )
+    check_single_cost(args)
+    given_prompts = file_prompts(args, demo_prompts="prompts")
 
     setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
     budget = args.budget if args.budget is not None else setup.budget
     _, report = train_critic(
         setup.lm,
-        file_prompts if file_prompts is not None else setup.prompts,
+        given_prompts if given_prompts is not None else setup.prompts,
         setup.cost,
         setup.reward,
         out=args.out,
@@ -265,7 +236,7 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
     from core.demo import load_demo_world  # heavy: loads the world's models
 
     world = load_demo_world(device=args.device or "cpu")
-    cost, reward = _cost(args), _reward(args)
+    cost, reward = load_cost(args), load_reward(args)
     return _Setup(
         lm=CausalLM(world.model, world.tokenizer),
         cost=world.cost if cost is None else cost,
@@ -277,58 +248,20 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
 
 def _loaded_setup(args: argparse.Namespace) -> _Setup:
     """The model and scorers named on the command line (a cost and a reward are required)."""
-    cost = _cost(args)
-    if cost is None:
-        raise CommandLineError("--model needs a cost: --cost-keywords or --cost-model")
+    cost = load_cost(args, required=True)
     if args.reward_model is None:
         raise CommandLineError(
             "--model needs a reward model: --reward-model PATH (the critic learns to "
             "predict the reward of the finished response)"
         )
-    reward = _reward(args)
-    with loading("--model", args.model):
-        lm = CausalLM.from_pretrained(
-            args.model,
-            device=_device(args),
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
+    reward = load_reward(args)
+    lm = load_base_model(args)
     return _Setup(
         lm=lm, cost=cost, reward=reward, budget=GuardConfig.model_fields["budget"].default
     )
 
 
-def _cost(args: argparse.Namespace) -> Scorer | None:
-    """The cost given on the command line, or None."""
-    if args.cost_model is None:
-        return args.cost_keywords
-    with loading("--cost-model", args.cost_model):
-        return ClassifierScorer.from_pretrained(
-            args.cost_model,
-            device=_device(args),
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
-
-
-def _reward(args: argparse.Namespace) -> Scorer | None:
-    """The reward model given on the command line, or None."""
-    if args.reward_model is None:
-        return None
-    with loading("--reward-model", args.reward_model):
-        return ClassifierScorer.from_pretrained(
-            args.reward_model,
-            device=_device(args),
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
-
-
-def _device(args: argparse.Namespace) -> torch.device:
-    return args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ------------------------------------------------------------------ settings, types
+# ------------------------------------------------------------------------ settings
 def _training_settings(args: argparse.Namespace) -> CriticTrainingSettings:
     """`CriticTrainingSettings` from the flags given; the others keep their defaults."""
     given = {
@@ -341,38 +274,3 @@ def _training_settings(args: argparse.Namespace) -> CriticTrainingSettings:
             f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}" for error in exc.errors()
         ]
         raise CommandLineError("invalid training settings: " + "; ".join(problems)) from exc
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
