@@ -8,10 +8,12 @@ table (and writes JSON). Rows (`--methods`):
   score, so the cost and reward models score all N finished responses once;
 - `guard-models`: InferenceGuard in models mode: the cost and reward classifiers score all
   N candidates at every block end;
+- `guard-models-whole`: the same with classifiers that run every input whole
+  (`share_prompt_cache=False`), the before of `benchmarks/NOTES.md` entry 2;
 - `guard-critic`: InferenceGuard in critic mode with the critic's cost probe: the latent
   critic scores the candidates from the hidden states the decode already has; the cost
-  model checks only the chosen response's block-end prefixes, and the reward model scores
-  the returned response;
+  model checks only the candidates the search keeps (about K per block), and the reward
+  model scores the returned response;
 - `guard-critic-cost`: critic mode without the probe (`cost_probe=False`): the critic gives
   the rewards, the cost model the costs of every candidate at every block end.
 
@@ -20,9 +22,8 @@ model is a Llama of `--shape` (`tiny`, `1b`, `7b`, built by `cpu_overhead.build_
 with the tokenizer `core.testing` trains locally); the cost and reward models are
 `ClassifierScorer`s around `LlamaForSequenceClassification`s of the same shape (one label,
 different seeds), on the same device and dtype, running `--scorer-batch-size` pairs per
-forward (default min(N, 32): a 7B classifier is compute-bound long before 128 pairs, and
-`LlamaForSequenceClassification` builds a KV cache of its whole batch, ~13 GB at 128 pairs
-of ~200 tokens on top of ~40 GB of weights and the base model's ~13 GB cache); the critic is
+forward (default min(N, 32): a 7B classifier is compute-bound long before 128 pairs); the
+critic is
 `core.testing.build_random_critic(model, width=--critic-width)` with a cost probe. EOS and
 the ids the tokenizer lacks are banned by a logit bias (`cpu_overhead.ban_unusable_tokens`),
 so every response has exactly `--max-new-tokens` tokens. The prompt is plain text that
@@ -111,11 +112,19 @@ from core.decoder import Decoder
 from core.scorers import ClassifierScorer
 from core.testing import build_random_critic
 
-METHODS = ("sampling", "best-of-n", "guard-models", "guard-critic", "guard-critic-cost")
+METHODS = (
+    "sampling",
+    "best-of-n",
+    "guard-models",
+    "guard-models-whole",
+    "guard-critic",
+    "guard-critic-cost",
+)
 LABELS = {
     "sampling": "HF generate (sampling)",
     "best-of-n": "Best-of-N",
     "guard-models": "InferenceGuard models mode",
+    "guard-models-whole": "  same, whole scorer inputs",
     "guard-critic": "InferenceGuard critic mode",
     "guard-critic-cost": "InferenceGuard critic + cost model",
 }
@@ -196,6 +205,8 @@ class Bench:
     model: PreTrainedModel
     cost: ClassifierScorer
     reward: ClassifierScorer
+    whole_cost: ClassifierScorer
+    whole_reward: ClassifierScorer
     critic: LatentCritic
     prompt: str
 
@@ -238,16 +249,24 @@ def exact_length_prompt(tokenizer: PreTrainedTokenizerBase, num_tokens: int) -> 
 def build_bench(settings: Settings) -> Bench:
     """The tokenizer, base model (EOS banned), cost and reward classifiers and critic."""
     tokenizer, model = build_model(settings.shape, settings.device, settings.dtype)
-    scorers = [
-        ClassifierScorer(
-            build_random_llama(
-                tokenizer, settings.shape, settings.device, model.dtype, num_labels=1, seed=seed
-            ),
-            tokenizer,
-            batch_size=settings.scorer_batch_size,
+    classifiers = [
+        build_random_llama(
+            tokenizer, settings.shape, settings.device, model.dtype, num_labels=1, seed=seed
         )
         for seed in (1, 2)
     ]
+    scorers, whole = (
+        [
+            ClassifierScorer(
+                classifier,
+                tokenizer,
+                batch_size=settings.scorer_batch_size,
+                share_prompt_cache=share,
+            )
+            for classifier in classifiers
+        ]
+        for share in (True, False)
+    )
     critic = build_random_critic(
         model,
         budget=settings.budget,
@@ -260,6 +279,8 @@ def build_bench(settings: Settings) -> Bench:
         model=model,
         cost=scorers[0],
         reward=scorers[1],
+        whole_cost=whole[0],
+        whole_reward=whole[1],
         critic=critic,
         prompt=exact_length_prompt(tokenizer, settings.prompt_tokens),
     )
@@ -283,6 +304,14 @@ def make_runner(method: str, bench: Bench, settings: Settings) -> Runner:
     elif method == "guard-models":
         config = settings.guard_config(scorer="models")
         decoder = InferenceGuard(bench.model, bench.tokenizer, **common, config=config)
+    elif method == "guard-models-whole":
+        decoder = InferenceGuard(
+            bench.model,
+            bench.tokenizer,
+            cost=bench.whole_cost,
+            reward=bench.whole_reward,
+            config=settings.guard_config(scorer="models"),
+        )
     elif method in ("guard-critic", "guard-critic-cost"):
         config = settings.guard_config(scorer="critic", cost_probe=method == "guard-critic")
         decoder = InferenceGuard(
@@ -368,6 +397,8 @@ def _timers(bench: Bench, settings: Settings, profile: Profile) -> Iterator[None
         (bench.model, "forward", "decoding", "base model"),
         (bench.cost, "_score", "scoring", "cost model"),
         (bench.reward, "_score", "scoring", "reward model"),
+        (bench.whole_cost, "_score", "scoring", "cost model"),
+        (bench.whole_reward, "_score", "scoring", "reward model"),
         (bench.critic, "predict", "scoring", "critic"),
         (bench.critic, "probe_cost", "scoring", "cost probe"),
     ]
