@@ -606,7 +606,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"prompt: {report['prompt']!r}; {settings.max_new_tokens} new tokens (EOS banned), "
         f"temperature 1; cost: KeywordCost({list(settings.keywords)}), budget {settings.budget:g}",
         f"timing: median of {settings.repeats} responses after {settings.warmup} warm-up, "
-        "each method in its own process",
+        "all methods round-robin in one process; memory: each method in its own process",
         versions_line(env),
     ]
     columns = [
