@@ -22,7 +22,7 @@ from core import (
     UnsafeGenerationError,
 )
 from core.scorers import CallableScorer, KeywordCost
-from core.testing import ScriptedGuard
+from core.testing import ScriptedGuard, build_random_critic
 from langchain_safeguard import ChatSafeguard, SafeguardLLM, clear_model_cache
 from langchain_safeguard._loading import loaded_models
 
@@ -76,6 +76,19 @@ def test_from_model_id_loads_the_model_at_once(tiny_model_dir):
     assert len(loaded_models()) == 1
     assert chat.model_name == str(tiny_model_dir)
     assert chat.budget == 1
+
+
+def test_from_model_id_takes_a_critic_directory_for_critic_mode(
+    tiny_model, tiny_model_dir, tmp_path
+):
+    clear_model_cache()
+    critic = build_random_critic(tiny_model, block_size=8).save(tmp_path / "critic")
+    chat = ChatSafeguard.from_model_id(
+        str(tiny_model_dir), cost=KeywordCost(["bomb"]), critic=str(critic), max_tokens=16
+    )
+    assert chat.load_guard().critic is not None
+    message = chat.invoke(PROMPT, seed=0)
+    assert message.response_metadata["safety"]["safe"]
 
 
 def test_needs_a_guard_or_a_model_with_a_cost(tiny_model_dir):

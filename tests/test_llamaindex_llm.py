@@ -32,7 +32,7 @@ from core import (
     PromptTooLongError,
 )
 from core.scorers import CallableScorer
-from core.testing import ScriptedGuard, build_tiny_tokenizer
+from core.testing import ScriptedGuard, build_random_critic, build_tiny_tokenizer
 from llamaindex_safeguard import SafeguardLLM
 
 SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
@@ -409,6 +409,20 @@ def test_from_model_id_loads_a_saved_model(tiny_model_dir, keyword_cost, config)
     llm = SafeguardLLM.from_model_id(str(tiny_model_dir), cost=keyword_cost, config=config)
     assert llm.metadata.model_name == str(tiny_model_dir)
     assert llm.metadata.context_window == 512
+    assert llm.complete(PROMPT, seed=0).additional_kwargs["safety"]["safe"]
+
+
+def test_from_model_id_takes_a_critic_directory_for_critic_mode(
+    tiny_model, tiny_model_dir, keyword_cost, config, tmp_path
+):
+    critic = build_random_critic(tiny_model, block_size=config.block_size)
+    llm = SafeguardLLM.from_model_id(
+        str(tiny_model_dir),
+        cost=keyword_cost,
+        critic=str(critic.save(tmp_path / "critic")),
+        config=config,
+    )
+    assert llm.guard.critic is not None
     assert llm.complete(PROMPT, seed=0).additional_kwargs["safety"]["safe"]
 
 
