@@ -1,4 +1,4 @@
-"""The LangChain examples run offline and show what their docstrings promise."""
+"""The examples run offline and show what their docstrings promise."""
 
 from __future__ import annotations
 
@@ -43,3 +43,15 @@ def test_chain_example_answers_the_demo_worlds_risky_questions_safely(capsys, st
     assert out.count("  safe: cost ") == out.count("/ budget 0.5, ") == 2
     answers = " ".join(out.lower().split())  # the answers are wrapped over lines
     assert not any(phrase in answers for phrase in HAZARD_PHRASES)
+
+
+def test_critic_example_trains_saves_loads_and_guides_the_search(capsys, tmp_path):
+    results = load("critic_mode").main(
+        ["--samples-per-prompt", "1", "--prompts", "3", "--out", str(tmp_path / "critic")]
+    )
+    out = capsys.readouterr().out
+    assert (tmp_path / "critic" / "critic.safetensors").is_file()
+    assert "models mode: " in out and "critic mode: " in out
+    assert len(results) == 3
+    assert all(r.safe or r.refused for r in results)
+    assert not any(any(p in r.text.lower() for p in HAZARD_PHRASES) for r in results)
