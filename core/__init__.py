@@ -5,10 +5,15 @@ decoding, guided by a safety state that tracks the remaining cost budget.
 """
 
 from core.config import GuardConfig
+from core.critic import LatentCritic
 from core.errors import (
     ChatTemplateError,
+    CriticError,
+    CriticFileError,
+    CriticMismatchError,
     InvalidPromptError,
     MissingCostModelError,
+    MissingCriticError,
     PromptTooLongError,
     RefusalOverBudgetWarning,
     SafeguardError,
@@ -20,12 +25,17 @@ from core.results import GenerationStats, GuardResult
 
 __all__ = [
     "ChatTemplateError",
+    "CriticError",
+    "CriticFileError",
+    "CriticMismatchError",
     "GenerationStats",
     "GuardConfig",
     "GuardResult",
     "InferenceGuard",
     "InvalidPromptError",
+    "LatentCritic",
     "MissingCostModelError",
+    "MissingCriticError",
     "PromptTooLongError",
     "RefusalOverBudgetWarning",
     "SafeguardError",
