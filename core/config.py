@@ -86,11 +86,11 @@ class GuardConfig(BaseModel):
         "it has one) instead of the cost model; the final check always uses the cost model.",
     )
     critic_risk_weight: float = Field(
-        1.0,
+        3.0,
         ge=0,
-        description="Critic mode: lambda of a candidate's value r_hat - lambda * (1 - p_safe), "
-        "in reward units; a large one ranks the likeliest-safe candidates first, whatever "
-        "their reward.",
+        description="Critic mode: lambda of a candidate's value r_hat - lambda * sd_R * "
+        "(1 - p_safe), sd_R being the spread of the critic's training rewards; a large one "
+        "ranks the likeliest-safe candidates first, whatever their reward.",
     )
     on_unsafe: Literal["refuse", "return", "raise"] = Field(
         "refuse",

@@ -131,20 +131,23 @@ class CriticEvaluator:
     """`critic` mode: the latent critic reads the hidden states the decode already has.
 
     The reward of a candidate is the critic's risk-adjusted value
-    `r_hat - risk_weight * (1 - p_safe)`, which the augmented scoring uses while `z >= 0`
-    (over budget, a candidate scores `-n + z` as in models mode). The cost is the
-    critic's cost probe when `use_probe` (no second model in the search at all),
-    else the cost model's.
+    `r_hat - risk_weight * reward_sd * (1 - p_safe)`, where `reward_sd` is the spread of
+    the rewards the critic was trained on (so the weight does not depend on the reward
+    model's scale), which the augmented scoring uses while `z >= 0` (over budget, a
+    candidate scores `-n + z` as in models mode). The cost is the critic's cost probe
+    when `use_probe` (the search then checks only the candidates it keeps with the cost
+    model, see `BlockSearch._settle`), else the cost model's.
 
     Args:
         critic: the latent critic, on the base model's device.
-        cost: the cost model (used when `use_probe` is False).
+        cost: the cost model.
         use_probe: take costs from the critic's cost probe.
-        risk_weight: weight of `1 - p_safe`, in reward units. DESIGN's `n * (1 - p_safe)`
-            with the unsafe penalty n (1e4) would rank candidates by `p_safe` alone, which
-            on the demo world picks refusal-like answers (reward 0.29 against 0.99 at
-            weight 1); the cost checks and resampling already keep the search within
-            budget, so the critic's look-ahead is weighed against reward instead.
+        risk_weight: weight of `1 - p_safe`, in standard deviations of the training
+            rewards. DESIGN's `n * (1 - p_safe)` with the unsafe penalty n (1e4) would
+            rank candidates by `p_safe` alone, which on the demo world picks refusal-like
+            answers (reward 0.29 against 0.99); the cost checks and resampling already
+            keep the search within budget, so the critic's look-ahead is weighed
+            against reward instead.
     """
 
     has_reward_model = True
@@ -171,7 +174,8 @@ class CriticEvaluator:
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
         prediction = self.critic.predict(candidates.hidden, z)
-        return prediction.r_hat - self.risk_weight * (1 - prediction.p_safe)
+        penalty = self.risk_weight * self.critic.config.reward_std
+        return prediction.r_hat - penalty * (1 - prediction.p_safe)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ class SafeguardParams(BaseModel):
     cost_probe: bool | None = None
     """Critic mode: steer the search by the critic's cost probe (final check: cost model)."""
     critic_risk_weight: float | None = None
-    """Critic mode: lambda of a candidate's value r_hat - lambda * (1 - p_safe)."""
+    """Critic mode: lambda of a candidate's value r_hat - lambda * sd_R * (1 - p_safe)."""
     on_unsafe: Literal["refuse", "return", "raise"] | None = None
     """Over-budget final response: refuse (default), return flagged, or raise."""
     refusal_text: str | None = None
