@@ -18,7 +18,13 @@ Choices where the paper is silent:
   under the base model, which ranks fluent responses first;
 - the cumulative cost of a prefix is the highest cost the model gave any of its
   block-end prefixes, so per-block costs are never negative (a cost model that scores
-  a longer text lower cannot wash out an unsafe prefix).
+  a longer text lower cannot wash out an unsafe prefix);
+- where costs are estimates (the critic's cost probe), the cost model replaces them
+  for every candidate the search would keep before it keeps any, so beams and
+  finished responses always carry the cost model's own costs.
+
+Candidates are scored through a `CandidateEvaluator`: `ModelsEvaluator` (the cost and
+reward models on the text) or `CriticEvaluator` (the latent critic on the hidden states).
 """
 
 from __future__ import annotations
