@@ -41,10 +41,10 @@ class InferenceGuard(Decoder):
     With a latent critic (`critic` mode, the default when one is given), `R` is the
     critic's `r_hat - lambda * sd_R * (1 - p_safe)` (`config.critic_risk_weight`, `sd_R`
     the spread of its training rewards), read from the hidden states the decode already
-    has. With `cost_probe`, the critic's cost probe
-    estimates every candidate's cost and the cost model checks only the candidates the
-    search would keep (about `beam_width` per step instead of `num_candidates`), so beams
-    and the returned response carry the cost model's own costs.
+    has. With `cost_probe`, the critic's cost probe estimates every candidate's cost and
+    the cost model checks only the candidates the search would keep (about `beam_width`
+    per step instead of `num_candidates`), so beams and the returned response carry the
+    cost model's own costs.
 
     Args:
         model: a Hugging Face causal LM.
