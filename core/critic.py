@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from core.errors import CriticFileError, CriticMismatchError, CriticMismatchWarning
+from core.errors import CriticFileError, CriticMismatchError
 
 WEIGHTS_FILE = "critic.safetensors"
 CONFIG_FILE = "critic.json"
@@ -242,12 +241,15 @@ class LatentCritic(nn.Module):
     def check_base_model(self, model: PreTrainedModel) -> None:
         """Reject a base model other than the one the critic was trained on.
 
-        Raises:
-            CriticMismatchError: the architecture config, vocabulary or hidden size differ.
+        Names are compared by their last path component, so a local copy of
+        "org/model" in "/models/model" passes; a model built in memory has no name to
+        compare. A fine-tune shares its base model's config but not its hidden states,
+        so another name is rejected too; for the same model saved under another name,
+        see `set_base_model_name`.
 
-        Warns:
-            CriticMismatchWarning: only the model's name differs (e.g. a local copy of the
-                same model), which the critic cannot tell from a fine-tuned variant.
+        Raises:
+            CriticMismatchError: the architecture config, vocabulary, hidden size or name
+                differ.
         """
         expected, actual = self.config.fingerprint, ModelFingerprint.of(model)
         problems = []
@@ -267,13 +269,19 @@ class LatentCritic(nn.Module):
             )
         named = actual.name and expected.name
         if named and _short_name(actual.name) != _short_name(expected.name):
-            warnings.warn(
-                f"this critic was trained on {expected.name!r} and is used with "
-                f"{actual.name!r}, which has the same architecture config; if the weights "
-                "differ (a fine-tune), retrain the critic with `safeguard train-critic`",
-                CriticMismatchWarning,
-                stacklevel=2,
+            raise CriticMismatchError(
+                f"this critic was trained on {expected.name!r}, not on {actual.name!r}: the "
+                "architecture config is the same, but a fine-tune or another checkpoint has "
+                "other hidden states. Train a critic for it with `safeguard train-critic "
+                f"--model {actual.name} ...`; if it is the same model saved under another "
+                f"name, call critic.set_base_model_name({actual.name!r}) first"
             )
+
+    def set_base_model_name(self, name: str) -> None:
+        """Record `name` as the base model's name: for the same model saved under another
+        name (the architecture config and vocabulary are still checked)."""
+        fingerprint = self.config.fingerprint.model_copy(update={"name": name})
+        self.config = self.config.model_copy(update={"fingerprint": fingerprint})
 
     # --------------------------------------------------------------- save/load
     def save(self, directory: str | Path, training: dict[str, Any] | None = None) -> Path:

@@ -67,8 +67,8 @@ class MissingCriticError(CriticError, ValueError):
 
 
 class CriticMismatchWarning(UserWarning):
-    """A critic is used outside what it was trained for: a model of the same architecture
-    but another name, another block size, or a budget outside its training range."""
+    """A critic is used outside the settings it was trained for: another block size, or a
+    budget outside its training range."""
 
 
 class RefusalOverBudgetWarning(UserWarning):

@@ -138,9 +138,7 @@ def test_a_model_with_another_architecture_config_is_rejected(
 def test_a_local_copy_of_the_named_model_is_accepted(
     critic, tiny_model, tiny_tokenizer, keyword_cost, monkeypatch
 ):
-    critic.config = critic.config.model_copy(
-        update={"fingerprint": critic.config.fingerprint.model_copy(update={"name": "org/m"})}
-    )
+    critic.set_base_model_name("org/m")
     monkeypatch.setattr(tiny_model.config, "_name_or_path", "/models/m/")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -156,17 +154,15 @@ def test_fingerprint_ignores_how_the_model_was_loaded(tiny_model):
         tiny_model.config.use_cache = not tiny_model.config.use_cache
 
 
-def test_the_same_architecture_under_another_name_only_warns(
+def test_another_checkpoint_of_the_same_architecture_is_rejected_until_renamed(
     critic, tiny_model, tiny_tokenizer, keyword_cost, monkeypatch
 ):
-    monkeypatch.setattr(tiny_model.config, "_name_or_path", "/models/my-model")
-    critic.config = critic.config.model_copy(
-        update={
-            "fingerprint": critic.config.fingerprint.model_copy(update={"name": "org/other-model"})
-        }
-    )
-    with pytest.warns(CriticMismatchWarning, match="org/other-model.*/models/my-model"):
+    monkeypatch.setattr(tiny_model.config, "_name_or_path", "/models/my-finetune")
+    critic.set_base_model_name("org/base-model")
+    with pytest.raises(CriticMismatchError, match=r"org/base-model.*/models/my-finetune"):
         InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG)
+    critic.set_base_model_name("/models/my-finetune")
+    InferenceGuard(tiny_model, tiny_tokenizer, cost=keyword_cost, critic=critic, config=CONFIG)
 
 
 def test_critic_must_be_a_critic_or_a_directory(tiny_model, tiny_tokenizer, keyword_cost):

@@ -157,8 +157,7 @@ def build_demo_critic(
         seed=settings.seed,
     )
     # Name the base model by its place in the world, not by this machine's path to it.
-    fingerprint = critic.config.fingerprint.model_copy(update={"name": "base"})
-    critic.config = critic.config.model_copy(update={"fingerprint": fingerprint})
+    critic.set_base_model_name("base")
     critic.save(out_dir / "critic", training=report.as_dict())
     summary = {
         key: value
