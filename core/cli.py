@@ -138,6 +138,8 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
     )
     scorers.add_argument(
         "--cost-model",
+        "--cost",
+        dest="cost_model",
         metavar="PATH",
         help="sequence-classification cost model (higher = more unsafe), e.g. Beaver-style",
     )
@@ -154,6 +156,8 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
     )
     scorers.add_argument(
         "--reward-model",
+        "--reward",
+        dest="reward_model",
         metavar="PATH",
         help="sequence-classification reward model (default: rank candidates by likelihood)",
     )

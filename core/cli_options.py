@@ -202,15 +202,20 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
 
 # ------------------------------------------------------------- models and scorers
 def add_scorer_options(group: argparse._ArgumentGroup, *, reward_help: str) -> None:
-    """Add `--cost-model`, `--cost-keywords` (one cost at most: `check_single_cost`) and
-    `--reward-model` (described by `reward_help`)."""
+    """Add `--cost-model` (alias `--cost`), `--cost-keywords` (one cost at most:
+    `check_single_cost`) and `--reward-model` (alias `--reward`, described by
+    `reward_help`)."""
     group.add_argument(
         "--cost-model",
+        "--cost",
+        dest="cost_model",
         metavar="PATH",
         help="sequence-classification cost model (higher = more unsafe)",
     )
     add_cost_keywords_option(group)
-    group.add_argument("--reward-model", metavar="PATH", help=reward_help)
+    group.add_argument(
+        "--reward-model", "--reward", dest="reward_model", metavar="PATH", help=reward_help
+    )
 
 
 def add_cost_keywords_option(group: argparse._ArgumentGroup) -> None:

@@ -398,6 +398,23 @@ def test_train_critic_command_saves_a_loadable_critic_and_prints_its_metrics(
     assert critic.config.training["validation_prompts"] == 1
 
 
+def test_train_critic_command_takes_cost_and_reward_models_by_their_short_flags(
+    tiny_model_dir, tiny_reward_model_dir, prompt_file, tmp_path, capsys
+):
+    out = tmp_path / "critic"
+    code = main([
+        "train-critic",
+        "--model", str(tiny_model_dir),
+        "--cost", str(tiny_reward_model_dir),  # any classifier serves as a cost model
+        "--reward", str(tiny_reward_model_dir),
+        "--prompts", str(prompt_file),
+        "--out", str(out),
+        *SMALL_RUN,
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert LatentCritic.load(out).config.fingerprint.name == str(tiny_model_dir)
+
+
 def test_train_critic_command_defaults_to_the_demo_world(
     tiny_model, tiny_tokenizer, keyword_cost, length_reward, monkeypatch, tmp_path, capsys
 ):
