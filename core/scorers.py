@@ -365,6 +365,26 @@ class _ModelScorer(Scorer):
         )
         return cls(model.eval(), tokenizer, device=device, **kwargs)
 
+    @staticmethod
+    def _prompt_cache_keyword(model: PreTrainedModel, enabled: bool) -> str | None:
+        """The keyword that passes a KV cache to `model.forward` when prompts can share
+        one (a decoder-only model that takes a cache), else None."""
+        parameters = inspect.signature(model.forward).parameters
+        keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
+        decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+        return keyword if enabled and decoder_only else None
+
+    def _prompt_cache(self, prefix: tuple[int, ...], rows: int) -> Any:
+        """The KV cache of `prefix` run once, repeated for `rows` rows (None when the
+        model returns no cache that can be repeated)."""
+        prefix_ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
+        out = self.model(input_ids=prefix_ids, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(rows)
+        return cache
+
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:
         if device is not None:
             model.to(device)
@@ -389,6 +409,36 @@ class _ModelScorer(Scorer):
         if bos is not None and ids[0] == bos and limit > 1:
             return [bos, *ids[len(ids) - limit + 1 :]]
         return ids[len(ids) - limit :]
+
+    def _prompt_splits(
+        self, prompts: list[str], encoded: list[list[int]], special: bool, limit: int | None
+    ) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
+        """Rows whose token ids are the rendered prompt's ids then a suffix with a token
+        that is not padding, grouped by prompt: `{prompt ids: [(row, suffix ids), ...]}`.
+
+        Rows longer than `limit` (they need truncation) and rows whose tokens do not
+        split at the response (a merge across the boundary) are left out: they run whole.
+        """
+        marker = "\x00response\x00"
+        prefixes: dict[str, tuple[int, ...] | None] = {}
+        splits: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for row, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+            if prompt not in prefixes:
+                rendered = self._render(prompt, marker)
+                head = rendered.split(marker)[0] if marker in rendered else ""
+                prefix = self._encode([head], add_special_tokens=special)[0] if head else None
+                prefixes[prompt] = None if prefix is None else tuple(prefix)
+            prefix = prefixes[prompt]
+            if (
+                prefix is None
+                or (limit is not None and len(ids) > limit)
+                or tuple(ids[: len(prefix)]) != prefix
+                # The model pools the last token that is not padding: keep one in the suffix.
+                or all(t == self._pad_id for t in ids[len(prefix) :])
+            ):
+                continue
+            splits.setdefault(prefix, []).append((row, ids[len(prefix) :]))
+        return splits
 
     def _batches(self, sequences: list[list[int]]) -> list[list[int]]:
         """Indices in chunks of `batch_size`, grouped by length to minimise padding."""
@@ -493,9 +543,7 @@ class ClassifierScorer(_ModelScorer):
         parameters = inspect.signature(model.forward).parameters
         # Building a KV cache for a whole batch of inputs scored once is wasted memory.
         self._no_cache = {"use_cache": False} if "use_cache" in parameters else {}
-        cache_keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
-        decoder_only = not getattr(model.config, "is_encoder_decoder", False)
-        self._cache_keyword = cache_keyword if share_prompt_cache and decoder_only else None
+        self._cache_keyword = self._prompt_cache_keyword(model, share_prompt_cache)
 
     def _render(self, prompt: str, response: str) -> str:
         if self.template is not None:
@@ -515,49 +563,25 @@ class ClassifierScorer(_ModelScorer):
         uses_chat_template = self.template is None and _has_chat_template(self.tokenizer)
         special = not uses_chat_template
         encoded = self._encode(texts, add_special_tokens=special)
-        splits = self._prompt_splits(prompts, encoded, special) if self._cache_keyword else {}
-        whole = [i for i in range(len(texts)) if i not in splits]
+        splits = (
+            self._prompt_splits(prompts, encoded, special, self.max_length)
+            if self._cache_keyword
+            else {}
+        )
+        shared = {row for group in splits.values() for row, _ in group}
+        whole = [i for i in range(len(texts)) if i not in shared]
         scores = torch.empty(len(texts), dtype=torch.float32)
         with torch.inference_mode():
             scores[whole] = self._score_whole(
                 [self._truncate(encoded[i], self.max_length) for i in whole]
             )
-            by_prefix: dict[tuple[int, ...], list[int]] = {}
-            for row, (prefix, _) in splits.items():
-                by_prefix.setdefault(prefix, []).append(row)
-            for prefix, rows in by_prefix.items():
-                suffixes = [splits[row][1] for row in rows]
+            for prefix, group in splits.items():
+                rows, suffixes = [row for row, _ in group], [suffix for _, suffix in group]
                 for chunk in self._batches(suffixes):
                     scores[[rows[i] for i in chunk]] = self._score_suffixes(
                         prefix, [suffixes[i] for i in chunk]
                     )
         return scores
-
-    def _prompt_splits(
-        self, prompts: list[str], encoded: list[list[int]], special: bool
-    ) -> dict[int, tuple[tuple[int, ...], list[int]]]:
-        """Rows whose token ids are the rendered prompt's ids then a non-empty suffix:
-        `{row: (prompt ids, suffix ids)}`."""
-        marker = "\x00response\x00"
-        prefixes: dict[str, tuple[int, ...] | None] = {}
-        splits = {}
-        for row, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
-            if prompt not in prefixes:
-                rendered = self._render(prompt, marker)
-                head = rendered.split(marker)[0] if marker in rendered else ""
-                prefix = self._encode([head], add_special_tokens=special)[0] if head else None
-                prefixes[prompt] = None if prefix is None else tuple(prefix)
-            prefix = prefixes[prompt]
-            if (
-                prefix is None
-                or (self.max_length is not None and len(ids) > self.max_length)
-                or tuple(ids[: len(prefix)]) != prefix
-                # The model pools the last token that is not padding: keep one in the suffix.
-                or all(t == self._pad_id for t in ids[len(prefix) :])
-            ):
-                continue
-            splits[row] = (prefix, ids[len(prefix) :])
-        return splits
 
     def _score_whole(self, sequences: list[list[int]]) -> torch.Tensor:
         """`(len(sequences),)` scores of whole inputs, in chunks of `batch_size`."""
@@ -572,15 +596,13 @@ class ClassifierScorer(_ModelScorer):
 
     def _score_suffixes(self, prefix: tuple[int, ...], suffixes: list[list[int]]) -> torch.Tensor:
         """`(len(suffixes),)` scores of `prefix + suffix` inputs, running `prefix` once."""
-        device = self.model.device
-        prefix_ids = torch.tensor([prefix], dtype=torch.long, device=device)
-        out = self.model(input_ids=prefix_ids, use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        cache = self._prompt_cache(prefix, len(suffixes))
+        if cache is None:
             return self._score_whole([[*prefix, *suffix] for suffix in suffixes])
-        cache.batch_repeat_interleave(len(suffixes))
         input_ids, suffix_mask = self._pad(suffixes, self._pad_id, "right")
-        prefix_mask = torch.ones((len(suffixes), len(prefix)), dtype=torch.long, device=device)
+        prefix_mask = torch.ones(
+            (len(suffixes), len(prefix)), dtype=torch.long, device=input_ids.device
+        )
         out = self.model(
             input_ids=input_ids,
             attention_mask=torch.cat([prefix_mask, suffix_mask], dim=-1),
