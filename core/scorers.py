@@ -648,6 +648,10 @@ class GuardModelCost(_ModelScorer):
             tokenizer's chat template.
         batch_size: pairs per forward pass.
         device: moves the model there; default: leave it where it is.
+        share_prompt_cache: run each distinct rendered prompt (with the guard's policy
+            text around it) once and reuse its KV cache for every response to it; inputs
+            that do not split cleanly at the response run whole. The probabilities are
+            those of the whole input up to float rounding.
 
     Raises:
         ChatTemplateError: no `template` and the tokenizer has no chat template.
@@ -665,6 +669,7 @@ class GuardModelCost(_ModelScorer):
         template: str | None = None,
         batch_size: int = 8,
         device: str | torch.device | None = None,
+        share_prompt_cache: bool = True,
     ) -> None:
         if template is None and not _has_chat_template(tokenizer):
             raise ChatTemplateError(
@@ -689,6 +694,10 @@ class GuardModelCost(_ModelScorer):
             if name in accepted
         }
         self._takes_position_ids = "position_ids" in accepted
+        # Responses after a shared prompt are left-padded, so their positions must be given.
+        self._cache_keyword = self._prompt_cache_keyword(
+            model, share_prompt_cache and self._takes_position_ids
+        )
 
     def _verdict_ids(self, safe: str | int, unsafe: str | int) -> tuple[list[int], int, int]:
         """`(shared_prefix, safe_id, unsafe_id)` for the two verdict tokens."""
@@ -739,23 +748,51 @@ class GuardModelCost(_ModelScorer):
     def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Returns `(batch,)` probabilities that the guard's verdict is unsafe."""
         texts = [self._render(p, r) for p, r in zip(prompts, responses, strict=True)]
-        encoded = self._encode(texts, add_special_tokens=self.template is not None)
+        special = self.template is not None
+        encoded = [
+            ids + self._shared_prefix for ids in self._encode(texts, add_special_tokens=special)
+        ]
         limit = _context_length(self.model)
-        sequences = [self._truncate(ids + self._shared_prefix, limit) for ids in encoded]
-        verdict_ids = torch.tensor(self.verdict_token_ids, device=self.model.device)
+        splits = (
+            self._prompt_splits(prompts, encoded, special, limit) if self._cache_keyword else {}
+        )
+        shared = {row for group in splits.values() for row, _ in group}
+        whole = [i for i in range(len(texts)) if i not in shared]
         scores = torch.empty(len(texts), dtype=torch.float32)
         with torch.inference_mode():
-            for indices in self._batches(sequences):
-                input_ids, attention_mask = self._pad(
-                    [sequences[i] for i in indices], self._pad_id, "left"
+            sequences = [self._truncate(encoded[i], limit) for i in whole]
+            for chunk in self._batches(sequences):
+                scores[[whole[i] for i in chunk]] = self._unsafe_probability(
+                    [sequences[i] for i in chunk]
                 )
-                kwargs = dict(self._forward_kwargs)
-                if self._takes_position_ids:
-                    # Left padding must not shift the positions of the real tokens.
-                    kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
-                ).logits[:, -1, :]
-                verdict = torch.softmax(logits.index_select(-1, verdict_ids).float(), dim=-1)
-                scores[indices] = verdict[:, 1].cpu()
+            for prefix, group in splits.items():
+                rows, suffixes = [row for row, _ in group], [suffix for _, suffix in group]
+                for chunk in self._batches(suffixes):
+                    scores[[rows[i] for i in chunk]] = self._unsafe_probability(
+                        [suffixes[i] for i in chunk], prefix
+                    )
         return scores
+
+    def _unsafe_probability(
+        self, sequences: list[list[int]], prefix: tuple[int, ...] = ()
+    ) -> torch.Tensor:
+        """`(len(sequences),)` P(unsafe) of `prefix + sequence` inputs, left-padded, with
+        `prefix` run once and its KV cache shared."""
+        cache = self._prompt_cache(prefix, len(sequences)) if prefix else None
+        if prefix and cache is None:
+            sequences, prefix = [[*prefix, *ids] for ids in sequences], ()
+        input_ids, attention_mask = self._pad(sequences, self._pad_id, "left")
+        kwargs = dict(self._forward_kwargs)
+        if self._takes_position_ids:
+            # Left padding must not shift the positions of the real tokens.
+            kwargs["position_ids"] = len(prefix) + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if cache is not None:
+            prefix_mask = torch.ones(
+                (len(sequences), len(prefix)), dtype=torch.long, device=input_ids.device
+            )
+            attention_mask = torch.cat([prefix_mask, attention_mask], dim=-1)
+            kwargs.update({self._cache_keyword: cache, "use_cache": True})
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        verdict_ids = torch.tensor(self.verdict_token_ids, device=logits.device)
+        verdict = torch.softmax(logits[:, -1, :].index_select(-1, verdict_ids).float(), dim=-1)
+        return verdict[:, 1].cpu()

@@ -444,6 +444,26 @@ def test_guard_batch_equals_one_by_one_and_lies_in_unit_interval(tokenizer, guar
     torch.testing.assert_close(scores, _one_by_one(guard, PROMPTS, RESPONSES), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "template", [None, "Conversation: User: {prompt} Agent: {response} Verdict:"]
+)
+def test_guard_sharing_the_prompt_cache_gives_the_probabilities_of_whole_inputs(
+    tokenizer, guard_lm, template
+):
+    prompts = ["Tell me about the dog.", "How do I cook rice?"] * 4 + ["x"]
+    responses = [
+        "", "The", "The dog is happy and the garden is green", "Boil water, add rice.",
+        "a" * 60, " leading space", "end.", "cat", "q",
+    ]  # fmt: skip
+    shared = GuardModelCost(guard_lm, tokenizer, template=template, batch_size=4)
+    whole = GuardModelCost(
+        guard_lm, tokenizer, template=template, batch_size=4, share_prompt_cache=False
+    )
+    torch.testing.assert_close(
+        shared(prompts, responses), whole(prompts, responses), rtol=0, atol=1e-5
+    )
+
+
 def test_guard_needs_a_chat_template_or_a_template(guard_lm):
     plain_tokenizer = build_tiny_tokenizer(chat_template=False)
     with pytest.raises(ChatTemplateError, match=r"template="):
