@@ -339,6 +339,8 @@ class _ModelScorer(Scorer):
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     batch_size: int
+    _cache_keyword: str | None
+    """How `model.forward` takes a KV cache when prompts share one; None: they do not."""
 
     _auto_class: ClassVar[type]
     """The transformers auto class `from_pretrained` loads the model with."""
@@ -439,6 +441,35 @@ class _ModelScorer(Scorer):
                 continue
             splits.setdefault(prefix, []).append((row, ids[len(prefix) :]))
         return splits
+
+    def _score_inputs(
+        self,
+        prompts: list[str],
+        encoded: list[list[int]],
+        special: bool,
+        limit: int | None,
+        run: Callable[[list[list[int]], tuple[int, ...]], torch.Tensor],
+    ) -> torch.Tensor:
+        """`(len(encoded),)` scores of encoded inputs, in chunks of `batch_size`.
+
+        `run(sequences, prefix)` scores one chunk of `prefix + sequence` inputs. Rows that
+        share a rendered prompt (see `_prompt_splits`) run as suffixes of it; the others
+        run whole (`prefix == ()`), truncated to `limit`.
+        """
+        splits = (
+            self._prompt_splits(prompts, encoded, special, limit) if self._cache_keyword else {}
+        )
+        shared = {row for group in splits.values() for row, _ in group}
+        whole = [i for i in range(len(encoded)) if i not in shared]
+        runs = [(whole, [self._truncate(encoded[i], limit) for i in whole], ())]
+        for prefix, group in splits.items():
+            runs.append(([row for row, _ in group], [suffix for _, suffix in group], prefix))
+        scores = torch.empty(len(encoded), dtype=torch.float32)
+        with torch.inference_mode():
+            for rows, sequences, prefix in runs:
+                for chunk in self._batches(sequences):
+                    scores[[rows[i] for i in chunk]] = run([sequences[i] for i in chunk], prefix)
+        return scores
 
     def _batches(self, sequences: list[list[int]]) -> list[list[int]]:
         """Indices in chunks of `batch_size`, grouped by length to minimise padding."""
@@ -560,55 +591,25 @@ class ClassifierScorer(_ModelScorer):
         """Returns `(batch,)` scores: the label's logit or probability."""
         texts = [self._render(p, r) for p, r in zip(prompts, responses, strict=True)]
         # A rendered chat template already holds its special tokens.
-        uses_chat_template = self.template is None and _has_chat_template(self.tokenizer)
-        special = not uses_chat_template
+        special = not (self.template is None and _has_chat_template(self.tokenizer))
         encoded = self._encode(texts, add_special_tokens=special)
-        splits = (
-            self._prompt_splits(prompts, encoded, special, self.max_length)
-            if self._cache_keyword
-            else {}
-        )
-        shared = {row for group in splits.values() for row, _ in group}
-        whole = [i for i in range(len(texts)) if i not in shared]
-        scores = torch.empty(len(texts), dtype=torch.float32)
-        with torch.inference_mode():
-            scores[whole] = self._score_whole(
-                [self._truncate(encoded[i], self.max_length) for i in whole]
-            )
-            for prefix, group in splits.items():
-                rows, suffixes = [row for row, _ in group], [suffix for _, suffix in group]
-                for chunk in self._batches(suffixes):
-                    scores[[rows[i] for i in chunk]] = self._score_suffixes(
-                        prefix, [suffixes[i] for i in chunk]
-                    )
-        return scores
+        return self._score_inputs(prompts, encoded, special, self.max_length, self._classify)
 
-    def _score_whole(self, sequences: list[list[int]]) -> torch.Tensor:
-        """`(len(sequences),)` scores of whole inputs, in chunks of `batch_size`."""
-        scores = torch.empty(len(sequences), dtype=torch.float32)
-        for chunk in self._batches(sequences):
-            input_ids, attention_mask = self._pad(
-                [sequences[i] for i in chunk], self._pad_id, "right"
+    def _classify(self, sequences: list[list[int]], prefix: tuple[int, ...] = ()) -> torch.Tensor:
+        """`(len(sequences),)` scores of `prefix + sequence` inputs, right-padded, with
+        `prefix` run once and its KV cache shared."""
+        cache = self._prompt_cache(prefix, len(sequences)) if prefix else None
+        if prefix and cache is None:
+            sequences, prefix = [[*prefix, *ids] for ids in sequences], ()
+        input_ids, attention_mask = self._pad(sequences, self._pad_id, "right")
+        kwargs = dict(self._no_cache)
+        if cache is not None:
+            prefix_mask = torch.ones(
+                (len(sequences), len(prefix)), dtype=torch.long, device=input_ids.device
             )
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._no_cache)
-            scores[chunk] = self._label_scores(out.logits)
-        return scores
-
-    def _score_suffixes(self, prefix: tuple[int, ...], suffixes: list[list[int]]) -> torch.Tensor:
-        """`(len(suffixes),)` scores of `prefix + suffix` inputs, running `prefix` once."""
-        cache = self._prompt_cache(prefix, len(suffixes))
-        if cache is None:
-            return self._score_whole([[*prefix, *suffix] for suffix in suffixes])
-        input_ids, suffix_mask = self._pad(suffixes, self._pad_id, "right")
-        prefix_mask = torch.ones(
-            (len(suffixes), len(prefix)), dtype=torch.long, device=input_ids.device
-        )
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=torch.cat([prefix_mask, suffix_mask], dim=-1),
-            **{self._cache_keyword: cache},
-            use_cache=True,
-        )
+            attention_mask = torch.cat([prefix_mask, attention_mask], dim=-1)
+            kwargs = {self._cache_keyword: cache, "use_cache": True}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return self._label_scores(out.logits)
 
     def _label_scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -752,26 +753,9 @@ class GuardModelCost(_ModelScorer):
         encoded = [
             ids + self._shared_prefix for ids in self._encode(texts, add_special_tokens=special)
         ]
-        limit = _context_length(self.model)
-        splits = (
-            self._prompt_splits(prompts, encoded, special, limit) if self._cache_keyword else {}
+        return self._score_inputs(
+            prompts, encoded, special, _context_length(self.model), self._unsafe_probability
         )
-        shared = {row for group in splits.values() for row, _ in group}
-        whole = [i for i in range(len(texts)) if i not in shared]
-        scores = torch.empty(len(texts), dtype=torch.float32)
-        with torch.inference_mode():
-            sequences = [self._truncate(encoded[i], limit) for i in whole]
-            for chunk in self._batches(sequences):
-                scores[[whole[i] for i in chunk]] = self._unsafe_probability(
-                    [sequences[i] for i in chunk]
-                )
-            for prefix, group in splits.items():
-                rows, suffixes = [row for row, _ in group], [suffix for _, suffix in group]
-                for chunk in self._batches(suffixes):
-                    scores[[rows[i] for i in chunk]] = self._unsafe_probability(
-                        [suffixes[i] for i in chunk], prefix
-                    )
-        return scores
 
     def _unsafe_probability(
         self, sequences: list[list[int]], prefix: tuple[int, ...] = ()
