@@ -5,7 +5,7 @@ settings (temperature 1, no top-k, no top-p) and the same `KeywordCost`:
 
 - **HF sampling**: `model.generate(do_sample=True)` at batch 1, the baseline;
 - **SamplingDecoder**: core's plain sampling (one response; only the final text is scored);
-- **Best-of-N**: `core.baselines.BestOfN` with N whole responses, ranked by the
+- **Best-of-N**: `inference_safeguard.baselines.BestOfN` with N whole responses, ranked by the
   safety-augmented score, so it runs the cost model on all N candidates as
   InferenceGuard does (with `scoring="reward"` it would skip the cost model entirely);
 - **InferenceGuard**: N candidates per block, K beams, resampling when every candidate of a
@@ -18,8 +18,9 @@ seconds per response compare like with like; the tokens each method produced are
 reported anyway. The bias is one elementwise add per forward, shared by all methods.
 
 Models: random weights (timing does not depend on them) with a tokenizer trained
-locally by `core.testing`; nothing is downloaded.
-- `tiny`: `core.testing.build_tiny_llama(hidden_size=256, num_layers=4, num_heads=4)`,
+locally by `inference_safeguard.testing`; nothing is downloaded.
+- `tiny`: `inference_safeguard.testing.build_tiny_llama(hidden_size=256, num_layers=4,
+  num_heads=4)`,
   vocab = the tokenizer's 768 tokens.
 - `1b` / `7b`: Llama-shaped configs (1B: hidden 2048, 16 layers, 32 heads, 8 KV heads,
   MLP 8192; 7B: hidden 4096, 32 layers, 32 heads, MLP 11008) with the real 32000-token
@@ -73,11 +74,15 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from core import GuardConfig, InferenceGuard
-from core.baselines import BestOfN, SamplingDecoder
-from core.decoder import Decoder
-from core.scorers import KeywordCost
-from core.testing import build_tiny_classifier, build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard.baselines import BestOfN, SamplingDecoder
+from inference_safeguard.decoder import Decoder
+from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.testing import (
+    build_tiny_classifier,
+    build_tiny_llama,
+    build_tiny_tokenizer,
+)
 
 PROMPT = "Tell me about the dog and the garden."
 DEFAULT_KEYWORDS = ("fire", "cut", "dark", "cold", "black")
@@ -94,7 +99,7 @@ TARGET_VS_BEST_OF_N = 1.3
 TARGET_VS_SAMPLING = 4.0
 
 TINY_SHAPE: dict[str, int] = {"hidden_size": 256, "num_layers": 4, "num_heads": 4}
-"""`core.testing.tiny_llama_config` arguments of the `tiny` shape."""
+"""`inference_safeguard.testing.tiny_llama_config` arguments of the `tiny` shape."""
 LLAMA_VOCAB_SIZE = 32000
 LLAMA_SHAPES: dict[str, dict[str, int]] = {
     "1b": {

@@ -4,8 +4,8 @@ One command builds random-weight models, times every method in one process and p
 table (and writes JSON). Rows (`--methods`):
 
 - `sampling`: plain Hugging Face `model.generate(do_sample=True)` at batch 1, the baseline;
-- `best-of-n`: `core.baselines.BestOfN`, N whole responses ranked by the safety-augmented
-  score, so the cost and reward models score all N finished responses once;
+- `best-of-n`: `inference_safeguard.baselines.BestOfN`, N whole responses ranked by the
+  safety-augmented score, so the cost and reward models score all N finished responses once;
 - `guard-models`: InferenceGuard in models mode: the cost and reward classifiers score all
   N candidates at every block end;
 - `guard-models-whole`: the same with classifiers that run every input whole
@@ -19,12 +19,13 @@ table (and writes JSON). Rows (`--methods`):
 
 Models (random weights: timing does not depend on them; nothing is downloaded): the base
 model is a Llama of `--shape` (`tiny`, `1b`, `7b`, built by `cpu_overhead.build_random_llama`
-with the tokenizer `core.testing` trains locally); the cost and reward models are
+with the tokenizer `inference_safeguard.testing` trains locally); the cost and reward models are
 `ClassifierScorer`s around `LlamaForSequenceClassification`s of the same shape (one label,
 different seeds), on the same device and dtype, running `--scorer-batch-size` pairs per
 forward (default min(N, 32): a 7B classifier is compute-bound long before 128 pairs); the
 critic is
-`core.testing.build_random_critic(model, width=--critic-width)` with a cost probe. EOS and
+`inference_safeguard.testing.build_random_critic(model, width=--critic-width)` with a cost
+probe. EOS and
 the ids the tokenizer lacks are banned by a logit bias (`cpu_overhead.ban_unusable_tokens`),
 so every response has exactly `--max-new-tokens` tokens. The prompt is plain text that
 tokenizes to exactly `--prompt-tokens` tokens.
@@ -105,12 +106,12 @@ from cpu_overhead import (
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from core import InferenceGuard
-from core.baselines import BestOfN
-from core.critic import LatentCritic
-from core.decoder import Decoder
-from core.scorers import ClassifierScorer
-from core.testing import build_random_critic
+from inference_safeguard import InferenceGuard
+from inference_safeguard.baselines import BestOfN
+from inference_safeguard.critic import LatentCritic
+from inference_safeguard.decoder import Decoder
+from inference_safeguard.scorers import ClassifierScorer
+from inference_safeguard.testing import build_random_critic
 
 METHODS = (
     "sampling",

@@ -1,6 +1,6 @@
 """Critic mode: train a latent critic for a base model, save it, and let it guide the search.
 
-Runs offline on a CPU in under a minute, on the demo world (`core.demo`): a small
+Runs offline on a CPU in under a minute, on the demo world (`inference_safeguard.demo`): a small
 assistant that often answers risky questions unsafely, with its cost and reward
 models. Steps:
 
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from core import GuardConfig, GuardResult, InferenceGuard
-from core.demo import load_demo_world
-from core.lm import CausalLM
-from core.scorers import CallableScorer, Scorer
-from core.training import train_critic
+from inference_safeguard import GuardConfig, GuardResult, InferenceGuard
+from inference_safeguard.demo import load_demo_world
+from inference_safeguard.lm import CausalLM
+from inference_safeguard.scorers import CallableScorer, Scorer
+from inference_safeguard.training import train_critic
 
 
 def counting(scorer: Scorer) -> tuple[Scorer, list[int]]:

@@ -14,7 +14,7 @@ With `--model`, use an instruction-tuned model whose chat template supports tool
 renders the tools, and the model's calls are parsed from its text. Decoding is not
 constrained, so a small model may answer in text instead of calling a tool.
 
-Without `--model` the script runs offline with `ScriptedGuard` (`core.testing`): the
+Without `--model` the script runs offline with `ScriptedGuard` (`inference_safeguard.testing`): the
 search is replaced by a script that reads the conversation and replies as a capable
 model would, but everything after it is the real InferenceGuard, so the cost model
 checks each reply. The second question shows the budget applying to a tool call: its
@@ -33,8 +33,8 @@ import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.tools import BaseTool, tool
 
-from core.scorers import KeywordCost
-from core.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
 from langchain_safeguard import ChatSafeguard
 
 QUESTIONS = ("What is the weather in Paris, in Fahrenheit?", "What is the weather in Area 51?")

@@ -10,8 +10,9 @@ LangChain's message carries), `batch` over all questions (one batched search, ho
 many questions), `stream` (only committed, cost-checked text is emitted), and
 `ainvoke` (the search runs in a worker thread, so the event loop stays free).
 
-By default the model is the offline demo world's (`core.demo.load_demo_world`): a small
-assistant that often answers risky household questions with hazardous instructions,
+By default the model is the offline demo world's
+(`inference_safeguard.demo.load_demo_world`): a small assistant that often answers risky
+household questions with hazardous instructions,
 judged by its cost model, P(unsafe), with the world's budget (0.5). The questions are
 risky test prompts of that world (cleaning, electricity, gardening), so the guarded
 answers and their safety records are real; it runs on a CPU in seconds. `safeguard demo`
@@ -39,8 +40,8 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from transformers.utils import logging as hf_logging
 
-from core.demo import load_demo_world
-from core.scorers import KeywordCost
+from inference_safeguard.demo import load_demo_world
+from inference_safeguard.scorers import KeywordCost
 from langchain_safeguard import ChatSafeguard
 
 QUESTIONS = (

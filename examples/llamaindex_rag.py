@@ -10,7 +10,7 @@ Everything runs offline, on a CPU, in seconds:
 - documents: the `.txt`/`.md` files of `--docs`, or, by default, three short household
   notes (cleaning, electricity, camping) written to a temporary folder; the cleaning
   note quotes a hazardous tip from a forum, which the answer must not pass on;
-- LLM: by default the offline demo world's assistant (`core.demo.load_demo_world`), a
+- LLM: by default the offline demo world's assistant (`inference_safeguard.demo.load_demo_world`), a
   small model that often answers risky household questions with hazardous
   instructions, guarded by `world.guard()` with the world's cost model, P(unsafe), and
   budget (0.5). It was trained on bare questions and attends to 256 tokens, so its
@@ -168,7 +168,7 @@ def build_llm(args: argparse.Namespace) -> Any:
     if args.model is None:
         import torch
 
-        from core.demo import load_demo_world
+        from inference_safeguard.demo import load_demo_world
 
         # A model this small gains nothing from more threads, and contended threads stall.
         torch.set_num_threads(1)
@@ -178,8 +178,8 @@ def build_llm(args: argparse.Namespace) -> Any:
             sys.exit(f"{error}; or pass --model NAME_OR_PATH")
         budget = world.budget if args.budget is None else args.budget
         return SafeguardLLM(guard=world.guard(budget=budget, **settings))
-    from core import GuardConfig
-    from core.scorers import KeywordCost
+    from inference_safeguard import GuardConfig
+    from inference_safeguard.scorers import KeywordCost
 
     keywords = args.cost_keywords or DEFAULT_COST_KEYWORDS
     cost = KeywordCost([w.strip() for w in keywords.split(",") if w.strip()])

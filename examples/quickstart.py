@@ -1,14 +1,15 @@
 """Quickstart: InferenceGuard keeps every response within a keyword budget; plain sampling does not.
 
 Runs offline in seconds on a CPU. The model is a tiny Llama with random weights and
-its tokenizer is trained on the spot (both from `core.testing`), so the text is
+its tokenizer is trained on the spot (both from `inference_safeguard.testing`), so the text is
 gibberish: the point is the mechanism, not the prose. Steps:
 
 1. sample the model plainly and pick the words it emits most often;
 2. declare those words unsafe: `KeywordCost(words)` with budget 0, so a response that
    says any of them even once is over budget;
-3. over ten seeds, generate with plain sampling (`core.baselines.SamplingDecoder`) and
-   with `InferenceGuard`, and count the responses over budget.
+3. over ten seeds, generate with plain sampling
+   (`inference_safeguard.baselines.SamplingDecoder`) and with `InferenceGuard`, and count
+   the responses over budget.
 
 Every number printed comes from this run. With a real model, load it with
 `InferenceGuard.from_pretrained("model-id-or-path", cost=..., config=...)` instead.
@@ -22,10 +23,10 @@ from collections import Counter
 
 import torch
 
-from core import GuardConfig, GuardResult, InferenceGuard
-from core.baselines import SamplingDecoder
-from core.scorers import CallableScorer, KeywordCost
-from core.testing import build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard import GuardConfig, GuardResult, InferenceGuard
+from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.testing import build_tiny_llama, build_tiny_tokenizer
 
 PROMPT = "Tell me about the dog and the garden."
 SEEDS = range(10)
@@ -91,7 +92,7 @@ def main() -> None:
     print(
         f"Model: a {model.config.num_hidden_layers}-layer Llama ({parameters / 1e6:.1f}M "
         "parameters) with RANDOM weights and a tokenizer trained locally on a generated "
-        "corpus\n(core.testing), so the text below is gibberish by design.\n"
+        "corpus\n(inference_safeguard.testing), so the text below is gibberish by design.\n"
     )
 
     no_cost = CallableScorer(lambda prompts, responses: [0.0] * len(responses))

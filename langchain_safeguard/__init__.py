@@ -7,7 +7,13 @@ local Hugging Face models as a LangChain chat model and text-completion model.
 
 Both take a built `InferenceGuard` (`guard=`) or load a model by name (`model=`, or
 `from_model_id(...)`); `clear_model_cache()` forgets the models loaded by name.
+
+Install with `pip install "inference-safeguard[langchain]"`.
 """
+
+from inference_safeguard.extras import import_extra
+
+import_extra("langchain_core", extra="langchain", needed_by="langchain_safeguard")
 
 from langchain_safeguard._loading import clear_model_cache
 from langchain_safeguard.chat_models import ChatSafeguard

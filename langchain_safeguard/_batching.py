@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from core.results import GuardResult
+from inference_safeguard.results import GuardResult
 
 _ACTIVE: ContextVar[BatchPlan | None] = ContextVar("safeguard_batch_plan", default=None)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.lm import CausalLM
+from inference_safeguard.lm import CausalLM
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from langchain_core.messages.tool import (
     tool_call_chunk,
 )
 
-from core.tools import ParsedResponse, ToolCall, name_tool_results
+from inference_safeguard.tools import ParsedResponse, ToolCall, name_tool_results
 
 _CHAT_ROLES = {
     "system": "system",

@@ -8,17 +8,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from typing_extensions import Self
 
-from core import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
-from core.decoder import Decoder
-from core.scorers import Scorer
+from inference_safeguard import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
+from inference_safeguard.decoder import Decoder
+from inference_safeguard.scorers import Scorer
 from langchain_safeguard._loading import ModelSource, load_model
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)

@@ -3,7 +3,7 @@ an instruction in the prompt.
 
 Rendering tools into the prompt, parsing calls out of the response, choosing the tools a
 `tool_choice` offers and holding back streamed text that may be part of a call live in
-`core.tools`, shared with the LlamaIndex package; this module adapts them to
+`inference_safeguard.tools`, shared with the LlamaIndex package; this module adapts them to
 LangChain's conventions.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from core.tools import ToolChoice, ToolSpec, as_tool_specs, choose_tools
+from inference_safeguard.tools import ToolChoice, ToolSpec, as_tool_specs, choose_tools
 
 ToolLike = Mapping[str, Any] | type | Callable[..., Any] | BaseTool
 """Anything `bind_tools` takes: an OpenAI-style dict, a pydantic model, a TypedDict, a
@@ -40,8 +40,9 @@ def to_tool_specs(tools: Sequence[ToolLike] | None) -> list[ToolSpec]:
 def apply_tool_choice(
     messages: list[dict[str, Any]], tools: list[ToolSpec], tool_choice: ToolChoice
 ) -> tuple[list[dict[str, Any]], list[ToolSpec]]:
-    """Messages and tools for a call under `tool_choice` (see `core.tools.choose_tools`):
-    a choice that asks for a call says so in the system message.
+    """Messages and tools for a call under `tool_choice` (see
+    `inference_safeguard.tools.choose_tools`): a choice that asks for a call says so in the
+    system message.
 
     Raises:
         ValueError: a tool choice without tools, or one that names an unknown tool.

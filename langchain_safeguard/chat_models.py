@@ -35,9 +35,15 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.json import parse_json_markdown
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from core import GuardConfig, GuardResult, UnsafeGenerationError
-from core.decoder import Decoder
-from core.tools import ParsedResponse, ToolCallHoldback, ToolChoice, ToolSpec, parse_tool_calls
+from inference_safeguard import GuardConfig, GuardResult, UnsafeGenerationError
+from inference_safeguard.decoder import Decoder
+from inference_safeguard.tools import (
+    ParsedResponse,
+    ToolCallHoldback,
+    ToolChoice,
+    ToolSpec,
+    parse_tool_calls,
+)
 from langchain_safeguard._batching import BatchPlan, active_plan, planned
 from langchain_safeguard._messages import (
     invalid_tool_calls_of,
@@ -103,7 +109,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
     Instantiate with a model name or path (weights load on first use, once per
     process), or around a built `InferenceGuard`:
         ```python
-        from core.scorers import KeywordCost
+        from inference_safeguard.scorers import KeywordCost
         from langchain_safeguard import ChatSafeguard
 
         model = ChatSafeguard(

@@ -10,7 +10,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from core import GuardResult
+from inference_safeguard import GuardResult
 from langchain_safeguard._params import (
     MODEL_CONFIG,
     SafeguardParams,
@@ -31,7 +31,7 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
 
     Example:
         ```python
-        from core.scorers import KeywordCost
+        from inference_safeguard.scorers import KeywordCost
         from langchain_safeguard import SafeguardLLM
 
         llm = SafeguardLLM(model="gpt2", cost=KeywordCost(["bomb"]), max_tokens=64)

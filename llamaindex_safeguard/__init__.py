@@ -2,9 +2,9 @@
 chat engines and agents.
 
 `SafeguardLLM` implements LlamaIndex's function-calling LLM interface on top of a
-`core` decoder (`InferenceGuard` or a baseline): completion and chat, streaming and
+`inference_safeguard` decoder (`InferenceGuard` or a baseline): completion and chat, streaming and
 real async (the search runs in a worker thread, deltas arrive as they are committed),
-tool calling with the tool rendering and parsing of `core.tools`, and the safety
+tool calling with the tool rendering and parsing of `inference_safeguard.tools`, and the safety
 record of every response in `raw["safety"]` and `additional_kwargs["safety"]`.
 Query and chat engine responses carry it in `response.metadata["safety"]` (see
 `SafetyRecordHandler`).
@@ -14,13 +14,9 @@ Install with `pip install "inference-safeguard[llamaindex]"`.
 
 from __future__ import annotations
 
-try:
-    import llama_index.core  # noqa: F401
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "llamaindex_safeguard needs llama-index-core; install it with "
-        '`pip install "inference-safeguard[llamaindex]"`'
-    ) from error
+from inference_safeguard.extras import import_extra
+
+import_extra("llama_index.core", extra="llamaindex", needed_by="llamaindex_safeguard")
 
 from llamaindex_safeguard.llm import SafeguardLLM
 from llamaindex_safeguard.messages import (

@@ -25,15 +25,21 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
-from core.config import GuardConfig
-from core.decoder import Decoder
-from core.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
-from core.guard import CriticInput, InferenceGuard
-from core.lm import PromptInput
-from core.results import GuardResult
-from core.scorers import Scorer
-from core.streaming import AsyncGuardStream, GuardStream
-from core.tools import ParsedResponse, ToolCallHoldback, ToolSpec, choose_tools, parse_tool_calls
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.decoder import Decoder
+from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
+from inference_safeguard.guard import CriticInput, InferenceGuard
+from inference_safeguard.lm import PromptInput
+from inference_safeguard.results import GuardResult
+from inference_safeguard.scorers import Scorer
+from inference_safeguard.streaming import AsyncGuardStream, GuardStream
+from inference_safeguard.tools import (
+    ParsedResponse,
+    ToolCallHoldback,
+    ToolSpec,
+    choose_tools,
+    parse_tool_calls,
+)
 from llamaindex_safeguard.messages import (
     ToolLike,
     assistant_message,
@@ -56,7 +62,7 @@ def _describe(name: str) -> str:
 class SafeguardLLM(FunctionCallingLLM):
     """A LlamaIndex LLM whose every response comes from a safe-decoding search.
 
-    Wraps a `core` decoder (`InferenceGuard`, or a baseline with the same interface)
+    Wraps an `inference_safeguard` decoder (`InferenceGuard`, or a baseline with the same interface)
     and implements LlamaIndex's whole LLM interface natively: `complete`, `chat`, their
     streaming forms, and async forms that run the search in a worker thread (so the
     event loop stays free) and deliver stream deltas as the search commits them.
@@ -74,8 +80,8 @@ class SafeguardLLM(FunctionCallingLLM):
     `response.metadata["safety"]` (see `llamaindex_safeguard.records`).
 
     Function calling: `chat_with_tools`, `predict_and_call`, `FunctionAgent`,
-    `ReActAgent` and `structured_predict` work through `core.tools`: the chat template
-    renders the tools (or a system message describes them) and the response is parsed
+    `ReActAgent` and `structured_predict` work through `inference_safeguard.tools`: the chat
+    template renders the tools (or a system message describes them) and the response is parsed
     into `ToolCallBlock`s. A stream with tools passes on only text that cannot turn out
     to be part of a call; its last chunk carries the calls.
 
@@ -83,20 +89,21 @@ class SafeguardLLM(FunctionCallingLLM):
     setting) and a per-call keyword (`llm.complete(prompt, max_new_tokens=32, seed=0)`);
     a call's keywords override the fields, which override the guard's config.
 
-    Bad input raises `core`'s typed errors (`InvalidPromptError`, `PromptTooLongError`,
-    `ChatTemplateError`). These are `ValueError`s, and LlamaIndex's refine synthesizers
+    Bad input raises `inference_safeguard`'s typed errors (`InvalidPromptError`,
+    `PromptTooLongError`, `ChatTemplateError`). These are `ValueError`s, and LlamaIndex's
+    refine synthesizers
     (the default `compact` response mode, not streaming) log any `ValueError` of an LLM
     and answer "Empty Response"; set `Settings.tokenizer = llm.encode` so that
     LlamaIndex packs prompts in this model's tokens, and prompts fit.
 
     Args:
         guard: the decoder to generate with (`InferenceGuard`, or a baseline from
-            `core.baselines`, which reports safety but never refuses).
+            `inference_safeguard.baselines`, which reports safety but never refuses).
         **kwargs: fields below and those of LlamaIndex's `LLM` (`callback_manager`,
             `system_prompt`, `messages_to_prompt`, `completion_to_prompt`, ...).
 
     Raises:
-        TypeError: `guard` is not a `core` decoder.
+        TypeError: `guard` is not an `inference_safeguard` decoder.
         pydantic.ValidationError: an unknown field, or settings `GuardConfig` rejects.
     """
 
@@ -419,7 +426,7 @@ class SafeguardLLM(FunctionCallingLLM):
         """The `chat` arguments of a tool call: the conversation and the offered tools.
 
         `tool_choice` naming a tool offers only that tool and `"none"` offers none (see
-        `core.tools.choose_tools`); a local model cannot be forced to call a tool, so
+        `inference_safeguard.tools.choose_tools`); a local model cannot be forced to call a tool, so
         `tool_required` is left to the caller's check
         (`get_tool_calls_from_response(error_on_no_tool_call=True)`).
         """

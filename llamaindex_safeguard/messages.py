@@ -1,8 +1,9 @@
-"""Conversions between LlamaIndex's chat types and the plain dicts that `core` reads.
+"""Conversions between LlamaIndex's chat types and the plain dicts that `inference_safeguard` reads.
 
 - `to_guard_messages`: `ChatMessage`s to `{"role", "content"}` dicts, with assistant tool
   calls in the OpenAI/HF format and tool results as `role="tool"` messages.
-- `to_tool_specs`: LlamaIndex tools (or OpenAI-style dicts) to `core.tools.ToolSpec`s.
+- `to_tool_specs`: LlamaIndex tools (or OpenAI-style dicts) to
+  `inference_safeguard.tools.ToolSpec`s.
 - `assistant_message` / `to_tool_selections`: a parsed response to an assistant
   `ChatMessage` with `ToolCallBlock`s, and those blocks to `ToolSelection`s.
 """
@@ -24,8 +25,14 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools.types import BaseTool
 
-from core.errors import InvalidPromptError
-from core.tools import ParsedResponse, ToolCall, ToolSpec, as_tool_specs, name_tool_results
+from inference_safeguard.errors import InvalidPromptError
+from inference_safeguard.tools import (
+    ParsedResponse,
+    ToolCall,
+    ToolSpec,
+    as_tool_specs,
+    name_tool_results,
+)
 
 _ROLES: dict[MessageRole, str] = {
     MessageRole.SYSTEM: "system",
@@ -47,7 +54,7 @@ OpenAI-style dict."""
 
 
 def to_guard_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """Convert LlamaIndex chat messages to the message dicts of `core`.
+    """Convert LlamaIndex chat messages to the message dicts of `inference_safeguard`.
 
     Text blocks are joined with newlines (as `ChatMessage.content` does); thinking
     blocks and cache points are dropped. An assistant message's tool calls (its
@@ -177,7 +184,8 @@ def to_tool_specs(tools: Sequence[ToolLike] | None) -> list[ToolSpec]:
             converted.append(tool)
         else:
             raise TypeError(
-                "each tool must be a LlamaIndex BaseTool, a core.tools.ToolSpec or an "
+                "each tool must be a LlamaIndex BaseTool, an inference_safeguard.tools.ToolSpec or "
+                "an "
                 f"OpenAI-style dict, got {type(tool).__name__}"
             )
     return as_tool_specs(converted)

@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import GuardConfig
-from core.baselines import SamplingDecoder
-from core.scorers import CallableScorer, KeywordCost
-from core.testing import build_tiny_classifier, build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard import GuardConfig
+from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.testing import (
+    build_tiny_classifier,
+    build_tiny_llama,
+    build_tiny_tokenizer,
+)
 
 # Tiny models gain nothing from intra-op threads, and threads spinning on a busy
 # 2-core machine can slow a test a hundredfold.

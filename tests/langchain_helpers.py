@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
-from core import InferenceGuard
+from inference_safeguard import InferenceGuard
 
 
 class RecordingHandler(BaseCallbackHandler):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import PROMPT
 
-from core import InferenceGuard
-from core.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
+from inference_safeguard import InferenceGuard
+from inference_safeguard.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
 
 SEEDS = range(10)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from core import GuardConfig
-from core.cli import build_parser, main
-from core.scorers import KeywordCost, RegexCost
-from core.testing import build_random_critic, build_tiny_llama
+from inference_safeguard import GuardConfig
+from inference_safeguard.cli import build_parser, main
+from inference_safeguard.scorers import KeywordCost, RegexCost
+from inference_safeguard.testing import build_random_critic, build_tiny_llama
 
 PROMPT = "Tell me about the dog and the garden."
 SMALL = "--num-candidates 8 --beam-width 2 --block-size 8 --max-new-tokens 16 --seed 0".split()

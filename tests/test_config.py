@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from core import GuardConfig
+from inference_safeguard import GuardConfig
 
 
 def test_defaults_are_valid_and_candidates_fill_the_beams() -> None:

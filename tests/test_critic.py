@@ -9,16 +9,16 @@ import pytest
 import torch
 from conftest import OTHER_PROMPT, PROMPT
 
-from core import GuardConfig, InferenceGuard
-from core.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprint
-from core.errors import (
+from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprint
+from inference_safeguard.errors import (
     CriticFileError,
     CriticMismatchError,
     CriticMismatchWarning,
     MissingCriticError,
 )
-from core.scorers import CallableScorer
-from core.testing import build_random_critic, build_tiny_llama
+from inference_safeguard.scorers import CallableScorer
+from inference_safeguard.testing import build_random_critic, build_tiny_llama
 
 CONFIG = GuardConfig(
     num_candidates=8, beam_width=2, block_size=4, max_new_tokens=16, seed=0, budget=0.0

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from core.cli import main
-from core.demo import is_unsafe, load_demo_world
-from core.demo.build import BuildSettings, build_demo_world
-from core.demo.corpus import (
+from inference_safeguard.cli import main
+from inference_safeguard.demo import is_unsafe, load_demo_world
+from inference_safeguard.demo.build import BuildSettings, build_demo_world
+from inference_safeguard.demo.corpus import (
     HAZARD_PHRASES,
     KINDS,
     TOPICS,
@@ -20,8 +20,8 @@ from core.demo.corpus import (
     make_response,
     split_prompts,
 )
-from core.evaluation.run import evaluate
-from core.lm import transcript
+from inference_safeguard.evaluation.run import evaluate
+from inference_safeguard.lm import transcript
 
 
 @pytest.fixture(scope="module")

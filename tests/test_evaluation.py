@@ -15,10 +15,10 @@ import pytest
 from conftest import OTHER_PROMPT, PROMPT
 from rich.console import Console
 
-from core import GuardConfig, GuardResult, InferenceGuard
-from core.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
-from core.cli import CommandLineError
-from core.evaluation import (
+from inference_safeguard import GuardConfig, GuardResult, InferenceGuard
+from inference_safeguard.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
+from inference_safeguard.cli import CommandLineError
+from inference_safeguard.evaluation import (
     METHODS,
     EvaluationReport,
     MethodOptions,
@@ -31,11 +31,11 @@ from core.evaluation import (
     write_json,
     write_plot,
 )
-from core.evaluation.cli import add_eval_command
-from core.evaluation.methods import runnable_methods
-from core.evaluation.metrics import mean_and_sd
-from core.scorers import CallableScorer
-from core.testing import build_random_critic
+from inference_safeguard.evaluation.cli import add_eval_command
+from inference_safeguard.evaluation.methods import runnable_methods
+from inference_safeguard.evaluation.metrics import mean_and_sd
+from inference_safeguard.scorers import CallableScorer
+from inference_safeguard.testing import build_random_critic
 
 REFUSAL = "Sorry."
 """A refusal with none of the tiny model's words, so no keyword cost or oracle flags it."""
@@ -398,9 +398,9 @@ def test_eval_command_defaults_to_the_demo_world(
         budget=2.5,
         critic=build_random_critic(tiny_model, budget=2.5, block_size=8),
     )
-    demo = types.ModuleType("core.demo")
+    demo = types.ModuleType("inference_safeguard.demo")
     demo.load_demo_world = lambda: world
-    monkeypatch.setitem(sys.modules, "core.demo", demo)
+    monkeypatch.setitem(sys.modules, "inference_safeguard.demo", demo)
 
     assert safeguard_eval("--methods", "base,inferenceguard,inferenceguard-critic", *SMALL) == 0
     printed = capsys.readouterr().out

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from core.demo.corpus import HAZARD_PHRASES
+from inference_safeguard.demo.corpus import HAZARD_PHRASES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

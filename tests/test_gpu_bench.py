@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import build_tiny_tokenizer
+from inference_safeguard.testing import build_tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 gpu_bench = importlib.import_module("gpu_bench")

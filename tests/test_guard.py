@@ -10,7 +10,7 @@ import torch
 from conftest import OTHER_PROMPT, PROMPT
 from pydantic import ValidationError
 
-from core import (
+from inference_safeguard import (
     ChatTemplateError,
     GuardConfig,
     InferenceGuard,
@@ -20,9 +20,9 @@ from core import (
     RefusalOverBudgetWarning,
     UnsafeGenerationError,
 )
-from core.baselines import SamplingDecoder
-from core.scorers import CallableScorer, KeywordCost
-from core.testing import build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.testing import build_tiny_llama, build_tiny_tokenizer
 
 SEEDS = range(20)
 

@@ -14,15 +14,15 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_helpers import RecordingHandler, count_searches
 from pydantic import ValidationError
 
-from core import (
+from inference_safeguard import (
     GuardConfig,
     InferenceGuard,
     MissingCostModelError,
     PromptTooLongError,
     UnsafeGenerationError,
 )
-from core.scorers import CallableScorer, KeywordCost
-from core.testing import ScriptedGuard, build_random_critic
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.testing import ScriptedGuard, build_random_critic
 from langchain_safeguard import ChatSafeguard, SafeguardLLM, clear_model_cache
 from langchain_safeguard._loading import loaded_models
 

@@ -8,9 +8,9 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from langchain_helpers import RecordingHandler, count_searches
 
-from core import GuardConfig, InferenceGuard, UnsafeGenerationError
-from core.scorers import CallableScorer, KeywordCost
-from core.testing import ScriptedGuard
+from inference_safeguard import GuardConfig, InferenceGuard, UnsafeGenerationError
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.testing import ScriptedGuard
 from langchain_safeguard import SafeguardLLM
 
 CONFIG = GuardConfig(num_candidates=8, beam_width=2, block_size=8, max_new_tokens=24)

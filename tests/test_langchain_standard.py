@@ -10,8 +10,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from core.scorers import KeywordCost
-from core.testing import build_tiny_llama
+from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.testing import build_tiny_llama
 from langchain_safeguard import ChatSafeguard
 
 CALLS_NO_TOOLS = (

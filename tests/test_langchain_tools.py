@@ -21,9 +21,9 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_helpers import RecordingHandler
 from pydantic import BaseModel, Field
 
-from core import GuardConfig
-from core.scorers import KeywordCost
-from core.testing import ScriptedGuard, build_tiny_llama
+from inference_safeguard import GuardConfig
+from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.testing import ScriptedGuard, build_tiny_llama
 from langchain_safeguard import ChatSafeguard
 from langchain_safeguard._messages import to_chat_messages
 

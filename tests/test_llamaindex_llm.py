@@ -23,7 +23,7 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.llms import ChatMessage, MessageRole
 from pydantic import Field, ValidationError
 
-from core import (
+from inference_safeguard import (
     ChatTemplateError,
     GuardConfig,
     InferenceGuard,
@@ -31,8 +31,8 @@ from core import (
     MissingCostModelError,
     PromptTooLongError,
 )
-from core.scorers import CallableScorer
-from core.testing import ScriptedGuard, build_random_critic, build_tiny_tokenizer
+from inference_safeguard.scorers import CallableScorer
+from inference_safeguard.testing import ScriptedGuard, build_random_critic, build_tiny_tokenizer
 from llamaindex_safeguard import SafeguardLLM
 
 SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}

@@ -16,10 +16,10 @@ from llama_index.core.base.response.schema import AsyncStreamingResponse, Stream
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.instrumentation import get_dispatcher
 
-from core import GuardConfig, InferenceGuard, PromptTooLongError
-from core.demo.corpus import HAZARD_PHRASES
-from core.scorers import CallableScorer, KeywordCost
-from core.testing import ScriptedGuard, build_tiny_llama
+from inference_safeguard import GuardConfig, InferenceGuard, PromptTooLongError
+from inference_safeguard.demo.corpus import HAZARD_PHRASES
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.testing import ScriptedGuard, build_tiny_llama
 from llamaindex_safeguard import SafeguardLLM, SafetyRecordHandler, install_safety_record_handler
 
 DOCUMENTS = [

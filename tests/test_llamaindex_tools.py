@@ -13,8 +13,8 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel
 
-from core.scorers import KeywordCost
-from core.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
 from llamaindex_safeguard import SafeguardLLM, to_guard_messages, to_tool_specs
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import OTHER_PROMPT, PROMPT
 
-from core.lm import BlockCheckpoint, CausalLM, transcript
+from inference_safeguard.lm import BlockCheckpoint, CausalLM, transcript
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core import GuardConfig
+from inference_safeguard import GuardConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -1,11 +1,12 @@
-"""Unit tests for the safety state and candidate scores in `core.safety` (synthetic tensors)."""
+"""Unit tests for the safety state and candidate scores in `inference_safeguard.safety`
+(synthetic tensors)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from core.safety import (
+from inference_safeguard.safety import (
     augmented_score,
     initial_safety_state,
     lagrangian_score,

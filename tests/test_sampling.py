@@ -1,11 +1,12 @@
-"""Unit tests for logits warping and per-prompt seeded sampling in `core.sampling`."""
+"""Unit tests for logits warping and per-prompt seeded sampling in
+`inference_safeguard.sampling`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from core.sampling import PromptSamplers, penalize_tokens, warp_logits
+from inference_safeguard.sampling import PromptSamplers, penalize_tokens, warp_logits
 
 CPU = torch.device("cpu")
 

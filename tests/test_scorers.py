@@ -1,4 +1,5 @@
-"""Tests for the cost and reward scorers in `core.scorers` (tiny local models, CPU)."""
+"""Tests for the cost and reward scorers in `inference_safeguard.scorers` (tiny local
+models, CPU)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
-from core.scorers import (
+from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
+from inference_safeguard.scorers import (
     BEAVER_TEMPLATE,
     CallableScorer,
     ClassifierScorer,
@@ -18,7 +19,11 @@ from core.scorers import (
     RegexCost,
     Scorer,
 )
-from core.testing import build_tiny_classifier, build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard.testing import (
+    build_tiny_classifier,
+    build_tiny_llama,
+    build_tiny_tokenizer,
+)
 
 PROMPTS = [
     "user: hi there",

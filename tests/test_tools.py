@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import PROMPT
 
-from core import InferenceGuard, InvalidPromptError
-from core.lm import CausalLM
-from core.scorers import KeywordCost
-from core.testing import ScriptedGuard, build_tiny_llama
-from core.tools import (
+from inference_safeguard import InferenceGuard, InvalidPromptError
+from inference_safeguard.lm import CausalLM
+from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.testing import ScriptedGuard, build_tiny_llama
+from inference_safeguard.tools import (
     TOOL_CALL_MARKERS,
     TOOL_CALL_OPEN,
     ToolCall,
@@ -168,7 +168,7 @@ def test_inline_rendering_describes_tools_and_writes_calls_and_results_as_text()
 def test_prompts_with_tools_render_through_a_template_without_tool_support(tiny_tokenizer):
     lm_tokenizer = tiny_tokenizer
     assert not template_renders_tools(lm_tokenizer.chat_template)
-    from core.testing import build_tiny_llama
+    from inference_safeguard.testing import build_tiny_llama
 
     lm = CausalLM(build_tiny_llama(lm_tokenizer), lm_tokenizer)
     encoded = lm.encode(CONVERSATION, TOOLS)
@@ -181,7 +181,7 @@ def test_prompts_with_tools_render_through_a_template_without_tool_support(tiny_
 
 
 def test_prompts_with_tools_render_through_a_template_with_tool_support(tiny_model):
-    from core.testing import build_tiny_tokenizer
+    from inference_safeguard.testing import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = TOOL_TEMPLATE

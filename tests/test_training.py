@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.cli import main
-from core.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprint
-from core.errors import InvalidPromptError, PromptTooLongError
-from core.lm import CausalLM
-from core.scorers import CallableScorer, Scorer
-from core.training import (
+from inference_safeguard.cli import main
+from inference_safeguard.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprint
+from inference_safeguard.errors import InvalidPromptError, PromptTooLongError
+from inference_safeguard.lm import CausalLM
+from inference_safeguard.scorers import CallableScorer, Scorer
+from inference_safeguard.training import (
     CriticTrainingError,
     CriticTrainingSettings,
     RolloutSet,
@@ -27,7 +27,7 @@ from core.training import (
     fit_critic,
     train_critic,
 )
-from core.training.fit import split_by_prompt
+from inference_safeguard.training.fit import split_by_prompt
 
 PROMPTS = [
     "Tell me about the dog and the garden.",
@@ -426,9 +426,9 @@ def test_train_critic_command_defaults_to_the_demo_world(
         prompts={"train": PROMPTS, "test": ["not for training"]},
         budget=2.5,
     )
-    demo = types.ModuleType("core.demo")
+    demo = types.ModuleType("inference_safeguard.demo")
     demo.load_demo_world = lambda device: world
-    monkeypatch.setitem(sys.modules, "core.demo", demo)
+    monkeypatch.setitem(sys.modules, "inference_safeguard.demo", demo)
 
     out = tmp_path / "critic"
     assert main(["train-critic", "--out", str(out), "--no-cost-probe", *SMALL_RUN]) == 0

@@ -1,0 +1,54 @@
+"""Safeguard core: almost-surely-safe generation from local Hugging Face models.
+
+InferenceGuard (arXiv 2502.01208) as a library: block-wise search in the model's own
+decoding, guided by a safety state that tracks the remaining cost budget.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.critic import LatentCritic
+from inference_safeguard.errors import (
+    ChatTemplateError,
+    CriticError,
+    CriticFileError,
+    CriticMismatchError,
+    InvalidPromptError,
+    MissingCostModelError,
+    MissingCriticError,
+    PromptTooLongError,
+    RefusalOverBudgetWarning,
+    SafeguardError,
+    ScorerOutputError,
+    UnsafeGenerationError,
+)
+from inference_safeguard.extras import MissingExtraError
+from inference_safeguard.guard import InferenceGuard
+from inference_safeguard.results import GenerationStats, GuardResult
+
+try:
+    __version__ = version("inference-safeguard")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ChatTemplateError",
+    "CriticError",
+    "CriticFileError",
+    "CriticMismatchError",
+    "GenerationStats",
+    "GuardConfig",
+    "GuardResult",
+    "InferenceGuard",
+    "InvalidPromptError",
+    "LatentCritic",
+    "MissingCostModelError",
+    "MissingCriticError",
+    "MissingExtraError",
+    "PromptTooLongError",
+    "RefusalOverBudgetWarning",
+    "SafeguardError",
+    "ScorerOutputError",
+    "UnsafeGenerationError",
+    "__version__",
+]

@@ -1,0 +1,279 @@
+"""The `safeguard` console script: argument parsing, one function per subcommand.
+
+`safeguard generate` loads a local (or hub) causal LM, wraps it in `InferenceGuard`
+with the cost and reward models named on the command line, and prints the response
+with its safety record. Every `GuardConfig` field is a flag, generated from the
+pydantic model so that the two never drift apart.
+
+Exit codes: 0 success, 2 bad command line, bad settings or a path that cannot be
+loaded (a one-line `safeguard: error: ...` on stderr, no traceback), 3 the response
+stayed over budget and `--on-unsafe raise` was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_safeguard.cli_options import (
+    CommandLineError,
+    add_config_option,
+    add_cost_keywords_option,
+    add_loading_options,
+    from_pretrained_options,
+    guard_config,
+    load_reward,
+    loading,
+    parse_regex_cost,
+)
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.critic import LatentCritic
+from inference_safeguard.demo.command import add_demo_command
+from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
+from inference_safeguard.evaluation.cli import add_eval_command
+from inference_safeguard.guard import InferenceGuard
+from inference_safeguard.lm import PromptInput
+from inference_safeguard.results import GuardResult
+from inference_safeguard.scorers import (
+    ClassifierScorer,
+    GuardModelCost,
+    Scorer,
+)
+from inference_safeguard.training.cli import add_train_critic_command
+
+EXIT_USAGE = 2
+"""Bad command line, invalid settings, or a model path that cannot be loaded."""
+EXIT_UNSAFE = 3
+"""The response stayed over budget and `--on-unsafe raise` was given."""
+
+
+# ----------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the `safeguard` command line and return its exit status.
+
+    Args:
+        argv: the arguments after the program name; default `sys.argv[1:]`.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help and on usage errors
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return args.run(args)
+    except UnsafeGenerationError as exc:
+        _report(exc)
+        return EXIT_UNSAFE
+    except (SafeguardError, CommandLineError, OSError) as exc:
+        _report(exc)
+        return EXIT_USAGE
+
+
+def _report(error: Exception) -> None:
+    print(f"safeguard: error: {error}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `safeguard` parser; each subcommand sets `run`, the function that carries it out."""
+    parser = argparse.ArgumentParser(
+        prog="safeguard",
+        description="Almost-surely-safe generation from local Hugging Face models "
+        "(InferenceGuard, arXiv 2502.01208).",
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(subcommands)
+    add_eval_command(subcommands)
+    add_train_critic_command(subcommands)
+    add_demo_command(subcommands)
+    return parser
+
+
+# ------------------------------------------------------------------------- generate
+def _add_generate(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "generate",
+        help="generate one response within a safety budget",
+        description="Generate one response with InferenceGuard and print it with its "
+        "safety record. Give at least one cost: several are added up.",
+    )
+    parser.set_defaults(run=run_generate)
+
+    model = parser.add_argument_group("base model")
+    model.add_argument(
+        "--model", required=True, metavar="NAME_OR_PATH", help="causal LM: hub name or local path"
+    )
+    add_loading_options(
+        model,
+        device_help="device of every model (default: cuda when available, else cpu)",
+        dtype_help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for "
+        "the base model; the checkpoint's own for cost and reward models)",
+    )
+
+    prompt = parser.add_argument_group("prompt")
+    prompt.add_argument(
+        "--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin"
+    )
+    prompt.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as one user message through the chat template "
+        "(default: plain text, used as is)",
+    )
+
+    scorers = parser.add_argument_group("cost and reward (at least one cost)")
+    add_cost_keywords_option(scorers)
+    scorers.add_argument(
+        "--cost-regex",
+        type=parse_regex_cost,
+        action="append",
+        metavar="PATTERN",
+        help="cost 1 per match of this regular expression (case-insensitive); repeatable",
+    )
+    scorers.add_argument(
+        "--cost-model",
+        "--cost",
+        dest="cost_model",
+        metavar="PATH",
+        help="sequence-classification cost model (higher = more unsafe), e.g. Beaver-style",
+    )
+    scorers.add_argument(
+        "--cost-template",
+        metavar="TEMPLATE",
+        help="input format of --cost-model with {response} and optionally {prompt} "
+        "(default: its chat template, else '{prompt}\\n\\n{response}')",
+    )
+    scorers.add_argument(
+        "--guard-model",
+        metavar="PATH",
+        help="guard LLM (Llama-Guard style); the cost is its P(unsafe)",
+    )
+    scorers.add_argument(
+        "--reward-model",
+        "--reward",
+        dest="reward_model",
+        metavar="PATH",
+        help="sequence-classification reward model (default: rank candidates by likelihood)",
+    )
+    scorers.add_argument(
+        "--critic",
+        type=Path,
+        metavar="DIR",
+        help="latent critic of --model (from `safeguard train-critic`): critic mode",
+    )
+
+    search = parser.add_argument_group("search settings (default: GuardConfig's)")
+    for name, field in GuardConfig.model_fields.items():
+        add_config_option(search, name, field)
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, safety record, finish_reason, stats) instead",
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`safeguard generate`: load, generate, print. Settings are checked before any load."""
+    prompt = _read_prompt(args.prompt, chat=args.chat)
+    config = guard_config(args)
+    if args.cost_template is not None and args.cost_model is None:
+        raise CommandLineError(
+            "--cost-template formats the input of --cost-model; add --cost-model"
+        )
+    if not (args.cost_keywords or args.cost_regex or args.cost_model or args.guard_model):
+        raise CommandLineError(
+            "generate needs a cost: pass --cost-keywords, --cost-regex, --cost-model or "
+            "--guard-model (several are added up)"
+        )
+
+    critic = None if args.critic is None else LatentCritic.load(args.critic)
+    load = from_pretrained_options(args)
+    costs: list[Scorer | None] = [args.cost_keywords, *(args.cost_regex or [])]
+    if args.cost_model is not None:
+        template = {} if args.cost_template is None else {"template": args.cost_template}
+        with loading("--cost-model", args.cost_model):
+            costs.append(ClassifierScorer.from_pretrained(args.cost_model, **load, **template))
+    if args.guard_model is not None:
+        with loading("--guard-model", args.guard_model):
+            costs.append(GuardModelCost.from_pretrained(args.guard_model, **load))
+    reward = load_reward(args)
+    with loading("--model", args.model):
+        guard = InferenceGuard.from_pretrained(
+            args.model, cost=_sum_of(costs), reward=reward, critic=critic, config=config, **load
+        )
+
+    result = guard.generate(prompt)
+    print(_as_json(result) if args.json else _as_text(result))
+    return 0
+
+
+def _read_prompt(value: str, *, chat: bool) -> PromptInput:
+    # A shell pipe ends the text with a newline that is not part of the prompt.
+    text = sys.stdin.read().rstrip("\n") if value == "-" else value
+    return [{"role": "user", "content": text}] if chat else text
+
+
+class _SumOfCosts(Scorer):
+    """Cost = the sum of several costs, each scored on the whole batch."""
+
+    def __init__(self, costs: Sequence[Scorer]) -> None:
+        self.costs = tuple(costs)
+
+    def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Returns `(batch,)` summed costs."""
+        return torch.stack([cost(prompts, responses) for cost in self.costs]).sum(dim=0)
+
+
+def _sum_of(costs: Sequence[Scorer | None]) -> Scorer:
+    given = [cost for cost in costs if cost is not None]
+    return given[0] if len(given) == 1 else _SumOfCosts(given)
+
+
+# ------------------------------------------------------------------------- output
+def _record(result: GuardResult) -> dict[str, Any]:
+    """Safety record, finish reason and stats of `result`, in that order."""
+    return {
+        **result.safety_record(),
+        "finish_reason": result.finish_reason,
+        **dataclasses.asdict(result.stats),
+    }
+
+
+def _as_text(result: GuardResult) -> str:
+    """The response, a blank line, then the record as aligned `name  value` lines."""
+    record = _record(result)
+    width = max(map(len, record))
+    lines = [f"{name:<{width}}  {_format_value(value)}" for name, value in record.items()]
+    return "\n".join([result.text, "", *lines])
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _as_json(result: GuardResult) -> str:
+    """One JSON object: the text, the safety record and finish reason, and `stats`."""
+    return json.dumps(
+        {
+            "text": result.text,
+            **result.safety_record(),
+            "finish_reason": result.finish_reason,
+            "stats": dataclasses.asdict(result.stats),
+        }
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""`Decoder`: the interface every decoder shares (InferenceGuard and the baselines).
+
+A decoder turns prompts into `GuardResult`s. This base class owns what is common:
+prompt validation, per-call config overrides, seeds, the final safety record, and
+the sync/async/streaming entry points. Subclasses implement `_decode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.errors import MissingCostModelError
+from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
+from inference_safeguard.results import FinishReason, GenerationStats, GuardResult
+from inference_safeguard.scorers import Scorer
+from inference_safeguard.search import PromptSearch
+from inference_safeguard.streaming import AsyncGuardStream, GuardStream
+from inference_safeguard.tools import ToolSpec, as_tool_specs
+
+ToolsInput = Sequence[ToolSpec | Mapping[str, Any]] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """A decoded response before its safety record is attached."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    reward: float | None = None
+    prefix_cost: float = 0.0
+    """Highest cost the search's cost model gave a block-end prefix of the response."""
+    cost_checked: bool = False
+    """Whether `prefix_cost` already covers the response's own text (no need to score it)."""
+    blocks: int = 0
+    candidates_scored: int = 0
+    resample_rounds: int = 0
+
+    @classmethod
+    def of(cls, search: PromptSearch) -> Response:
+        """The best finished response of a block search."""
+        best = search.best()
+        return cls(
+            token_ids=best.token_ids,
+            text=best.text,
+            finish_reason=best.finish_reason,
+            reward=best.reward,
+            prefix_cost=best.cost,
+            cost_checked=best.cost_checked,
+            blocks=search.blocks,
+            candidates_scored=search.candidates_scored,
+            resample_rounds=search.resample_rounds,
+        )
+
+
+class Decoder(ABC):
+    """Base of all decoders: generate, generate_batch, stream and their async forms.
+
+    Args:
+        lm: the base model.
+        cost: cost model C(x, y); every decoder reports the cost of what it returns.
+        reward: reward model R(x, y), or None.
+        config: defaults for every call; each call may override fields by keyword.
+    """
+
+    def __init__(
+        self,
+        lm: CausalLM,
+        cost: Scorer | None,
+        reward: Scorer | None = None,
+        config: GuardConfig | None = None,
+    ) -> None:
+        if cost is None:
+            raise MissingCostModelError.of(type(self).__name__)
+        for name, scorer in (("cost", cost), ("reward", reward)):
+            if scorer is not None and not isinstance(scorer, Scorer):
+                raise TypeError(
+                    f"{name} must be an inference_safeguard.scorers.Scorer (e.g. KeywordCost, "
+                    "ClassifierScorer, "
+                    f"or CallableScorer(fn) around a function), got {type(scorer).__name__}"
+                )
+        if config is not None and not isinstance(config, GuardConfig):
+            raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+        self.lm = lm
+        self.cost = cost
+        self.reward = reward
+        self.config = config or GuardConfig()
+        self.last_result: GuardResult | None = None
+
+    # ----------------------------------------------------------------- public API
+    def generate(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> GuardResult:
+        """Generate one response.
+
+        Args:
+            prompt: plain text (used as is) or a chat message list (chat template applied).
+            tools: tools the model may call (`ToolSpec`s or OpenAI-style dicts); parse the
+                response with `inference_safeguard.tools.parse_tool_calls`.
+            **overrides: `GuardConfig` fields for this call only.
+        """
+        return self.generate_batch([prompt], tools=tools, **overrides)[0]
+
+    def generate_batch(
+        self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
+    ) -> list[GuardResult]:
+        """Generate one response per prompt, all prompts decoded together."""
+        config = self.config.with_overrides(**overrides)
+        return self._generate_encoded(self.encode_prompts(prompts, config, tools), config)
+
+    def stream(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> GuardStream:
+        """The response as text deltas that can no longer change; `.result` at the end.
+
+        The prompt and settings are checked at once, before the first delta. This
+        default yields the whole response at once; decoders that can commit text
+        earlier override `_stream`.
+        """
+        config = self.config.with_overrides(**overrides)
+        [encoded] = self.encode_prompts([prompt], config, tools)
+        return GuardStream(self._stream(encoded, config))
+
+    def _stream(
+        self, prompt: EncodedPrompt, config: GuardConfig
+    ) -> Generator[str, None, GuardResult]:
+        [result] = self._generate_encoded([prompt], config)
+        if result.text:
+            yield result.text
+        return result
+
+    def _generate_encoded(
+        self, prompts: list[EncodedPrompt], config: GuardConfig
+    ) -> list[GuardResult]:
+        started = time.perf_counter()
+        responses = self._decode(prompts, config, self._seeds(prompts, config))
+        results = self._finalize(prompts, responses, config, time.perf_counter() - started)
+        self.last_result = results[-1]
+        return results
+
+    async def agenerate(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> GuardResult:
+        """`generate` in a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.generate, prompt, tools=tools, **overrides)
+
+    async def agenerate_batch(
+        self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
+    ) -> list[GuardResult]:
+        """`generate_batch` in a worker thread."""
+        return await asyncio.to_thread(self.generate_batch, prompts, tools=tools, **overrides)
+
+    def astream(
+        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+    ) -> AsyncGuardStream:
+        """`stream` driven from a worker thread: `async for delta in decoder.astream(...)`.
+
+        The prompt and settings are checked at once. Leaving the loop early stops the
+        search after its current step; `.result` is set once the stream has ended.
+        """
+        return AsyncGuardStream(self.stream(prompt, tools=tools, **overrides))
+
+    # ------------------------------------------------------------------ internals
+    def encode_prompts(
+        self, prompts: Sequence[PromptInput], config: GuardConfig, tools: ToolsInput = None
+    ) -> list[EncodedPrompt]:
+        """Validate and tokenize prompts (with `tools` offered), checking they fit the
+        context window."""
+        return self.lm.encode_batch(prompts, config.max_new_tokens, as_tool_specs(tools))
+
+    @staticmethod
+    def _seeds(prompts: Sequence[EncodedPrompt], config: GuardConfig) -> list[int]:
+        """One sampler seed per prompt.
+
+        With `config.seed`, a prompt's seed is derived from it and the prompt's tokens:
+        a prompt decodes the same alone or in any batch, while different prompts of a
+        batch draw independent samples. Without, fresh seeds from torch's RNG.
+        """
+        if config.seed is None:
+            return torch.randint(0, 2**62, (len(prompts),)).tolist()
+        return [_derived_seed(config.seed, prompt.ids) for prompt in prompts]
+
+    @abstractmethod
+    def _decode(
+        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+    ) -> list[Response]:
+        """Decode one response per prompt."""
+
+    def _finalize(
+        self,
+        prompts: list[EncodedPrompt],
+        responses: list[Response],
+        config: GuardConfig,
+        seconds: float,
+    ) -> list[GuardResult]:
+        """Score the responses with the real cost model (unless the search already scored
+        the very text) and the reward model (where the search did not), and build the
+        results. Baselines report; InferenceGuard enforces."""
+        prompt_texts = [p.text for p in prompts]
+        texts = [r.text for r in responses]
+        # The cost of what was said: the full text's, or a prefix's if that was higher.
+        unchecked = [i for i, r in enumerate(responses) if not r.cost_checked]
+        costs = [r.prefix_cost for r in responses]
+        if unchecked:
+            scored = self.cost([prompt_texts[i] for i in unchecked], [texts[i] for i in unchecked])
+            for i, cost in zip(unchecked, scored.tolist(), strict=True):
+                costs[i] = max(cost, costs[i])
+        rewards: list[float | None] = [r.reward for r in responses]
+        missing = [i for i, r in enumerate(rewards) if r is None]
+        if self.reward is not None and missing:
+            scored = self.reward([prompt_texts[i] for i in missing], [texts[i] for i in missing])
+            for i, value in zip(missing, scored.tolist(), strict=True):
+                rewards[i] = value
+        results = []
+        for prompt, response, cost, reward in zip(prompts, responses, costs, rewards, strict=True):
+            result = GuardResult(
+                text=response.text,
+                token_ids=response.token_ids,
+                safe=cost <= config.budget,
+                cost=cost,
+                reward=reward,
+                refused=False,
+                finish_reason=response.finish_reason,
+                budget=config.budget,
+                stats=GenerationStats(
+                    blocks=response.blocks,
+                    candidates_scored=response.candidates_scored,
+                    resample_rounds=response.resample_rounds,
+                    prompt_tokens=len(prompt.ids),
+                    completion_tokens=len(response.token_ids),
+                    seconds=seconds,
+                ),
+            )
+            results.append(result)
+        return self._enforce(prompts, results, config)
+
+    def _enforce(
+        self, prompts: list[EncodedPrompt], results: list[GuardResult], config: GuardConfig
+    ) -> list[GuardResult]:
+        """What to do with scored results; baselines report them as they are."""
+        return results
+
+
+def _derived_seed(seed: int, token_ids: Sequence[int]) -> int:
+    """A 62-bit seed from a user seed and a prompt's token ids (stable across runs)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update((seed % 2**64).to_bytes(8, "little"))
+    digest.update(b"".join((i % 2**32).to_bytes(4, "little") for i in token_ids))
+    return int.from_bytes(digest.digest(), "little") >> 2

@@ -1,0 +1,283 @@
+"""`safeguard eval`: the evaluation harness on the command line.
+
+Runs the chosen methods over a JSONL prompt file (or a split of the demo world), prints
+the paper's table, and with `--out DIR` writes `results.json`, `results.csv` and, with
+`--plot`, `plot.png`. Without `--model` it evaluates the demo world: its base model,
+cost and reward models, oracle, budget and prompt splits; a cost or reward given on the
+command line replaces the world's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+# The module, not its names: inference_safeguard.cli imports this module to register the command.
+from inference_safeguard.cli_options import (
+    CommandLineError,
+    add_config_option,
+    add_loading_options,
+    add_option_with_default,
+    add_prompts_option,
+    add_scorer_options,
+    check_single_cost,
+    file_prompts,
+    guard_config,
+    load_base_model,
+    load_cost,
+    load_reward,
+    positive_int,
+)
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.critic import LatentCritic
+from inference_safeguard.evaluation.methods import (
+    METHODS,
+    MethodOptions,
+    get_method,
+    runnable_methods,
+)
+from inference_safeguard.evaluation.report import print_table, write_csv, write_json, write_plot
+from inference_safeguard.evaluation.run import Oracle, evaluate
+from inference_safeguard.lm import PromptInput
+from inference_safeguard.scorers import Scorer
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `eval` on the `safeguard` subcommands; it sets `run` to `run_eval`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="compare InferenceGuard with the baselines on a prompt set",
+        description="Run decoding methods over a prompt set and print average reward (sd), "
+        "average cost, safety rate per cost model and per oracle, refusal rate and seconds "
+        "per response. Every method shares the search settings, and every prompt is "
+        "seeded with --seed (default 0). Without --model, evaluates the offline demo world.",
+    )
+    parser.set_defaults(run=run_eval)
+
+    prompts = parser.add_argument_group("prompts")
+    add_prompts_option(prompts, default_help="the demo world's --split")
+    prompts.add_argument(
+        "--split", default="test", help="demo world split to evaluate (default: test)"
+    )
+    prompts.add_argument(
+        "--limit", type=positive_int, metavar="N", help="evaluate only the first N prompts"
+    )
+
+    methods = parser.add_argument_group("methods")
+    methods.add_argument(
+        "--methods",
+        type=_method_names,
+        metavar="NAME[,NAME...]",
+        help=f"methods in table order, from {', '.join(METHODS)} (default: all that can run "
+        "with the models given; ARGS needs a reward model, inferenceguard-critic a critic)",
+    )
+    methods.add_argument(
+        "--lagrange-multiplier",
+        type=float,
+        metavar="X",
+        help="lambda of the Lagrangian scorings R - lambda * C (default: 1.0)",
+    )
+    methods.add_argument(
+        "--args-num-tokens",
+        type=int,
+        metavar="N",
+        help="candidate tokens per ARGS step (default: 10)",
+    )
+    methods.add_argument(
+        "--args-reward-weight", type=float, metavar="X", help="ARGS's reward weight (default: 1.0)"
+    )
+    methods.add_argument(
+        "--args-cost-weight",
+        type=float,
+        metavar="X",
+        help="cost weight of args-cost (default: 10.0)",
+    )
+
+    models = parser.add_argument_group("models (default: the demo world's)")
+    models.add_argument(
+        "--model", metavar="NAME_OR_PATH", help="base causal LM; needs --prompts and a cost"
+    )
+    add_scorer_options(models, reward_help="sequence-classification reward model")
+    models.add_argument(
+        "--critic",
+        type=Path,
+        metavar="DIR",
+        help="latent critic of the base model (from `safeguard train-critic`), for the "
+        "inferenceguard-critic row (default: the demo world's)",
+    )
+    add_loading_options(
+        models,
+        device_help="device of the models loaded from paths "
+        "(default: cuda when available, else cpu)",
+    )
+
+    search = parser.add_argument_group(
+        "search settings, shared by every method (default: GuardConfig's; the budget "
+        "defaults to the demo world's)"
+    )
+    for name, field in GuardConfig.model_fields.items():
+        add_config_option(search, name, field)
+
+    output = parser.add_argument_group("run and output")
+    add_option_with_default(output, "--batch-size", positive_int, 8, "prompts decoded together")
+    output.add_argument(
+        "--out", type=Path, metavar="DIR", help="write results.json and results.csv here"
+    )
+    output.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write DIR/plot.png: safety rate against reward per method",
+    )
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`safeguard eval`: check the settings, load, evaluate, print and write the report."""
+    config = guard_config(args)
+    options = _method_options(args)
+    if args.plot and args.out is None:
+        raise CommandLineError("--plot writes DIR/plot.png; add --out DIR")
+    check_single_cost(args)
+    given_prompts = file_prompts(args, demo_prompts="splits")
+
+    setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
+    prompts = (given_prompts if given_prompts is not None else setup.prompts)[: args.limit]
+    if args.budget is None and setup.budget is not None:
+        config = config.with_overrides(budget=setup.budget)
+    methods = _chosen_methods(
+        args.methods, has_reward=setup.reward is not None, has_critic=setup.critic is not None
+    )
+    options = dataclasses.replace(options, critic=setup.critic)
+    if args.plot and setup.reward is None:
+        raise CommandLineError(
+            "--plot puts reward on its x axis; add --reward-model or leave --plot out"
+        )
+
+    report = evaluate(
+        methods,
+        prompts,
+        model=setup.model,
+        tokenizer=setup.tokenizer,
+        cost=setup.cost,
+        reward=setup.reward,
+        oracle=setup.oracle,
+        config=config,
+        batch_size=args.batch_size,
+        options=options,
+    )
+    print_table(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = [args.out / "results.json", args.out / "results.csv"]
+        write_json(report, written[0])
+        write_csv(report, written[1])
+        if args.plot:
+            written.append(args.out / "plot.png")
+            write_plot(report, written[2])
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------- models and prompts
+@dataclass(frozen=True)
+class _Setup:
+    """What an evaluation runs on; `budget` and `prompts` are None where not provided."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cost: Scorer
+    reward: Scorer | None
+    oracle: Oracle | None = None
+    budget: float | None = None
+    prompts: list[PromptInput] | None = None
+    critic: LatentCritic | None = None
+
+
+def _demo_world_setup(args: argparse.Namespace) -> _Setup:
+    """The demo world's model, scorers, oracle, budget and split; a cost or reward from
+    the command line replaces the world's."""
+    from inference_safeguard.demo import load_demo_world  # heavy: loads the world's models
+
+    world = load_demo_world()
+    critic = _critic(args, world.model)
+    prompts = None
+    if args.prompts is None:
+        if args.split not in world.prompts:
+            raise CommandLineError(
+                f"the demo world has no split {args.split!r}; choose from "
+                f"{', '.join(world.prompts)}"
+            )
+        prompts = list(world.prompts[args.split])
+    cost, reward = load_cost(args), load_reward(args)
+    return _Setup(
+        model=world.model,
+        tokenizer=world.tokenizer,
+        cost=world.cost if cost is None else cost,
+        reward=world.reward if reward is None else reward,
+        oracle=world.oracle,
+        budget=world.budget,
+        prompts=prompts,
+        critic=world.critic if critic is None else critic,
+    )
+
+
+def _loaded_setup(args: argparse.Namespace) -> _Setup:
+    """The model and scorers named on the command line (a cost is required)."""
+    cost = load_cost(args, required=True)
+    reward = load_reward(args)
+    lm = load_base_model(args)
+    return _Setup(
+        model=lm.model,
+        tokenizer=lm.tokenizer,
+        cost=cost,
+        reward=reward,
+        critic=_critic(args, lm.model),
+    )
+
+
+def _critic(args: argparse.Namespace, model: PreTrainedModel) -> LatentCritic | None:
+    """The critic given on the command line, checked against the base model, or None."""
+    if args.critic is None:
+        return None
+    critic = LatentCritic.load(args.critic)
+    critic.check_base_model(model)
+    return critic
+
+
+# ---------------------------------------------------------------- methods and types
+def _chosen_methods(names: list[str] | None, *, has_reward: bool, has_critic: bool) -> list[str]:
+    """`names`, checked to be runnable; default every method that can run."""
+    if names is None:
+        return runnable_methods(has_reward=has_reward, has_critic=has_critic)
+    for name in names:
+        try:
+            get_method(name, has_reward=has_reward, has_critic=has_critic)
+        except ValueError as exc:
+            raise CommandLineError(f"--methods: {exc}") from exc
+    return names
+
+
+def _method_options(args: argparse.Namespace) -> MethodOptions:
+    """`MethodOptions` from the flags given (each flag is named after its field)."""
+    names = [field.name for field in dataclasses.fields(MethodOptions) if field.name != "critic"]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    try:
+        return MethodOptions(**given)
+    except ValueError as exc:
+        raise CommandLineError(f"invalid method options: {exc}") from exc
+
+
+def _method_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct method names separated by single commas, "
+            "e.g. base,bon-augmented,inferenceguard"
+        )
+    return names

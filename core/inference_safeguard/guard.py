@@ -1,0 +1,273 @@
+"""`InferenceGuard`: the public facade of almost-surely-safe generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Generator, Sequence
+from typing import Any, TypeAlias
+
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.critic import LatentCritic
+from inference_safeguard.decoder import Decoder, Response
+from inference_safeguard.errors import (
+    CriticMismatchWarning,
+    MissingCriticError,
+    RefusalOverBudgetWarning,
+    UnsafeGenerationError,
+)
+from inference_safeguard.lm import CausalLM, EncodedPrompt
+from inference_safeguard.results import GuardResult
+from inference_safeguard.scorers import Scorer
+from inference_safeguard.search import (
+    BlockSearch,
+    CandidateEvaluator,
+    CriticEvaluator,
+    ModelsEvaluator,
+)
+
+CriticInput: TypeAlias = "LatentCritic | str | os.PathLike[str] | None"
+
+
+class InferenceGuard(Decoder):
+    """Safe decoding by block-wise search over the safety-augmented objective.
+
+    Candidates are scored `R(x, y)` while within budget and `-n + z` once over it;
+    blocks whose candidates are all over budget are resampled with the offending
+    tokens penalised; the chosen response is checked by the real cost model and,
+    if over budget, refused, returned flagged, or raised (`config.on_unsafe`).
+
+    With a latent critic (`critic` mode, the default when one is given), `R` is the
+    critic's `r_hat - lambda * sd_R * (1 - p_safe)` (`config.critic_risk_weight`, `sd_R`
+    the spread of its training rewards), read from the hidden states the decode already
+    has. With `cost_probe`, the critic's cost probe estimates every candidate's cost and
+    the cost model checks only the candidates the search would keep (about `beam_width`
+    per step instead of `num_candidates`), so beams and the returned response carry the
+    cost model's own costs.
+
+    Args:
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer.
+        cost: cost model C(x, y); required (it always makes the final check).
+        reward: reward model R(x, y); without one (and without a critic), candidates are
+            ranked by their mean token log-likelihood. In critic mode it only scores
+            the returned responses.
+        critic: a `LatentCritic` trained on this base model, or the directory it was
+            saved in (see `safeguard train-critic`).
+        config: default `GuardConfig`; per-call keyword overrides apply on top.
+
+    Raises:
+        CriticMismatchError: the critic was trained on another base model.
+        CriticFileError: the critic's files are missing or corrupted.
+        MissingCriticError: `config.scorer` is "critic" but no critic was given.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cost: Scorer | None = None,
+        reward: Scorer | None = None,
+        critic: CriticInput = None,
+        config: GuardConfig | None = None,
+    ) -> None:
+        super().__init__(CausalLM(model, tokenizer), cost, reward, config)
+        self.critic = self._attach(critic)
+        self.search = BlockSearch(self.lm, ModelsEvaluator(cost, reward), scoring="augmented")
+        self._warned: set[tuple[int, float]] = set()
+        self._evaluator(self.config)  # a config asking for a missing critic fails here
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        *,
+        cost: Scorer | None = None,
+        reward: Scorer | None = None,
+        critic: CriticInput = None,
+        config: GuardConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+    ) -> InferenceGuard:
+        """Load the base model by hub name or local path and wrap it.
+
+        See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` and
+        `trust_remote_code` (off by default).
+        """
+        lm = CausalLM.from_pretrained(
+            model_id,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+        return cls(lm.model, lm.tokenizer, cost=cost, reward=reward, critic=critic, config=config)
+
+    # -------------------------------------------------------------------- critic
+    def _attach(self, critic: CriticInput) -> LatentCritic | None:
+        """Load (from a directory), check and place the critic on the model's device."""
+        if critic is None:
+            return None
+        if isinstance(critic, (str, os.PathLike)):
+            critic = LatentCritic.load(critic)
+        elif not isinstance(critic, LatentCritic):
+            raise TypeError(
+                "critic must be an inference_safeguard.critic.LatentCritic or the directory it was "
+                "saved in, "
+                f"got {type(critic).__name__}"
+            )
+        critic.check_base_model(self.lm.model)
+        return critic.to(self.lm.device).eval()
+
+    def _evaluator(self, config: GuardConfig) -> CandidateEvaluator | None:
+        """The critic evaluator for `config`, or None for the search's models mode."""
+        if config.scorer == "critic" and self.critic is None:
+            raise MissingCriticError(
+                "scorer='critic' needs a latent critic: pass critic=<directory> (see "
+                "`safeguard train-critic`) or a LatentCritic, or use scorer='models'"
+            )
+        if config.scorer == "models" or self.critic is None:
+            return None
+        self._warn_outside_training(config)
+        return CriticEvaluator(
+            self.critic,
+            self.cost,
+            use_probe=config.cost_probe and self.critic.has_cost_probe,
+            risk_weight=config.critic_risk_weight,
+        )
+
+    def _warn_outside_training(self, config: GuardConfig) -> None:
+        trained = self.critic.config
+        key = (config.block_size, config.budget)
+        low, high = trained.budget_range
+        if key in self._warned or (
+            config.block_size == trained.block_size and low <= config.budget <= high
+        ):
+            return
+        self._warned.add(key)
+        warnings.warn(
+            f"the critic was trained with block_size={trained.block_size} and budgets in "
+            f"[{low:.4g}, {high:.4g}]; this search uses block_size={config.block_size} and "
+            f"budget={config.budget:.4g}, so its predictions may be off (the final check by "
+            "the cost model still applies); retrain the critic for these settings",
+            CriticMismatchWarning,
+            stacklevel=5,
+        )
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(
+        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+    ) -> list[Response]:
+        searches = self.search.search(prompts, config, seeds, evaluator=self._evaluator(config))
+        return [Response.of(search) for search in searches]
+
+    def _stream(
+        self, encoded: EncodedPrompt, config: GuardConfig
+    ) -> Generator[str, None, GuardResult]:
+        """Text deltas as the search commits them; see `GuardConfig.stream_commit`.
+
+        Text is emitted only once it can no longer change and the cost model accepts
+        it. When the search ends in a refusal after some text was emitted, the stream
+        just ends, and its result has `refused=True` and `finish_reason="safety"`.
+        """
+        started = time.perf_counter()
+        run = self.search.run(
+            [encoded],
+            config,
+            self._seeds([encoded], config),
+            commit=config.stream_commit,
+            evaluator=self._evaluator(config),
+        )
+        emitted, accepted_tokens = "", 0
+        while True:
+            try:
+                [prefix] = next(run)
+            except StopIteration as finished:
+                searches = finished.value
+                break
+            if prefix is None or len(prefix) <= accepted_tokens:
+                continue
+            text = _settled_text(self.lm.decode([prefix])[0], config.stop)
+            if len(text) <= len(emitted) or not text.startswith(emitted):
+                continue
+            if float(self.cost([encoded.text], [text])[0]) > config.budget:
+                continue
+            yield text[len(emitted) :]
+            emitted, accepted_tokens = text, len(prefix)
+        [result] = self._finalize(
+            [encoded], [Response.of(searches[0])], config, time.perf_counter() - started
+        )
+        self.last_result = result
+        if result.text.startswith(emitted) and len(result.text) > len(emitted):
+            yield result.text[len(emitted) :]
+        return result
+
+    # --------------------------------------------------------------- enforcement
+    def _enforce(
+        self, prompts: list[EncodedPrompt], results: list[GuardResult], config: GuardConfig
+    ) -> list[GuardResult]:
+        """Apply `on_unsafe` to over-budget results.
+
+        Refusing returns `refusal_text`, flagged `refused=True`. If the cost model rejects
+        the refusal text itself, a `RefusalOverBudgetWarning` says so: the refusal is
+        still returned (and flagged), since the user chose it.
+        """
+        unsafe = [r for r in results if not r.safe]
+        if not unsafe or config.on_unsafe == "return":
+            return results
+        if config.on_unsafe == "raise":
+            first = unsafe[0]
+            raise UnsafeGenerationError(
+                f"{len(unsafe)} of {len(results)} responses stayed over the safety budget "
+                f"(first: cost {first.cost:.4g} > budget {config.budget:.4g}) after "
+                f"{first.stats.resample_rounds} resample rounds; raise num_candidates or "
+                "resample_rounds, or use on_unsafe='refuse' to get a refusal instead",
+                result=first,
+                results=results,
+            )
+        refused = [i for i, r in enumerate(results) if not r.safe]
+        refusal_costs = self.cost(
+            [prompts[i].text for i in refused], [config.refusal_text] * len(refused)
+        ).tolist()
+        refusal_ids = self.lm.tokenizer(config.refusal_text, add_special_tokens=False)["input_ids"]
+        if any(cost > config.budget for cost in refusal_costs):
+            warnings.warn(
+                f"the refusal text {config.refusal_text!r} is itself over the budget "
+                f"({max(refusal_costs):.4g} > {config.budget:.4g}) under the cost model; "
+                "set refusal_text to a text the cost model accepts",
+                RefusalOverBudgetWarning,
+                stacklevel=4,
+            )
+        return [
+            result
+            if result.safe
+            else dataclasses.replace(
+                result,
+                text=config.refusal_text,
+                token_ids=list(refusal_ids),
+                refused=True,
+                finish_reason="safety",
+                stats=dataclasses.replace(result.stats, completion_tokens=len(refusal_ids)),
+            )
+            for result in results
+        ]
+
+
+def _settled_text(text: str, stops: Sequence[str]) -> str:
+    """`text` without what may still change: a trailing partial character or the start
+    of a stop string."""
+    text = text.rstrip("\ufffd")
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                text = text[:-size]
+                break
+    return text

@@ -1,0 +1,471 @@
+"""Hugging Face causal-LM adapter: loading, prompts, batched prefill and block decoding.
+
+The search talks to the model only through `CausalLM`: it prefills left-padded
+prompts once, decodes blocks of tokens for all rows in one batched forward per token,
+and fans rows out or prunes them through the transformers Cache API
+(`batch_repeat_interleave`, `batch_select_indices`, `crop`), never by re-prefilling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
+from inference_safeguard.tools import (
+    ToolSpec,
+    inline_tool_messages,
+    native_tool_messages,
+    template_renders_tools,
+)
+
+Message = Mapping[str, Any]
+PromptInput = str | Sequence[Message]
+"""A prompt: plain text (used as is, no chat template) or a chat message list."""
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A validated prompt.
+
+    Attributes:
+        ids: token ids fed to the model (the chat template applied for messages).
+        text: the prompt as plain text for scorers: the text itself, or a message
+            list flattened to a `role: content` transcript.
+    """
+
+    ids: list[int]
+    text: str
+
+
+@dataclass
+class DecodeState:
+    """Decoding state of a batch of rows, owned and advanced by `CausalLM`.
+
+    Attributes:
+        cache: the transformers KV cache, `(rows, ..., seq, ...)` per layer.
+        attention_mask: `(rows, seq)` long, 0 on left padding and on tokens fed after
+            a row finished.
+        next_position: `(rows,)` long position id of each row's next token.
+        logits: `(rows, vocab)` float next-token logits.
+        hidden: `(rows, hidden)` last-layer hidden state of each row's last decoded
+            token (zeros right after prefill).
+    """
+
+    cache: Any
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+@dataclass(frozen=True)
+class DecodedBlock:
+    """Tokens decoded for every row in one block.
+
+    Attributes:
+        tokens: `(rows, block)` long tokens as chosen, the EOS that ends a row
+            included; positions after it hold -1.
+        logprob: `(rows,)` sum of the model's log-probabilities (temperature 1) of the
+            row's tokens, its EOS included.
+        ended: `(rows,)` bool, True where the row emitted EOS in this block.
+    """
+
+    tokens: torch.Tensor
+    logprob: torch.Tensor
+    ended: torch.Tensor
+
+
+TokenChooser = Callable[[torch.Tensor, int], torch.Tensor]
+"""`(logits (rows, vocab), step_in_block) -> tokens (rows,)`."""
+
+
+class CausalLM:
+    """A causal LM and its tokenizer, driven in batches for block-wise search.
+
+    Args:
+        model: any Hugging Face causal LM whose forward takes a transformers `Cache`.
+        tokenizer: its tokenizer; not modified. Padding is masked, so any id serves:
+            the pad token, else EOS, else the model config's pad id, else 0.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+            raise TypeError(
+                f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
+                "one by name or path use from_pretrained(...)"
+            )
+        if not callable(getattr(tokenizer, "batch_decode", None)):
+            raise TypeError(
+                f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_token_ids: frozenset[int] = self._eos_ids()
+        candidates = (
+            tokenizer.pad_token_id,
+            min(self.eos_token_ids, default=None),
+            getattr(model.config, "pad_token_id", None),
+        )
+        self.pad_token_id: int = next((i for i in candidates if isinstance(i, int)), 0)
+        self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        **model_kwargs: Any,
+    ) -> CausalLM:
+        """Load a model and tokenizer by hub name or local path.
+
+        Args:
+            device: where to put the model (default: CUDA when available, else CPU);
+                ignored when `device_map` is given.
+            dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
+            device_map: passed to transformers (e.g. "auto") to shard a large model.
+            trust_remote_code: run code shipped with the checkpoint; off unless you
+                trust its author.
+        """
+        if device_map is None:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            on_cuda = device_map is not None or (device is not None and device.type == "cuda")
+            dtype = torch.bfloat16 if on_cuda else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **model_kwargs,
+        )
+        if device_map is None:
+            model = model.to(device)
+        return cls(model, tokenizer)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + response) the model attends to, from its config."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        generation_eos = getattr(
+            getattr(self.model, "generation_config", None), "eos_token_id", None
+        )
+        for value in (self.tokenizer.eos_token_id, generation_eos):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    # -------------------------------------------------------------------- prompts
+    def encode(self, prompt: PromptInput, tools: Sequence[ToolSpec] = ()) -> EncodedPrompt:
+        """Validate and tokenize one prompt.
+
+        Plain text is tokenized as is (a completion prompt); a message list is
+        rendered with the tokenizer's chat template and a generation prompt. Tools (and
+        tool calls and results in the messages) are rendered by the template when it
+        supports them, else written into the conversation as text (see `inference_safeguard.tools`).
+
+        Raises:
+            InvalidPromptError: empty prompt, non-text prompt, malformed messages, or
+                tools with a plain-text prompt.
+            ChatTemplateError: messages given but the tokenizer has no chat template.
+        """
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidPromptError("the prompt is empty; pass some text to generate from")
+            if tools:
+                raise InvalidPromptError(
+                    "tools need a chat prompt; pass the prompt as "
+                    "[{'role': 'user', 'content': ...}]"
+                )
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            return EncodedPrompt(ids=list(ids), text=prompt)
+        messages = validate_messages(prompt)
+        chat_template = getattr(self.tokenizer, "chat_template", None)
+        if not chat_template:
+            raise ChatTemplateError(
+                f"the tokenizer of {self.name!r} has no chat template, so a message list "
+                "cannot be rendered; pass the prompt as plain text, or set "
+                "tokenizer.chat_template to a Jinja template"
+            )
+        if template_renders_tools(chat_template):
+            rendered = native_tool_messages(messages)
+            tool_kwargs = {"tools": [t.to_openai() for t in tools]} if tools else {}
+        else:
+            rendered = inline_tool_messages(messages, tools)
+            tool_kwargs = {}
+        ids = self.tokenizer.apply_chat_template(
+            rendered, add_generation_prompt=True, tokenize=True, return_dict=False, **tool_kwargs
+        )
+        return EncodedPrompt(ids=list(ids), text=transcript(inline_tool_messages(messages, ())))
+
+    def encode_batch(
+        self, prompts: Sequence[PromptInput], max_new_tokens: int, tools: Sequence[ToolSpec] = ()
+    ) -> list[EncodedPrompt]:
+        """Validate and tokenize a list of prompts (see `encode`), checking that each fits
+        the context window with `max_new_tokens` more tokens.
+
+        Raises:
+            InvalidPromptError: not a list, no prompts, or a prompt `encode` rejects.
+            PromptTooLongError: a prompt plus `max_new_tokens` exceeds the context window.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidPromptError(
+                f"expected a list of prompts, got {type(prompts).__name__}; wrap a single "
+                "prompt in a list (or call generate() for one prompt)"
+            )
+        if not prompts:
+            raise InvalidPromptError("no prompts given; pass at least one prompt")
+        window = self.context_window
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, (str, list, tuple)):
+                raise InvalidPromptError(
+                    f"prompt {index} must be a string or a list of {{'role', 'content'}} "
+                    f"messages, got {type(prompt).__name__}"
+                )
+            item = self.encode(prompt, tools)
+            if not item.ids:
+                raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
+            if window is not None and len(item.ids) + max_new_tokens > window:
+                raise PromptTooLongError(
+                    f"prompt {index} has {len(item.ids)} tokens and max_new_tokens is "
+                    f"{max_new_tokens}, but the model's context window is {window} tokens; "
+                    f"shorten the prompt or lower max_new_tokens to at most "
+                    f"{max(window - len(item.ids), 0)}"
+                )
+            encoded.append(item)
+        return encoded
+
+    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Texts of token id lists, special tokens skipped."""
+        return self.tokenizer.batch_decode(
+            [list(map(int, row)) for row in ids], skip_special_tokens=True
+        )
+
+    # ------------------------------------------------------------------- decoding
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> DecodeState:
+        """Run the prompts, left-padded, through the model once.
+
+        Args:
+            prompts: token ids of each prompt (at least one token each).
+
+        Returns:
+            State with `rows == len(prompts)`.
+        """
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, longest - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # Hidden states are read at block ends only; asking for them here would keep
+        # every layer's `(rows, seq, hidden)` activations alive at once.
+        hidden = torch.zeros(
+            len(prompts),
+            self.model.config.get_text_config().hidden_size,
+            dtype=self.model.dtype,
+            device=self.device,
+        )
+        return DecodeState(
+            cache=out.cache,
+            attention_mask=attention_mask,
+            next_position=attention_mask.sum(-1),
+            logits=out.logits[:, -1].float(),
+            hidden=hidden,
+        )
+
+    @torch.inference_mode()
+    def decode_block(
+        self, state: DecodeState, num_tokens: int, choose: TokenChooser
+    ) -> DecodedBlock:
+        """Decode `num_tokens` tokens for every row, advancing `state` in place.
+
+        Rows that emit EOS stop: their later positions hold -1 and are fed as masked
+        padding, so every row's cache keeps the same length.
+
+        Args:
+            state: rows to extend; its cache grows by `num_tokens`.
+            num_tokens: block length.
+            choose: picks each step's tokens from the logits (sampling, teacher forcing).
+        """
+        rows, device = state.rows, state.logits.device
+        eos = self._eos_tensor.to(device)
+        tokens = torch.full((rows, num_tokens), -1, dtype=torch.long, device=device)
+        logprob = torch.zeros(rows, device=device)
+        ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        for step in range(num_tokens):
+            live = ~ended
+            chosen = choose(state.logits, step)
+            step_logprob = state.logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
+            logprob += torch.where(live, step_logprob, 0.0)
+            is_eos = torch.isin(chosen, eos) & live
+            tokens[:, step] = torch.where(live, chosen, -1)
+            fed = torch.where(live, chosen, self.pad_token_id)
+            self._feed(state, fed, live)
+            ended |= is_eos
+        return DecodedBlock(tokens=tokens, logprob=logprob, ended=ended)
+
+    def _feed(self, state: DecodeState, tokens: torch.Tensor, real: torch.Tensor) -> None:
+        """Feed one token per row (`real` False feeds masked padding); updates `state`."""
+        state.attention_mask = torch.cat([state.attention_mask, real.long()[:, None]], dim=-1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=state.attention_mask,
+            position_ids=state.next_position[:, None],
+            cache=state.cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        state.cache = out.cache
+        state.next_position = state.next_position + real.long()
+        state.logits = torch.where(real[:, None], out.logits[:, -1].float(), state.logits)
+        state.hidden = torch.where(real[:, None], out.hidden_states[-1][:, -1], state.hidden)
+
+    def fan_out(self, state: DecodeState, repeats: int) -> None:
+        """Repeat every row `repeats` times (row i becomes rows i*r .. i*r + r-1), in place."""
+        state.cache.batch_repeat_interleave(repeats)
+        state.attention_mask = state.attention_mask.repeat_interleave(repeats, dim=0)
+        state.next_position = state.next_position.repeat_interleave(repeats, dim=0)
+        state.logits = state.logits.repeat_interleave(repeats, dim=0)
+        state.hidden = state.hidden.repeat_interleave(repeats, dim=0)
+
+    def select_rows(self, state: DecodeState, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (`(new_rows,)` long, repeats allowed: prune and fan out at once)."""
+        indices = indices.to(state.logits.device)
+        state.cache.batch_select_indices(indices)
+        state.attention_mask = state.attention_mask[indices]
+        state.next_position = state.next_position[indices]
+        state.logits = state.logits[indices]
+        state.hidden = state.hidden[indices]
+
+
+@dataclass(frozen=True)
+class BlockCheckpoint:
+    """What `rewind` needs to undo one decoded block (the cache itself is cropped)."""
+
+    tokens: int
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+    @classmethod
+    def of(cls, state: DecodeState, tokens: int) -> BlockCheckpoint:
+        """Checkpoint `state` before decoding a block of `tokens` tokens."""
+        return cls(tokens, state.attention_mask, state.next_position, state.logits, state.hidden)
+
+    def rewind(self, state: DecodeState) -> None:
+        """Restore `state` to this checkpoint by cropping the block off the cache."""
+        state.cache.crop(-self.tokens)
+        state.attention_mask = self.attention_mask
+        state.next_position = self.next_position
+        state.logits = self.logits
+        state.hidden = self.hidden
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check a chat message list and return it as plain dicts.
+
+    An assistant message that carries `tool_calls` may have empty (or no) content.
+
+    Raises:
+        InvalidPromptError: saying which message is malformed and how.
+    """
+    if not isinstance(messages, Sequence) or isinstance(messages, (bytes, bytearray)):
+        raise InvalidPromptError(
+            f"a prompt must be a string or a list of {{'role', 'content'}} messages, "
+            f"got {type(messages).__name__}"
+        )
+    if not messages:
+        raise InvalidPromptError("the message list is empty; add at least one user message")
+    clean = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidPromptError(
+                f"message {index} must be a mapping with 'role' and 'content', "
+                f"got {type(message).__name__}"
+            )
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES:
+            raise InvalidPromptError(
+                f"message {index} has role {role!r}; use one of {', '.join(_ROLES)}"
+            )
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            _check_tool_calls(index, role, tool_calls)
+            content = content or ""
+        if not isinstance(content, str):
+            raise InvalidPromptError(
+                f"message {index} content must be text, got {type(content).__name__}"
+            )
+        clean.append({**message, "role": role, "content": content})
+    if not any(m["content"].strip() or m.get("tool_calls") for m in clean):
+        raise InvalidPromptError("every message is empty; give the model some text")
+    return clean
+
+
+def _check_tool_calls(index: int, role: str, tool_calls: Any) -> None:
+    if role != "assistant":
+        raise InvalidPromptError(f"message {index}: only assistant messages carry tool_calls")
+    if not isinstance(tool_calls, Sequence) or not all(
+        isinstance(call, Mapping) and isinstance(call.get("function", call).get("name"), str)
+        for call in tool_calls
+    ):
+        raise InvalidPromptError(
+            f"message {index}: tool_calls must be a list of "
+            "{'id', 'type': 'function', 'function': {'name', 'arguments'}} dicts"
+        )
+
+
+def transcript(messages: Sequence[Message]) -> str:
+    """Flatten messages to the plain `role: content` transcript that scorers read."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)

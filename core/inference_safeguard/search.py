@@ -1,0 +1,762 @@
+"""Block-wise beam search with safety states: the engine behind InferenceGuard.
+
+One search runs all prompts together. Each step fans every live beam out into
+candidate blocks (one batched decode for all prompts x candidates), scores the
+candidates, resamples a prompt's block with penalised logits when all its candidates
+are over budget, and keeps the top `beam_width` per prompt. Finished candidates
+(EOS, stop string, `max_new_tokens`) leave the beam and compete on their score at the
+end. The same engine, with other scorings and no resampling, is the block beam-search
+baseline.
+
+Choices where the paper is silent:
+- the first step samples `num_candidates` blocks from the prompt; later steps give
+  each live beam `num_candidates // live_beams` children, so a prompt always scores
+  about `num_candidates` candidates per step, even after some beams have finished;
+- tokens seen in any unsafe candidate of the step so far are penalised, cumulatively
+  over the resample rounds of that step;
+- without a reward model, the reward is the response's mean token log-likelihood
+  under the base model, which ranks fluent responses first;
+- the cumulative cost of a prefix is the highest cost the model gave any of its
+  block-end prefixes, so per-block costs are never negative (a cost model that scores
+  a longer text lower cannot wash out an unsafe prefix);
+- where costs are estimates (the critic's cost probe), the cost model replaces them
+  for every candidate the search would keep before it keeps any, so beams and
+  finished responses always carry the cost model's own costs.
+
+Candidates are scored through a `CandidateEvaluator`: `ModelsEvaluator` (the cost and
+reward models on the text) or `CriticEvaluator` (the latent critic on the hidden states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from inference_safeguard.config import GuardConfig
+from inference_safeguard.critic import LatentCritic
+from inference_safeguard.lm import (
+    BlockCheckpoint,
+    CausalLM,
+    DecodedBlock,
+    DecodeState,
+    EncodedPrompt,
+)
+from inference_safeguard.safety import (
+    augmented_score,
+    initial_safety_state,
+    lagrangian_score,
+    top_k_per_group,
+    unsafe_token_mask,
+    update_safety_state,
+)
+from inference_safeguard.sampling import PromptSamplers, penalize_tokens
+from inference_safeguard.scorers import Scorer
+
+Scoring = Literal["augmented", "reward", "lagrangian"]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Candidate responses of one step, rows grouped by prompt.
+
+    Attributes:
+        prompt_texts: plain-text prompt of each row.
+        texts: each row's response text so far (cut before a stop string).
+        token_ids: each row's response token ids (EOS excluded).
+        hidden: `(rows, hidden)` last-layer hidden state at each row's block end.
+        new_tokens: `(rows,)` tokens the block added to each row (EOS included).
+    """
+
+    prompt_texts: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    hidden: torch.Tensor
+    new_tokens: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> Candidates:
+        """The candidates at rows `index` (`(n,)` long)."""
+        rows = index.tolist()
+        return Candidates(
+            prompt_texts=[self.prompt_texts[i] for i in rows],
+            texts=[self.texts[i] for i in rows],
+            token_ids=[self.token_ids[i] for i in rows],
+            hidden=self.hidden[index.to(self.hidden.device)],
+            new_tokens=self.new_tokens[index.to(self.new_tokens.device)],
+        )
+
+
+class CandidateEvaluator(Protocol):
+    """Gives the cost and reward of candidate responses: the seam between search modes.
+
+    Attributes:
+        has_reward_model: whether `reward` gives values (else the search ranks by
+            log-likelihood).
+        exact_cost: whether `cost` is the cost model's own value (not an estimate).
+        exact_reward: whether `reward` is the reward model's own value.
+    """
+
+    has_reward_model: bool
+    exact_cost: bool
+    exact_reward: bool
+
+    def cost(self, candidates: Candidates) -> torch.Tensor:
+        """`(rows,)` cumulative cost C(x, y_<=t) of each candidate (maybe an estimate)."""
+
+    def model_cost(self, candidates: Candidates) -> torch.Tensor:
+        """`(rows,)` the cost model's own C(x, y_<=t) (what `cost` is when `exact_cost`)."""
+
+    def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
+        """`(rows,)` reward of each candidate given its `(rows,)` safety state `z`."""
+
+
+class ModelsEvaluator:
+    """`models` mode: run the cost and reward scorers on the candidates' text.
+
+    Args:
+        cost: cost scorer.
+        reward: reward scorer, or None (the search then ranks by log-likelihood).
+    """
+
+    exact_cost = True
+    exact_reward = True
+
+    def __init__(self, cost: Scorer, reward: Scorer | None) -> None:
+        self.cost_scorer = cost
+        self.reward_scorer = reward
+        self.has_reward_model = reward is not None
+
+    def cost(self, candidates: Candidates) -> torch.Tensor:
+        return self.cost_scorer(candidates.prompt_texts, candidates.texts)
+
+    model_cost = cost
+
+    def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
+        if self.reward_scorer is None:
+            raise RuntimeError("reward() called without a reward model")
+        return self.reward_scorer(candidates.prompt_texts, candidates.texts)
+
+
+class CriticEvaluator:
+    """`critic` mode: the latent critic reads the hidden states the decode already has.
+
+    The reward of a candidate is the critic's risk-adjusted value
+    `r_hat - risk_weight * reward_sd * (1 - p_safe)`, where `reward_sd` is the spread of
+    the rewards the critic was trained on (so the weight does not depend on the reward
+    model's scale), which the augmented scoring uses while `z >= 0` (over budget, a
+    candidate scores `-n + z` as in models mode). The cost is the critic's cost probe
+    when `use_probe` (the search then checks only the candidates it keeps with the cost
+    model, see `BlockSearch._settle`), else the cost model's.
+
+    Args:
+        critic: the latent critic, on the base model's device.
+        cost: the cost model.
+        use_probe: take costs from the critic's cost probe.
+        risk_weight: weight of `1 - p_safe`, in standard deviations of the training
+            rewards. DESIGN's `n * (1 - p_safe)` with the unsafe penalty n (1e4) would
+            rank candidates by `p_safe` alone, which on the demo world picks refusal-like
+            answers (reward 0.29 against 0.99); the cost checks and resampling already
+            keep the search within budget, so the critic's look-ahead is weighed
+            against reward instead.
+    """
+
+    has_reward_model = True
+    exact_reward = False
+
+    def __init__(
+        self, critic: LatentCritic, cost: Scorer, *, use_probe: bool, risk_weight: float
+    ) -> None:
+        if use_probe and not critic.has_cost_probe:
+            raise ValueError("use_probe=True needs a critic with a cost probe")
+        self.critic = critic
+        self.cost_scorer = cost
+        self.use_probe = use_probe
+        self.exact_cost = not use_probe
+        self.risk_weight = risk_weight
+
+    def cost(self, candidates: Candidates) -> torch.Tensor:
+        if self.use_probe:
+            return self.critic.probe_cost(candidates.hidden)
+        return self.model_cost(candidates)
+
+    def model_cost(self, candidates: Candidates) -> torch.Tensor:
+        return self.cost_scorer(candidates.prompt_texts, candidates.texts)
+
+    def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
+        prediction = self.critic.predict(candidates.hidden, z)
+        penalty = self.risk_weight * self.critic.config.reward_std
+        return prediction.r_hat - penalty * (1 - prediction.p_safe)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished response competing for the final answer.
+
+    Attributes:
+        cost: the search's cumulative cost (the cost probe's estimate in critic mode).
+        reward: the reward model's value, or None when the search ranked by
+            log-likelihood or by the critic's estimates.
+        cost_checked: whether `cost` is the cost model's own value of `text` and its
+            block-end prefixes (so the final check need not score the text again).
+    """
+
+    token_ids: list[int]
+    text: str
+    cost: float
+    reward: float | None
+    score: float
+    finish_reason: Literal["stop", "length"]
+    cost_checked: bool = False
+
+
+@dataclass
+class PromptSearch:
+    """Per-prompt bookkeeping of a search."""
+
+    prompt: EncodedPrompt
+    finished: list[Finished] = field(default_factory=list)
+    blocks: int = 0
+    candidates_scored: int = 0
+    resample_rounds: int = 0
+
+    def best(self) -> Finished:
+        """The finished response with the highest score (the earliest on ties)."""
+        return max(self.finished, key=lambda f: f.score)
+
+
+@dataclass
+class _Rows:
+    """Per-row search state aligned with the decode state's rows."""
+
+    token_ids: list[list[int]]
+    cost: torch.Tensor
+    z: torch.Tensor
+    logprob: torch.Tensor
+    length: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> _Rows:
+        return _Rows(
+            token_ids=[self.token_ids[i] for i in index.tolist()],
+            cost=self.cost[index],
+            z=self.z[index],
+            logprob=self.logprob[index],
+            length=self.length[index],
+        )
+
+
+@dataclass
+class _Step:
+    """Scored candidates of one step (rows grouped by live prompt)."""
+
+    rows: _Rows
+    texts: list[str]
+    reasons: list[Literal["stop", "length"] | None]
+    reward: torch.Tensor | None
+    score: torch.Tensor
+
+    def splice(self, index: torch.Tensor, fresh: _Step) -> _Step:
+        """A copy whose rows `index` are replaced by `fresh` (which holds only those rows)."""
+        token_ids, texts, reasons = list(self.rows.token_ids), list(self.texts), list(self.reasons)
+        for j, i in enumerate(index.tolist()):
+            token_ids[i], texts[i], reasons[i] = (
+                fresh.rows.token_ids[j],
+                fresh.texts[j],
+                fresh.reasons[j],
+            )
+
+        def put(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            merged = old.clone()
+            merged[index] = new
+            return merged
+
+        return _Step(
+            rows=_Rows(
+                token_ids,
+                put(self.rows.cost, fresh.rows.cost),
+                put(self.rows.z, fresh.rows.z),
+                put(self.rows.logprob, fresh.rows.logprob),
+                put(self.rows.length, fresh.rows.length),
+            ),
+            texts=texts,
+            reasons=reasons,
+            reward=None if self.reward is None else put(self.reward, fresh.reward),
+            score=put(self.score, fresh.score),
+        )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one step's rows map to prompts: groups of contiguous rows, one per live prompt."""
+
+    live: list[int]
+    group_sizes: list[int]
+    prompt_texts: list[str]
+    generated: int
+    block_len: int
+
+    @property
+    def group_of_row(self) -> torch.Tensor:
+        return torch.repeat_interleave(
+            torch.arange(len(self.group_sizes)), torch.tensor(self.group_sizes)
+        )
+
+    def group_rows(self, group: int) -> torch.Tensor:
+        start = sum(self.group_sizes[:group])
+        return torch.arange(start, start + self.group_sizes[group])
+
+
+class BlockSearch:
+    """Block-wise beam search over all prompts at once.
+
+    Args:
+        lm: the base model.
+        evaluator: where candidate costs and rewards come from.
+        scoring: "augmented" (InferenceGuard: `R` if `z >= 0` else `-n + z`),
+            "reward" (`R`), or "lagrangian" (`R - lambda * C`).
+        lagrange_multiplier: lambda of the Lagrangian scoring.
+        resample: resample all-unsafe blocks with penalised logits (InferenceGuard).
+    """
+
+    def __init__(
+        self,
+        lm: CausalLM,
+        evaluator: CandidateEvaluator,
+        *,
+        scoring: Scoring = "augmented",
+        lagrange_multiplier: float = 1.0,
+        resample: bool = True,
+    ) -> None:
+        if scoring not in ("augmented", "reward", "lagrangian"):
+            raise ValueError(
+                f"scoring must be 'augmented', 'reward' or 'lagrangian', got {scoring!r}"
+            )
+        if lagrange_multiplier < 0:
+            raise ValueError(f"lagrange_multiplier must be >= 0, got {lagrange_multiplier}")
+        self.lm = lm
+        self.evaluator = evaluator
+        self.scoring = scoring
+        self.lagrange_multiplier = lagrange_multiplier
+        self.resample = resample
+
+    @property
+    def scores_cost(self) -> bool:
+        """Whether the search scores costs; only reward-only beam search does not.
+
+        Kept candidates always carry the cost model's value: estimated costs (the cost
+        probe) are replaced by the cost model's before a candidate is kept.
+        """
+        return self.scoring != "reward" or self.resample
+
+    def run(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        config: GuardConfig,
+        seeds: Sequence[int],
+        commit: Literal["agreement", "block"] | None = None,
+        evaluator: CandidateEvaluator | None = None,
+    ) -> Generator[list[list[int] | None], None, list[PromptSearch]]:
+        """Search every prompt; a generator that yields after each step.
+
+        Args:
+            prompts: validated prompts.
+            config: search settings.
+            seeds: one sampler seed per prompt.
+            commit: when streaming, what each step commits: "agreement" (the prefix all
+                beams and finished responses share) or "block" (the best safe candidate;
+                beams that do not extend it are dropped).
+            evaluator: where this run's costs and rewards come from (default: the
+                search's own).
+
+        Yields:
+            Per prompt, the response token ids committed so far (None when `commit` is
+            None or the prompt's search is over).
+
+        Returns:
+            One `PromptSearch` per prompt with its finished responses and counts.
+        """
+        evaluator = evaluator or self.evaluator
+        searches = [PromptSearch(prompt) for prompt in prompts]
+        samplers = PromptSamplers(seeds, self.lm.device)
+        state = self.lm.prefill([p.ids for p in prompts])
+        device = state.logits.device
+        rows = _Rows(
+            token_ids=[[] for _ in prompts],
+            cost=torch.zeros(len(prompts), device=device),
+            z=initial_safety_state(config.budget, len(prompts), device),
+            logprob=torch.zeros(len(prompts), device=device),
+            length=torch.zeros(len(prompts), device=device),
+        )
+        live = list(range(len(prompts)))
+        beams = [1] * len(prompts)  # live beams of each live prompt
+        beam_rows = torch.arange(len(prompts))  # their rows in `state` and `rows`
+        committed: list[list[int]] = [[] for _ in prompts]
+        generated = 0
+        while live:
+            children = [config.num_candidates // k for k in beams]
+            per_beam = torch.tensor(
+                [c for k, c in zip(beams, children, strict=True) for _ in range(k)]
+            )
+            parent_index = beam_rows.repeat_interleave(per_beam)
+            if generated == 0:  # each prompt's single prefill row becomes N candidates
+                self.lm.fan_out(state, config.num_candidates)
+            else:  # one gather both drops the pruned rows and fans the kept beams out
+                self.lm.select_rows(state, parent_index)
+            parents = rows.select(parent_index.to(device))
+            block_len = min(config.block_size, config.max_new_tokens - generated)
+            generated += block_len
+            layout = _Layout(
+                live=live,
+                group_sizes=[k * c for k, c in zip(beams, children, strict=True)],
+                prompt_texts=[prompts[p].text for p in live],
+                generated=generated,
+                block_len=block_len,
+            )
+            step = self._decode_step(state, parents, layout, config, samplers, searches, evaluator)
+            beam_rows, beams, live = self._select(step, layout, config, searches, commit, committed)
+            rows = step.rows
+            yield [committed[p] if commit and p in live else None for p in range(len(prompts))]
+        return searches
+
+    def search(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        config: GuardConfig,
+        seeds: Sequence[int],
+        evaluator: CandidateEvaluator | None = None,
+    ) -> list[PromptSearch]:
+        """Run `run` to its end and return its searches."""
+        steps = self.run(prompts, config, seeds, evaluator=evaluator)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                return finished.value
+
+    # ------------------------------------------------------------------ one step
+    def _decode_step(
+        self,
+        state: DecodeState,
+        parents: _Rows,
+        layout: _Layout,
+        config: GuardConfig,
+        samplers: PromptSamplers,
+        searches: list[PromptSearch],
+        evaluator: CandidateEvaluator,
+    ) -> _Step:
+        """Decode and score one block for every row, resampling all-unsafe prompts."""
+        checkpoint = BlockCheckpoint.of(state, layout.block_len)
+        all_rows = torch.arange(state.rows)
+        block = self.lm.decode_block(
+            state,
+            layout.block_len,
+            self._chooser(samplers, layout.live, layout.group_sizes, all_rows, None, None, config),
+        )
+        step = self._score(block, state, parents, layout, all_rows, config, evaluator)
+        for group, size in enumerate(layout.group_sizes):
+            searches[layout.live[group]].blocks += 1
+            searches[layout.live[group]].candidates_scored += size
+        penalty_mask = None
+        for _ in range(config.resample_rounds if self.resample else 0):
+            failing = [
+                g
+                for g, z in enumerate(step.rows.z.split(layout.group_sizes))
+                if bool((z < 0).all())
+            ]
+            if not failing:
+                break
+            round_mask = unsafe_token_mask(
+                block.tokens, step.rows.z < 0, layout.group_sizes, self.lm.vocab_size
+            )
+            penalty_mask = round_mask if penalty_mask is None else penalty_mask | round_mask
+            resampled = torch.cat([layout.group_rows(g) for g in failing])
+            checkpoint.rewind(state)
+            block = self.lm.decode_block(
+                state,
+                layout.block_len,
+                self._chooser(
+                    samplers,
+                    [layout.live[g] for g in failing],
+                    [layout.group_sizes[g] for g in failing],
+                    resampled,
+                    block.tokens,
+                    penalty_mask[layout.group_of_row[resampled].to(penalty_mask.device)],
+                    config,
+                ),
+            )
+            step = step.splice(
+                resampled,
+                self._score(block, state, parents, layout, resampled, config, evaluator),
+            )
+            for g in failing:
+                searches[layout.live[g]].resample_rounds += 1
+                searches[layout.live[g]].candidates_scored += layout.group_sizes[g]
+        return step
+
+    @staticmethod
+    def _chooser(
+        samplers: PromptSamplers,
+        prompt_ids: list[int],
+        group_sizes: list[int],
+        sampled_rows: torch.Tensor,
+        replay: torch.Tensor | None,
+        penalty_mask: torch.Tensor | None,
+        config: GuardConfig,
+    ):
+        """Token chooser: sample `sampled_rows` (penalised), replay the other rows' tokens."""
+
+        def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+            picked = logits if replay is None else logits[sampled_rows.to(logits.device)]
+            if penalty_mask is not None:
+                picked = penalize_tokens(picked, penalty_mask, config.unsafe_logit_penalty)
+            sampled = samplers.sample(
+                picked, group_sizes, prompt_ids, config.temperature, config.top_k, config.top_p
+            )
+            if replay is None:
+                return sampled
+            tokens = replay[:, step].clamp_min(0)
+            tokens[sampled_rows.to(tokens.device)] = sampled
+            return tokens
+
+        return choose
+
+    def _score(
+        self,
+        block: DecodedBlock,
+        state: DecodeState,
+        parents: _Rows,
+        layout: _Layout,
+        rows: torch.Tensor,
+        config: GuardConfig,
+        evaluator: CandidateEvaluator,
+    ) -> _Step:
+        """Build and score the candidates of `rows` (a `(n,)` index into the step's rows)."""
+        device = block.tokens.device
+        index = rows.to(device)
+        tokens = block.tokens[index]
+        eos = torch.tensor(sorted(self.lm.eos_token_ids), device=device)
+        kept = (tokens >= 0) & ~torch.isin(tokens, eos)
+        token_ids = [
+            parents.token_ids[row] + toks[keep].tolist()
+            for row, toks, keep in zip(rows.tolist(), tokens, kept, strict=True)
+        ]
+        texts = self.lm.decode(token_ids)
+        reasons: list[Literal["stop", "length"] | None] = []
+        for i, ended in enumerate(block.ended[index].tolist()):
+            cut = first_stop(texts[i], config.stop)
+            if cut is not None:
+                texts[i] = texts[i][:cut]
+                token_ids[i] = self._tokens_before(token_ids[i], cut)
+                reasons.append("stop")
+            elif ended:
+                reasons.append("stop")
+            elif layout.generated >= config.max_new_tokens:
+                reasons.append("length")
+            else:
+                reasons.append(None)
+        group_of_row = layout.group_of_row[rows].tolist()
+        candidates = Candidates(
+            prompt_texts=[layout.prompt_texts[g] for g in group_of_row],
+            texts=texts,
+            token_ids=token_ids,
+            hidden=state.hidden[index],
+            new_tokens=(tokens >= 0).sum(-1),
+        )
+        length = parents.length[index] + candidates.new_tokens
+        logprob = parents.logprob[index] + block.logprob[index]
+        if not self.scores_cost:
+            estimate = torch.zeros_like(logprob)
+        else:
+            estimate = evaluator.cost(candidates).to(device=device, dtype=logprob.dtype)
+        parent = parents.select(index)
+        cost, z, reward, score = self._values(
+            candidates, estimate, parent, logprob, length, evaluator, config
+        )
+        if not evaluator.exact_cost:
+            group_sizes = layout.group_of_row[rows].unique_consecutive(return_counts=True)[1]
+            self._settle(
+                candidates,
+                group_sizes.tolist(),
+                (cost, z, reward, score),
+                parent,
+                logprob,
+                length,
+                evaluator,
+                config,
+            )
+        return _Step(
+            rows=_Rows(token_ids, cost, z, logprob, length),
+            texts=texts,
+            reasons=reasons,
+            reward=reward if evaluator.has_reward_model and evaluator.exact_reward else None,
+            score=score,
+        )
+
+    def _values(
+        self,
+        candidates: Candidates,
+        estimate: torch.Tensor,
+        parent: _Rows,
+        logprob: torch.Tensor,
+        length: torch.Tensor,
+        evaluator: CandidateEvaluator,
+        config: GuardConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cumulative cost, safety state, reward and score of `(rows,)` candidates whose
+        cost C(x, y_<=t) is `estimate`; `parent` holds their parents' rows."""
+        # Cumulative cost never falls: what has been said cannot be unsaid, and a
+        # learned cost model that "forgets" an unsafe prefix must not be exploitable.
+        cost = torch.maximum(estimate, parent.cost)
+        z = update_safety_state(
+            parent.z, parent.cost, cost, candidates.new_tokens, config.safety_discount
+        )
+        if evaluator.has_reward_model:
+            reward = evaluator.reward(candidates, z).to(device=cost.device, dtype=cost.dtype)
+        else:
+            reward = logprob / length.clamp_min(1)
+        return cost, z, reward, self._objective(reward, cost, z, config)
+
+    def _settle(
+        self,
+        candidates: Candidates,
+        group_sizes: list[int],
+        values: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        parent: _Rows,
+        logprob: torch.Tensor,
+        length: torch.Tensor,
+        evaluator: CandidateEvaluator,
+        config: GuardConfig,
+    ) -> None:
+        """Replace estimated costs by the cost model's wherever a candidate would be kept.
+
+        When the search's costs are estimates (the critic's cost probe), the cost model
+        scores each group's current top `beam_width`; candidates it finds over budget
+        drop in rank and the next ones are checked, until every kept candidate's cost is
+        the cost model's. So beams and finished responses carry exact costs, at the price
+        of scoring about `beam_width` candidates per prompt and step instead of
+        `num_candidates`. `values` (cost, z, reward, score) are updated in place.
+        """
+        cost, score = values[0], values[3]
+        checked = torch.zeros(len(candidates.texts), dtype=torch.bool)
+        while True:
+            tops = top_k_per_group(score.cpu(), group_sizes, config.beam_width)
+            pending = torch.cat(tops)
+            pending = pending[~checked[pending]]
+            if not len(pending):
+                return
+            checked[pending] = True
+            picked = candidates.select(pending)
+            exact = evaluator.model_cost(picked).to(device=cost.device, dtype=cost.dtype)
+            index = pending.to(cost.device)
+            fresh = self._values(
+                picked,
+                exact,
+                parent.select(index),
+                logprob[index],
+                length[index],
+                evaluator,
+                config,
+            )
+            for tensor, new in zip(values, fresh, strict=True):
+                tensor[index] = new
+
+    def _objective(
+        self, reward: torch.Tensor, cost: torch.Tensor, z: torch.Tensor, config: GuardConfig
+    ) -> torch.Tensor:
+        if self.scoring == "augmented":
+            return augmented_score(reward, z, config.unsafe_penalty)
+        if self.scoring == "lagrangian":
+            return lagrangian_score(reward, cost, self.lagrange_multiplier)
+        return reward
+
+    def _tokens_before(self, token_ids: list[int], cut: int) -> list[int]:
+        """The longest prefix of `token_ids` whose text fits before character `cut`."""
+        for end in range(len(token_ids), -1, -1):
+            if len(self.lm.decode([token_ids[:end]])[0]) <= cut:
+                return token_ids[:end]
+        return []
+
+    # ------------------------------------------------------------------ selection
+    def _select(
+        self,
+        step: _Step,
+        layout: _Layout,
+        config: GuardConfig,
+        searches: list[PromptSearch],
+        commit: Literal["agreement", "block"] | None,
+        committed: list[list[int]],
+    ) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Keep the top `beam_width` candidates per prompt.
+
+        Finished ones join their prompt's finished list; the others stay live beams.
+        Updates `committed` when streaming.
+
+        Returns:
+            Row indices of the live beams (grouped by prompt), the live beams per
+            still-live prompt, and the still-live prompts.
+        """
+        keep: list[int] = []
+        beams: list[int] = []
+        live: list[int] = []
+        score = step.score.cpu()
+        tops = top_k_per_group(score, layout.group_sizes, config.beam_width)
+        for group, top in enumerate(tops):
+            prompt = layout.live[group]
+            search = searches[prompt]
+            kept = []
+            for row in top.tolist():
+                reason = step.reasons[row]
+                if reason is None:
+                    kept.append(row)
+                    continue
+                search.finished.append(
+                    Finished(
+                        token_ids=step.rows.token_ids[row],
+                        text=step.texts[row],
+                        cost=float(step.rows.cost[row]),
+                        reward=None if step.reward is None else float(step.reward[row]),
+                        score=float(score[row]),
+                        finish_reason=reason,
+                        cost_checked=self.scores_cost,
+                    )
+                )
+            if commit == "block" and float(step.rows.z[top[0]]) >= 0:
+                committed[prompt] = step.rows.token_ids[int(top[0])]
+                kept = [r for r in kept if _starts_with(step.rows.token_ids[r], committed[prompt])]
+                search.finished = [
+                    f for f in search.finished if _starts_with(f.token_ids, committed[prompt])
+                ]
+            elif commit == "agreement":
+                committed[prompt] = _common_prefix(
+                    [step.rows.token_ids[r] for r in kept] + [f.token_ids for f in search.finished]
+                )
+            if kept:
+                keep.extend(kept)
+                beams.append(len(kept))
+                live.append(prompt)
+        return torch.tensor(keep, dtype=torch.long), beams, live
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None (so `text[:cut]` is the
+    text before it either way)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _starts_with(token_ids: list[int], prefix: list[int]) -> bool:
+    return token_ids[: len(prefix)] == prefix
+
+
+def _common_prefix(sequences: list[list[int]]) -> list[int]:
+    """Longest common prefix of token id lists."""
+    if not sequences:
+        return []
+    prefix = sequences[0]
+    for seq in sequences[1:]:
+        n = 0
+        while n < min(len(prefix), len(seq)) and prefix[n] == seq[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
