@@ -38,6 +38,7 @@ from inference_safeguard.critic import LatentCritic
 from inference_safeguard.demo.command import add_demo_command
 from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
 from inference_safeguard.evaluation.cli import add_eval_command
+from inference_safeguard.extras import MissingExtraError
 from inference_safeguard.guard import InferenceGuard
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.results import GuardResult
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeGenerationError as exc:
         _report(exc)
         return EXIT_UNSAFE
-    except (SafeguardError, CommandLineError, OSError) as exc:
+    except (SafeguardError, CommandLineError, MissingExtraError, OSError) as exc:
         _report(exc)
         return EXIT_USAGE
 

@@ -17,7 +17,7 @@ from inference_safeguard.baselines import SamplingDecoder
 from inference_safeguard.demo.build import ASSETS, build_demo_world
 from inference_safeguard.demo.world import DemoWorld, load_demo_world
 from inference_safeguard.evaluation.methods import MethodOptions
-from inference_safeguard.evaluation.report import print_table
+from inference_safeguard.evaluation.report import check_report_extras, print_table
 from inference_safeguard.evaluation.run import evaluate
 from inference_safeguard.results import GuardResult
 
@@ -66,6 +66,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def run_demo(args: argparse.Namespace) -> int:
     """Carry out `safeguard demo`."""
     started = time.perf_counter()
+    check_report_extras()
     if args.rebuild:
         manifest = build_demo_world(args.world)
         print(f"Rebuilt the demo world in {manifest['seconds']} s ({args.world}).\n")

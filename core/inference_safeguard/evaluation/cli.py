@@ -42,7 +42,13 @@ from inference_safeguard.evaluation.methods import (
     get_method,
     runnable_methods,
 )
-from inference_safeguard.evaluation.report import print_table, write_csv, write_json, write_plot
+from inference_safeguard.evaluation.report import (
+    check_report_extras,
+    print_table,
+    write_csv,
+    write_json,
+    write_plot,
+)
 from inference_safeguard.evaluation.run import Oracle, evaluate
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.scorers import Scorer
@@ -139,6 +145,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def run_eval(args: argparse.Namespace) -> int:
     """`safeguard eval`: check the settings, load, evaluate, print and write the report."""
+    check_report_extras(plot=args.plot)
     config = guard_config(args)
     options = _method_options(args)
     if args.plot and args.out is None:

@@ -7,14 +7,16 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.evaluation.metrics import MethodMetrics, is_safe_per_cost_model, summarize
+from inference_safeguard.extras import import_extra
 from inference_safeguard.results import GuardResult
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 PathLike = str | os.PathLike[str]
 
@@ -73,15 +75,30 @@ class EvaluationReport:
 
 
 # --------------------------------------------------------------------------- table
+def check_report_extras(*, plot: bool = False) -> None:
+    """Fail before a run, not after it, when the table (or the plot) could not be made.
+
+    Raises:
+        MissingExtraError: `rich` (or, with `plot`, `matplotlib`) is not installed.
+    """
+    import_extra("rich", extra="eval", needed_by="the evaluation table")
+    if plot:
+        import_extra("matplotlib", extra="eval", needed_by="the evaluation plot")
+
+
 def render_table(report: EvaluationReport) -> Table:
     """The paper's main table: reward (sd), cost, safety rates, refusals, time per response.
 
     The oracle column appears only when some method was judged by an oracle.
+
+    Raises:
+        MissingExtraError: `rich` is not installed (the `eval` extra).
     """
+    rich_table = import_extra("rich.table", extra="eval", needed_by="the evaluation table")
     config = report.config
     rows = report.rows()
     with_oracle = any(row.oracle_safety_rate is not None for row in rows)
-    table = Table(
+    table = rich_table.Table(
         title=f"{len(report.prompts)} prompts · budget {config.budget:g} · "
         f"N={config.num_candidates} K={config.beam_width} · block {config.block_size} · "
         f"{config.max_new_tokens} new tokens",
@@ -112,7 +129,8 @@ def print_table(report: EvaluationReport, console: Console | None = None) -> Non
     """
     table = render_table(report)
     if console is None:
-        console = Console()
+        rich_console = import_extra("rich.console", extra="eval", needed_by="the evaluation table")
+        console = rich_console.Console()
         if not console.is_terminal:
             unbounded = console.options.update_width(_WIDEST_TABLE)
             console.width = max(console.width, console.measure(table, options=unbounded).maximum)
@@ -179,10 +197,13 @@ def write_plot(report: EvaluationReport, path: PathLike) -> None:
 
     Raises:
         ValueError: no method has a reward (evaluated without a reward model).
+        MissingExtraError: `matplotlib` is not installed (the `eval` extra).
     """
     # Imported here: only plotting needs matplotlib, and it is slow to import.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    backend = import_extra(
+        "matplotlib.backends.backend_agg", extra="eval", needed_by="the evaluation plot"
+    )
+    Figure = import_extra("matplotlib.figure", extra="eval", needed_by="the evaluation plot").Figure
 
     rows = [row for row in report.rows() if row.reward_mean is not None]
     if not rows:
@@ -191,7 +212,7 @@ def write_plot(report: EvaluationReport, path: PathLike) -> None:
             "evaluate with a reward model"
         )
     figure = Figure(figsize=(7, 5), layout="constrained")
-    FigureCanvasAgg(figure)
+    backend.FigureCanvasAgg(figure)
     axes = figure.subplots()
     rewards = [row.reward_mean for row in rows]
     axes.scatter(rewards, [100 * row.safety_rate for row in rows], label="per cost model")

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from inference_safeguard.cli_options import (
     CommandLineError,
@@ -174,22 +172,17 @@ def run_train_critic(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    Console().print(render_report(report))
+    print(render_report(report))
     print(f"saved the critic to {args.out}", file=sys.stderr)
     return 0
 
 
-def render_report(report: TrainingReport) -> Table:
-    """The held-out metrics of a fit as a two-column table."""
+def render_report(report: TrainingReport) -> str:
+    """The held-out metrics of a fit as a titled two-column text table."""
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.4g}"
 
-    table = Table(
-        title=f"Critic on {report.validation_prompts} held-out prompts · budget {report.budget:g}"
-    )
-    table.add_column("Metric", no_wrap=True)
-    table.add_column("Value", justify="right")
     rows = [
         ("points (train / held out)", f"{report.train_points} / {report.validation_points}"),
         ("rollouts (train / held out)", f"{report.train_rollouts} / {report.validation_rollouts}"),
@@ -209,9 +202,13 @@ def render_report(report: TrainingReport) -> Table:
         ("probe over-budget accuracy", number(report.probe_over_budget_accuracy)),
         ("seconds (fit)", f"{report.seconds:.1f}"),
     ]
-    for row in rows:
-        table.add_row(*row)
-    return table
+    metric_width = max(len(metric) for metric, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    title = f"Critic on {report.validation_prompts} held-out prompts · budget {report.budget:g}"
+    rule = "-" * (metric_width + 2 + value_width)
+    lines = [title, rule, f"{'Metric':<{metric_width}}  {'Value':>{value_width}}", rule]
+    lines += [f"{metric:<{metric_width}}  {value:>{value_width}}" for metric, value in rows]
+    return "\n".join([*lines, rule])
 
 
 def _pair(value: float, reference: float) -> str:
