@@ -251,9 +251,11 @@ class SafeguardLLM(FunctionCallingLLM):
 
     def to_payload(self) -> dict[str, Any]:
         """What callbacks and instrumentation events report: the metadata, the decoder
-        and the config of its calls."""
+        and the config of its calls (built here, as newer LlamaIndex releases build theirs:
+        older ones have no `to_payload` to extend)."""
         return {
-            **super().to_payload(),
+            "class_name": self.class_name(),
+            **self.metadata.model_dump(),
             "decoder": type(self._guard).__name__,
             "guard_config": self.config.model_dump(mode="json"),
         }

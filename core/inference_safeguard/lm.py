@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
+from inference_safeguard.hf_compat import cache_keyword, output_cache
 from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
@@ -110,6 +111,13 @@ class CausalLM:
             raise TypeError(
                 f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}"
             )
+        keyword = cache_keyword(model)
+        if keyword is None:
+            raise TypeError(
+                f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor "
+                "`past_key_values`); the guard needs a causal LM that decodes incrementally"
+            )
+        self._cache_keyword = keyword
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_token_ids: frozenset[int] = self._eos_ids()
@@ -316,7 +324,7 @@ class CausalLM:
             device=self.device,
         )
         return DecodeState(
-            cache=out.cache,
+            cache=output_cache(out),
             attention_mask=attention_mask,
             next_position=attention_mask.sum(-1),
             logits=out.logits[:, -1].float(),
@@ -361,11 +369,11 @@ class CausalLM:
             input_ids=tokens[:, None],
             attention_mask=state.attention_mask,
             position_ids=state.next_position[:, None],
-            cache=state.cache,
             use_cache=True,
             output_hidden_states=True,
+            **{self._cache_keyword: state.cache},
         )
-        state.cache = out.cache
+        state.cache = output_cache(out)
         state.next_position = state.next_position + real.long()
         state.logits = torch.where(real[:, None], out.logits[:, -1].float(), state.logits)
         state.hidden = torch.where(real[:, None], out.hidden_states[-1][:, -1], state.hidden)

@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
+from inference_safeguard.hf_compat import cache_keyword, output_cache
 
 __all__ = [
     "BEAVER_TEMPLATE",
@@ -370,8 +371,7 @@ class _ModelScorer(Scorer):
     def _prompt_cache_keyword(model: PreTrainedModel, enabled: bool) -> str | None:
         """The keyword that passes a KV cache to `model.forward` when prompts can share
         one (a decoder-only model that takes a cache), else None."""
-        parameters = inspect.signature(model.forward).parameters
-        keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
+        keyword = cache_keyword(model)
         decoder_only = not getattr(model.config, "is_encoder_decoder", False)
         return keyword if enabled and decoder_only else None
 
@@ -380,7 +380,7 @@ class _ModelScorer(Scorer):
         model returns no cache that can be repeated)."""
         prefix_ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=prefix_ids, use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             return None
         cache.batch_repeat_interleave(rows)
