@@ -14,9 +14,10 @@ import threading
 import pytest
 from conftest import OTHER_PROMPT, PROMPT
 from llama_index.core.llms import ChatMessage, MessageRole
-from search_tracking import SearchTracker, until, wait_until
+from search_tracking import PAUSE_TIMEOUT, SearchTracker, until, wait_until
 
 from inference_safeguard import GenerationCancelledError, GuardConfig, InferenceGuard
+from inference_safeguard.baselines import ARGS
 from inference_safeguard.scorers import CallableScorer
 from langchain_safeguard import ChatSafeguard
 from langchain_safeguard import SafeguardLLM as LangChainLLM
@@ -170,6 +171,35 @@ async def test_abandoned_streams_do_not_run_while_another_call_decodes(guard, tr
         await stream.aclose()
     for closed in range(1, 6, 2):
         _assert_stopped(tracker, closed, left_at[closed])
+
+
+async def test_cancelling_a_token_level_baseline_stops_its_decoding(
+    tiny_model, tiny_tokenizer, monkeypatch
+):
+    decoder = ARGS(
+        tiny_model, tiny_tokenizer, cost=_free_cost(), reward_weight=0.0, cost_weight=1.0
+    )
+    forward, worker_forwards = tiny_model.forward, [0]
+    paused, release = threading.Event(), threading.Event()
+
+    def counted(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            if worker_forwards[0] == PAUSE_AT:
+                paused.set()
+                release.wait(PAUSE_TIMEOUT)
+            worker_forwards[0] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", counted)
+    task = asyncio.create_task(decoder.agenerate(PROMPT, seed=SEED, max_new_tokens=128))
+    assert await until(paused.is_set)
+    task.cancel()
+    await asyncio.sleep(0)  # the task takes the cancellation and sets the search's flag
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    decoder.generate(OTHER_PROMPT, seed=SEED, max_new_tokens=128)  # on this thread
+    assert worker_forwards[0] == PAUSE_AT + 1
 
 
 # ---------------------------------------------------------------------------- LangChain
