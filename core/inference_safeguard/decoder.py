@@ -192,7 +192,7 @@ class Decoder(ABC):
     def astream(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
     ) -> AsyncGuardStream:
-        """`stream` driven from a worker thread: `async for delta in decoder.astream(...)`.
+        """`stream` for async code: `async for delta in decoder.astream(...)`.
 
         The prompt and settings are checked at once. Each delta is computed in a worker
         thread only while it is awaited; cancelling the awaiting task, `aclose()` or
