@@ -202,15 +202,16 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
             return
-        stream = call.guard.stream(call.prompt, tools=call.tools, **call.overrides)
         holdback = ToolCallHoldback(call.tools) if call.tools else None
-        for delta in stream:
-            text = holdback.feed(delta) if holdback is not None else delta
-            if text:
-                chunk = _text_chunk(text)
-                if run_manager:
-                    run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
+        # Leaving the stream early (LangChain closes this generator) stops the search.
+        with call.guard.stream(call.prompt, tools=call.tools, **call.overrides) as stream:
+            for delta in stream:
+                text = holdback.feed(delta) if holdback is not None else delta
+                if text:
+                    chunk = _text_chunk(text)
+                    if run_manager:
+                        run_manager.on_llm_new_token(text, chunk=chunk)
+                    yield chunk
         assert stream.result is not None  # set by every finished stream
         for chunk in self._result_chunks(stream.result, call, holdback):
             if run_manager:
@@ -233,15 +234,15 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
             return
-        stream = call.guard.astream(call.prompt, tools=call.tools, **call.overrides)
         holdback = ToolCallHoldback(call.tools) if call.tools else None
-        async for delta in stream:
-            text = holdback.feed(delta) if holdback is not None else delta
-            if text:
-                chunk = _text_chunk(text)
-                if run_manager:
-                    await run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
+        async with call.guard.astream(call.prompt, tools=call.tools, **call.overrides) as stream:
+            async for delta in stream:
+                text = holdback.feed(delta) if holdback is not None else delta
+                if text:
+                    chunk = _text_chunk(text)
+                    if run_manager:
+                        await run_manager.on_llm_new_token(text, chunk=chunk)
+                    yield chunk
         assert stream.result is not None
         for chunk in self._result_chunks(stream.result, call, holdback):
             if run_manager:

@@ -85,12 +85,13 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         overrides = self.config_overrides(stop, kwargs)
-        stream = self.load_guard().stream(prompt, **overrides)
-        for delta in stream:
-            chunk = GenerationChunk(text=delta)
-            if run_manager:
-                run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
+        # Leaving the stream early (LangChain closes this generator) stops the search.
+        with self.load_guard().stream(prompt, **overrides) as stream:
+            for delta in stream:
+                chunk = GenerationChunk(text=delta)
+                if run_manager:
+                    run_manager.on_llm_new_token(delta, chunk=chunk)
+                yield chunk
         assert stream.result is not None  # set by every finished stream
         yield GenerationChunk(text="", generation_info=self._info(stream.result))
 
@@ -103,12 +104,12 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     ) -> AsyncIterator[GenerationChunk]:
         overrides = self.config_overrides(stop, kwargs)
         guard = await asyncio.to_thread(self.load_guard)
-        stream = guard.astream(prompt, **overrides)
-        async for delta in stream:
-            chunk = GenerationChunk(text=delta)
-            if run_manager:
-                await run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
+        async with guard.astream(prompt, **overrides) as stream:
+            async for delta in stream:
+                chunk = GenerationChunk(text=delta)
+                if run_manager:
+                    await run_manager.on_llm_new_token(delta, chunk=chunk)
+                yield chunk
         assert stream.result is not None
         yield GenerationChunk(text="", generation_info=self._info(stream.result))
 

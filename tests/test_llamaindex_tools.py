@@ -219,8 +219,8 @@ class _CommitsThenRefuses(ScriptedGuard):
     """Streams all of its reply but the last word, as a search commits the text the cost
     model accepts, then refuses the reply, which the last word puts over budget."""
 
-    def _stream(self, prompt, config):
-        [result] = self._generate_encoded([prompt], config)
+    def _stream(self, prompt, config, cancel):
+        [result] = self._generate_encoded([prompt], config, cancel)
         reply = self.replies[-1]
         yield reply[: reply.rindex(" ")]
         return result

@@ -11,12 +11,14 @@ refused). The scorings:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.decoder import Decoder, Response
 from inference_safeguard.lm import CausalLM, EncodedPrompt
@@ -51,9 +53,13 @@ class _BlockSearchBaseline(Decoder):
         return config
 
     def _decode(
-        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+        self,
+        prompts: list[EncodedPrompt],
+        config: GuardConfig,
+        seeds: list[int],
+        cancel: threading.Event | None = None,
     ) -> list[Response]:
-        searches = self.search.search(prompts, self._search_config(config), seeds)
+        searches = self.search.search(prompts, self._search_config(config), seeds, cancel=cancel)
         return [Response.of(search) for search in searches]
 
 
@@ -141,7 +147,11 @@ class ARGS(Decoder):
 
     @torch.inference_mode()
     def _decode(
-        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+        self,
+        prompts: list[EncodedPrompt],
+        config: GuardConfig,
+        seeds: list[int],
+        cancel: threading.Event | None = None,
     ) -> list[Response]:
         state = self.lm.prefill([p.ids for p in prompts])
         k = min(self.num_tokens, self.lm.vocab_size)
@@ -149,6 +159,7 @@ class ARGS(Decoder):
         reasons: list[Any] = [None] * len(prompts)
         live = list(range(len(prompts)))
         for _ in range(config.max_new_tokens):
+            raise_if_cancelled(cancel)
             logprobs = state.logits.log_softmax(-1)
             top = logprobs.topk(k, dim=-1)
             options = [

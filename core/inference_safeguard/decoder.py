@@ -2,14 +2,17 @@
 
 A decoder turns prompts into `GuardResult`s. This base class owns what is common:
 prompt validation, per-call config overrides, seeds, the final safety record, and
-the sync/async/streaming entry points. Subclasses implement `_decode`.
+the sync/async/streaming entry points, and their cancellation (a flag the search
+checks between tokens, set by closing a stream or cancelling an async call).
+Subclasses implement `_decode`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import functools
 import hashlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from inference_safeguard.cancellation import run_in_worker
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import MissingCostModelError
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
@@ -114,35 +118,53 @@ class Decoder(ABC):
         self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
     ) -> list[GuardResult]:
         """Generate one response per prompt, all prompts decoded together."""
+        return self._generate_batch(prompts, tools, overrides, cancel=None)
+
+    def _generate_batch(
+        self,
+        prompts: Sequence[PromptInput],
+        tools: ToolsInput,
+        overrides: Mapping[str, Any],
+        cancel: threading.Event | None,
+    ) -> list[GuardResult]:
         config = self.config.with_overrides(**overrides)
-        return self._generate_encoded(self.encode_prompts(prompts, config, tools), config)
+        encoded = self.encode_prompts(prompts, config, tools)
+        return self._generate_encoded(encoded, config, cancel)
 
     def stream(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
     ) -> GuardStream:
         """The response as text deltas that can no longer change; `.result` at the end.
 
-        The prompt and settings are checked at once, before the first delta. This
-        default yields the whole response at once; decoders that can commit text
-        earlier override `_stream`.
+        The prompt and settings are checked at once, before the first delta. The
+        search runs only while a delta is asked for; `stream.close()` (or a `with`
+        block) stops it within one decoded token and frees its memory. This default
+        yields the whole response at once; decoders that can commit text earlier
+        override `_stream`.
         """
         config = self.config.with_overrides(**overrides)
         [encoded] = self.encode_prompts([prompt], config, tools)
-        return GuardStream(self._stream(encoded, config))
+        cancel = threading.Event()
+        return GuardStream(self._stream(encoded, config, cancel), cancel)
 
     def _stream(
-        self, prompt: EncodedPrompt, config: GuardConfig
+        self, prompt: EncodedPrompt, config: GuardConfig, cancel: threading.Event | None
     ) -> Generator[str, None, GuardResult]:
-        [result] = self._generate_encoded([prompt], config)
+        """Yield the deltas and return the result; stop with `GenerationCancelledError`
+        soon after `cancel` is set."""
+        [result] = self._generate_encoded([prompt], config, cancel)
         if result.text:
             yield result.text
         return result
 
     def _generate_encoded(
-        self, prompts: list[EncodedPrompt], config: GuardConfig
+        self,
+        prompts: list[EncodedPrompt],
+        config: GuardConfig,
+        cancel: threading.Event | None = None,
     ) -> list[GuardResult]:
         started = time.perf_counter()
-        responses = self._decode(prompts, config, self._seeds(prompts, config))
+        responses = self._decode(prompts, config, self._seeds(prompts, config), cancel)
         results = self._finalize(prompts, responses, config, time.perf_counter() - started)
         self.last_result = results[-1]
         return results
@@ -150,22 +172,32 @@ class Decoder(ABC):
     async def agenerate(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
     ) -> GuardResult:
-        """`generate` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.generate, prompt, tools=tools, **overrides)
+        """`generate` in a worker thread, so the event loop keeps running.
+
+        Cancelling the awaiting task (`task.cancel()`, `asyncio.wait_for` timing out)
+        stops the search within one decoded token; the cancellation completes once it
+        has stopped.
+        """
+        [result] = await self.agenerate_batch([prompt], tools=tools, **overrides)
+        return result
 
     async def agenerate_batch(
         self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
     ) -> list[GuardResult]:
-        """`generate_batch` in a worker thread."""
-        return await asyncio.to_thread(self.generate_batch, prompts, tools=tools, **overrides)
+        """`generate_batch` in a worker thread; cancellable like `agenerate`."""
+        cancel = threading.Event()
+        work = functools.partial(self._generate_batch, prompts, tools, overrides, cancel)
+        return await run_in_worker(work, cancel.set)
 
     def astream(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
     ) -> AsyncGuardStream:
-        """`stream` driven from a worker thread: `async for delta in decoder.astream(...)`.
+        """`stream` for async code: `async for delta in decoder.astream(...)`.
 
-        The prompt and settings are checked at once. Leaving the loop early stops the
-        search after its current step; `.result` is set once the stream has ended.
+        The prompt and settings are checked at once. Each delta is computed in a worker
+        thread only while it is awaited; cancelling the awaiting task, `aclose()` or
+        dropping the stream stops the search within one decoded token and frees its
+        memory. `.result` is set once the stream has ended.
         """
         return AsyncGuardStream(self.stream(prompt, tools=tools, **overrides))
 
@@ -191,9 +223,14 @@ class Decoder(ABC):
 
     @abstractmethod
     def _decode(
-        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+        self,
+        prompts: list[EncodedPrompt],
+        config: GuardConfig,
+        seeds: list[int],
+        cancel: threading.Event | None = None,
     ) -> list[Response]:
-        """Decode one response per prompt."""
+        """Decode one response per prompt; stop with `GenerationCancelledError` (see
+        `cancellation.raise_if_cancelled`) soon after `cancel` is set."""
 
     def _finalize(
         self,

@@ -75,6 +75,11 @@ class RefusalOverBudgetWarning(UserWarning):
     """The configured refusal text is itself over budget under the cost model."""
 
 
+class GenerationCancelledError(SafeguardError):
+    """A generation was cancelled before it finished: its stream was closed (from
+    another thread, while a delta was being computed) or its caller stopped waiting."""
+
+
 class UnsafeGenerationError(SafeguardError):
     """The search found no response within the safety budget and `on_unsafe="raise"`.
 

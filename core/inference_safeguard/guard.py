@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import warnings
 from collections.abc import Generator, Sequence
@@ -164,13 +165,19 @@ class InferenceGuard(Decoder):
 
     # ------------------------------------------------------------------ decoding
     def _decode(
-        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+        self,
+        prompts: list[EncodedPrompt],
+        config: GuardConfig,
+        seeds: list[int],
+        cancel: threading.Event | None = None,
     ) -> list[Response]:
-        searches = self.search.search(prompts, config, seeds, evaluator=self._evaluator(config))
+        searches = self.search.search(
+            prompts, config, seeds, evaluator=self._evaluator(config), cancel=cancel
+        )
         return [Response.of(search) for search in searches]
 
     def _stream(
-        self, encoded: EncodedPrompt, config: GuardConfig
+        self, encoded: EncodedPrompt, config: GuardConfig, cancel: threading.Event | None
     ) -> Generator[str, None, GuardResult]:
         """Text deltas as the search commits them; see `GuardConfig.stream_commit`.
 
@@ -185,6 +192,7 @@ class InferenceGuard(Decoder):
             self._seeds([encoded], config),
             commit=config.stream_commit,
             evaluator=self._evaluator(config),
+            cancel=cancel,
         )
         emitted, accepted_tokens = "", 0
         while True:

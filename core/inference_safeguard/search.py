@@ -29,12 +29,14 @@ reward models on the text) or `CriticEvaluator` (the latent critic on the hidden
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 
+from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.lm import (
@@ -356,6 +358,7 @@ class BlockSearch:
         seeds: Sequence[int],
         commit: Literal["agreement", "block"] | None = None,
         evaluator: CandidateEvaluator | None = None,
+        cancel: threading.Event | None = None,
     ) -> Generator[list[list[int] | None], None, list[PromptSearch]]:
         """Search every prompt; a generator that yields after each step.
 
@@ -368,6 +371,9 @@ class BlockSearch:
                 beams that do not extend it are dropped).
             evaluator: where this run's costs and rewards come from (default: the
                 search's own).
+            cancel: once set (from any thread), the search raises
+                `GenerationCancelledError` before its next decoded token, which ends
+                the generator and drops its KV cache.
 
         Yields:
             Per prompt, the response token ids committed so far (None when `commit` is
@@ -376,6 +382,7 @@ class BlockSearch:
         Returns:
             One `PromptSearch` per prompt with its finished responses and counts.
         """
+        raise_if_cancelled(cancel)
         evaluator = evaluator or self.evaluator
         searches = [PromptSearch(prompt) for prompt in prompts]
         samplers = PromptSamplers(seeds, self.lm.device)
@@ -394,6 +401,7 @@ class BlockSearch:
         committed: list[list[int]] = [[] for _ in prompts]
         generated = 0
         while live:
+            raise_if_cancelled(cancel)
             children = [config.num_candidates // k for k in beams]
             per_beam = torch.tensor(
                 [c for k, c in zip(beams, children, strict=True) for _ in range(k)]
@@ -413,7 +421,9 @@ class BlockSearch:
                 generated=generated,
                 block_len=block_len,
             )
-            step = self._decode_step(state, parents, layout, config, samplers, searches, evaluator)
+            step = self._decode_step(
+                state, parents, layout, config, samplers, searches, evaluator, cancel
+            )
             beam_rows, beams, live = self._select(step, layout, config, searches, commit, committed)
             rows = step.rows
             yield [committed[p] if commit and p in live else None for p in range(len(prompts))]
@@ -425,9 +435,10 @@ class BlockSearch:
         config: GuardConfig,
         seeds: Sequence[int],
         evaluator: CandidateEvaluator | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[PromptSearch]:
         """Run `run` to its end and return its searches."""
-        steps = self.run(prompts, config, seeds, evaluator=evaluator)
+        steps = self.run(prompts, config, seeds, evaluator=evaluator, cancel=cancel)
         while True:
             try:
                 next(steps)
@@ -444,6 +455,7 @@ class BlockSearch:
         samplers: PromptSamplers,
         searches: list[PromptSearch],
         evaluator: CandidateEvaluator,
+        cancel: threading.Event | None,
     ) -> _Step:
         """Decode and score one block for every row, resampling all-unsafe prompts."""
         checkpoint = BlockCheckpoint.of(state, layout.block_len)
@@ -451,7 +463,9 @@ class BlockSearch:
         block = self.lm.decode_block(
             state,
             layout.block_len,
-            self._chooser(samplers, layout.live, layout.group_sizes, all_rows, None, None, config),
+            self._chooser(
+                samplers, layout.live, layout.group_sizes, all_rows, None, None, config, cancel
+            ),
         )
         step = self._score(block, state, parents, layout, all_rows, config, evaluator)
         for group, size in enumerate(layout.group_sizes):
@@ -483,6 +497,7 @@ class BlockSearch:
                     block.tokens,
                     penalty_mask[layout.group_of_row[resampled].to(penalty_mask.device)],
                     config,
+                    cancel,
                 ),
             )
             step = step.splice(
@@ -503,10 +518,13 @@ class BlockSearch:
         replay: torch.Tensor | None,
         penalty_mask: torch.Tensor | None,
         config: GuardConfig,
+        cancel: threading.Event | None,
     ):
-        """Token chooser: sample `sampled_rows` (penalised), replay the other rows' tokens."""
+        """Token chooser: sample `sampled_rows` (penalised), replay the other rows' tokens;
+        raises `GenerationCancelledError` once `cancel` is set, before the token's forward."""
 
         def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+            raise_if_cancelled(cancel)
             picked = logits if replay is None else logits[sampled_rows.to(logits.device)]
             if penalty_mask is not None:
                 picked = penalize_tokens(picked, penalty_mask, config.unsafe_logit_penalty)

@@ -265,7 +265,11 @@ class ScriptedGuard(InferenceGuard):
         return [self.lm.tokenizer.decode(prompt.ids) for prompt in self.prompts]
 
     def _decode(
-        self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
+        self,
+        prompts: list[EncodedPrompt],
+        config: GuardConfig,
+        seeds: list[int],
+        cancel: threading.Event | None = None,
     ) -> list[Response]:
         with self._lock:  # concurrent calls take their turns one at a time
             self.search_sizes.append(len(prompts))
@@ -285,8 +289,8 @@ class ScriptedGuard(InferenceGuard):
         return self.replies[min(next(self._turns), len(self.replies) - 1)]
 
     def _stream(
-        self, prompt: EncodedPrompt, config: GuardConfig
+        self, prompt: EncodedPrompt, config: GuardConfig, cancel: threading.Event | None
     ) -> Generator[str, None, GuardResult]:
-        [result] = self._generate_encoded([prompt], config)
+        [result] = self._generate_encoded([prompt], config, cancel)
         yield from re.findall(r"\s*\S+|\s+", result.text)
         return result
