@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-wheel test-lowest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The built wheel, installed (not editable) in a fresh venv, next to a user's own `core`.
+test-wheel:
+	PYTHON=$(PYTHON) bash .ci/test-wheel
+
+# The test suite on the lowest versions the package allows (constraints-lowest.txt).
+LOWEST := .venv-lowest
+test-lowest:
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST)/bin/pip install --quiet -c constraints-lowest.txt -e ".[all,dev,examples]"
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .ruff_cache *.egg-info
