@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Self
 
 import torch
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from inference_safeguard import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
 from inference_safeguard.decoder import Decoder
@@ -111,13 +111,18 @@ class SafeguardParams(BaseModel):
     refusal_text: str | None = None
     """Text returned instead of an over-budget response when refusing."""
     stop: list[str] | None = None
-    """Stop strings: a response ends before the first one it contains."""
+    """Stop strings: a response ends before the first one it contains (one string: one stop)."""
     stream_commit: Literal["agreement", "block"] | None = None
     """What a stream commits each step: the beams' agreed prefix, or the best block."""
     seed: int | None = None
     """Seed of each prompt's sampler; None draws a fresh one per call."""
 
     _loaded_guard: Decoder | None = PrivateAttr(default=None)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_one_sequence(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_decoder_and_config(self) -> Self:
@@ -224,11 +229,11 @@ class SafeguardParams(BaseModel):
 
     # ----------------------------------------------------------------- settings
     def config_overrides(
-        self, stop: list[str] | None = None, kwargs: Mapping[str, Any] | None = None
+        self, stop: str | list[str] | None = None, kwargs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """`GuardConfig` overrides of one call: this model's set fields, then the call's
         `stop` and keywords (GuardConfig fields, `max_tokens`, and `model`, which may only
-        name this model).
+        name this model). A `stop` given as one string is one stop sequence.
 
         Raises:
             TypeError: a keyword that is neither a GuardConfig field nor `max_tokens`.
@@ -253,7 +258,7 @@ class SafeguardParams(BaseModel):
                     f"max_tokens, stop and the GuardConfig fields ({', '.join(CONFIG_FIELDS)})"
                 )
         if stop is not None:
-            overrides["stop"] = list(stop)
+            overrides["stop"] = stop_sequences(stop)
         return overrides
 
     def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
@@ -285,13 +290,22 @@ class SafeguardParams(BaseModel):
     def _identifying_params(self) -> dict[str, Any]:
         return self.safeguard_params()
 
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+    def _get_ls_params(
+        self, stop: str | list[str] | None = None, **kwargs: Any
+    ) -> LangSmithParams:
         # The LangChain model class that this is mixed into comes next in the MRO.
         params: LangSmithParams = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
         params["ls_provider"] = "safeguard"
+        if stop is not None:
+            params["ls_stop"] = stop_sequences(stop)
         if "ls_max_tokens" not in params and self.max_new_tokens is not None:
             params["ls_max_tokens"] = self.max_new_tokens
         return params
+
+
+def stop_sequences(stop: str | Sequence[str]) -> list[str]:
+    """Stop sequences as a list: a single string is one sequence, not one per character."""
+    return [stop] if isinstance(stop, str) else list(stop)
 
 
 def usage_of(result: GuardResult) -> UsageMetadata:

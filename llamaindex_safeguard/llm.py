@@ -19,7 +19,7 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_validator
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
@@ -159,6 +159,11 @@ class SafeguardLLM(FunctionCallingLLM):
     seed: int | None = Field(default=None, description=_describe("seed"))
 
     _guard: Decoder = PrivateAttr()
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_one_sequence(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     def __init__(self, guard: Decoder, **kwargs: Any) -> None:
         if not isinstance(guard, Decoder):

@@ -165,6 +165,13 @@ def test_stop_sequences_end_the_response_before_them(chat):
     assert word not in ChatSafeguard(guard=chat.guard, seed=0, stop=[word]).invoke(PROMPT).content
 
 
+def test_a_stop_string_is_one_stop_sequence_not_one_per_character(tiny_model, tiny_tokenizer):
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hi. Are You. there"])
+    assert ChatSafeguard(guard=guard).invoke("hi", stop="You.").content == "Hi. Are "
+    assert ChatSafeguard(guard=guard, stop="You.").invoke("hi").content == "Hi. Are "
+    assert ChatSafeguard(guard=guard).bind(stop="You.").invoke("hi").content == "Hi. Are "
+
+
 def test_unknown_call_keywords_and_model_switches_are_refused(chat):
     with pytest.raises(TypeError, match="unexpected keyword 'temprature'"):
         chat.invoke(PROMPT, temprature=0.5)

@@ -115,6 +115,12 @@ def test_stop_and_max_tokens_apply_per_call(llm):
     assert result.generations[0][0].generation_info["usage"]["output_tokens"] <= 3
 
 
+def test_a_stop_string_is_one_stop_sequence_not_one_per_character(tiny_model, tiny_tokenizer):
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hi. Are You. there"])
+    assert SafeguardLLM(guard=guard).invoke("hi", stop="You.") == "Hi. Are "
+    assert SafeguardLLM(guard=guard, stop="You.").invoke("hi") == "Hi. Are "
+
+
 def test_lcel_prompt_llm_parser_pipeline(llm):
     chain = PromptTemplate.from_template("Q: {question}\nA:") | llm | StrOutputParser()
     answer = chain.invoke({"question": "Where is the dog?"})

@@ -204,6 +204,12 @@ def test_over_budget_answer_is_refused_and_flagged(tiny_model, tiny_tokenizer, c
     assert response.additional_kwargs["finish_reason"] == "safety"
 
 
+def test_a_stop_string_is_one_stop_sequence_not_one_per_character(tiny_model, tiny_tokenizer):
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hi. Are You. there"])
+    assert SafeguardLLM(guard, stop="You.").complete("hi").text == "Hi. Are "
+    assert SafeguardLLM(guard).chat(USER, stop="You.").message.content == "Hi. Are "
+
+
 # -------------------------------------------------------------------- streaming
 def test_stream_complete_yields_the_guards_deltas_and_ends_with_the_record(llm, guard):
     chunks = list(llm.stream_complete(PROMPT, seed=9, stream_commit="block"))
