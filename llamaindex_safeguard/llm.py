@@ -568,7 +568,7 @@ class _ChatStream:
         A response refused after some of it was committed ends as the refusal: the tool
         calls in its committed text must not run.
         """
-        parsed = _parsed(result.text if result.refused else self.text, self.tools)
+        parsed = _parsed_result(result, self.text, self.tools)
         rest = self.holdback.finish(parsed.content) if self.holdback is not None else ""
         return ChatResponse(
             message=assistant_message(parsed),
@@ -578,12 +578,16 @@ class _ChatStream:
         )
 
 
-def _parsed(text: str, tools: list[ToolSpec]) -> ParsedResponse:
-    return parse_tool_calls(text, tools) if tools else ParsedResponse(text, [])
+def _parsed_result(result: GuardResult, text: str, tools: list[ToolSpec]) -> ParsedResponse:
+    """The response `text` split into content and tool calls; a refusal is all content,
+    whatever it looks like, since no call of an over-budget response may run."""
+    if result.refused or not tools:
+        return ParsedResponse(result.text if result.refused else text, [])
+    return parse_tool_calls(text, tools)
 
 
 def _chat_response(result: GuardResult, tools: list[ToolSpec]) -> ChatResponse:
-    parsed = _parsed(result.text, tools)
+    parsed = _parsed_result(result, result.text, tools)
     return ChatResponse(
         message=assistant_message(parsed),
         raw=_raw(result, parsed),
