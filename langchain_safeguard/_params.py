@@ -6,6 +6,7 @@ LangChain hooks that report them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Self
@@ -13,11 +14,27 @@ from typing import Any, Literal, Self
 import torch
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from langchain_core.prompt_values import PromptValue
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from inference_safeguard import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
+from inference_safeguard import (
+    GuardConfig,
+    GuardResult,
+    InferenceGuard,
+    InvalidPromptError,
+    MissingCostModelError,
+)
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.scorers import Scorer
+from inference_safeguard.tools import read_tool_call
 from langchain_safeguard._loading import ModelSource, load_model
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)
@@ -36,6 +53,8 @@ _BUILD_LOCK = threading.Lock()
 _LOADING_FIELDS = ("cost", "reward", "critic", "device", "dtype", "device_map")
 # Keywords LangChain itself passes down to `_generate`/`_stream`, not meant for the model.
 _LANGCHAIN_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+# What LangChain's message conversion raises on input it cannot read.
+_UNREADABLE_INPUT = (KeyError, TypeError, AttributeError, ValidationError, json.JSONDecodeError)
 
 
 class SafeguardParams(BaseModel):
@@ -286,13 +305,26 @@ class SafeguardParams(BaseModel):
         return params
 
     # ----------------------------------------------------------- LangChain hooks
+    def _convert_input(self, model_input: Any) -> PromptValue:
+        """LangChain's input conversion, with message dicts checked first: a malformed
+        assistant tool call or a message LangChain cannot read raises `InvalidPromptError`
+        (saying what is wrong) instead of an error from inside LangChain."""
+        if isinstance(model_input, Sequence) and not isinstance(model_input, str):
+            check_message_dicts(model_input)
+        try:
+            # The LangChain model class that this is mixed into comes next in the MRO.
+            return super()._convert_input(model_input)  # type: ignore[misc]
+        except _UNREADABLE_INPUT as error:
+            raise InvalidPromptError(
+                f"the input messages could not be read ({type(error).__name__}: {error}); pass "
+                "LangChain messages, (role, content) pairs or {'role', 'content'} dicts"
+            ) from error
+
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return self.safeguard_params()
 
-    def _get_ls_params(
-        self, stop: str | list[str] | None = None, **kwargs: Any
-    ) -> LangSmithParams:
+    def _get_ls_params(self, stop: str | list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         # The LangChain model class that this is mixed into comes next in the MRO.
         params: LangSmithParams = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
         params["ls_provider"] = "safeguard"
@@ -301,6 +333,26 @@ class SafeguardParams(BaseModel):
         if "ls_max_tokens" not in params and self.max_new_tokens is not None:
             params["ls_max_tokens"] = self.max_new_tokens
         return params
+
+
+def check_message_dicts(messages: Sequence[Any]) -> None:
+    """Check the assistant tool calls of messages given as OpenAI-style dicts.
+
+    Raises:
+        InvalidPromptError: `tool_calls` is not a list, or a call is not a dict, has no
+            function name, or has arguments that are not a JSON object.
+    """
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("tool_calls") is None:
+            continue
+        calls = message["tool_calls"]
+        if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+            raise InvalidPromptError(
+                f"message {index}: tool_calls must be a list of tool call dicts, got "
+                f"{type(calls).__name__}"
+            )
+        for number, call in enumerate(calls):
+            read_tool_call(call, f"message {index}, tool call {number}")
 
 
 def stop_sequences(stop: str | Sequence[str]) -> list[str]:

@@ -390,6 +390,29 @@ def test_malformed_messages_raise_invalid_prompt(llm, messages):
         llm.chat(messages)
 
 
+def _after_call(**kwargs: object) -> list[ChatMessage]:
+    return [
+        ChatMessage(role=MessageRole.USER, content="Add 2 and 3."),
+        ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs=kwargs),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (_after_call(tool_calls="add"), "must be a list of tool calls"),
+        (_after_call(tool_calls=["add"]), "OpenAI-style dict"),
+        (_after_call(tool_calls=[{"function": "add"}]), "no function name"),
+        (_after_call(tool_calls=[{"function": {"name": "add", "arguments": "{"}}]), "valid JSON"),
+        ([ChatMessage(role=MessageRole.USER, content="caf\udce9")], "unpaired surrogate"),
+    ],
+    ids=["calls-str", "call-str", "function-str", "bad-json", "surrogate"],
+)
+def test_malformed_tool_calls_and_lone_surrogates_raise_invalid_prompt(llm, messages, message):
+    with pytest.raises(InvalidPromptError, match=message):
+        llm.chat(messages)
+
+
 def test_text_blocks_are_joined_like_message_content(llm, guard):
     blocks = [TextBlock(text="Tell me about"), TextBlock(text="the dog.")]
     response = llm.chat([ChatMessage(role=MessageRole.USER, blocks=blocks)], seed=1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import OTHER_PROMPT, PROMPT
 
+from inference_safeguard.errors import InvalidPromptError
 from inference_safeguard.lm import BlockCheckpoint, CausalLM, transcript
 
 
@@ -116,6 +117,56 @@ def test_plain_text_is_used_as_is(lm):
     encoded = lm.encode("The dog")
     assert encoded.text == "The dog"
     assert encoded.ids == lm.tokenizer("The dog")["input_ids"]
+
+
+def _after_call(*calls: object) -> list[dict[str, object]]:
+    return [
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": "", "tool_calls": list(calls)},
+        {"role": "tool", "content": "Sunny", "tool_call_id": "a"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (_after_call("get_weather"), r"tool call 0 must be a dict"),
+        (_after_call({"id": "a", "function": "get_weather"}), r"'function' must be a dict"),
+        (_after_call({"id": "a", "function": {"arguments": "{}"}}), r"has no tool name"),
+        (_after_call({"function": {"name": "f", "arguments": "{bad"}}), r"not valid JSON"),
+        (_after_call({"function": {"name": "f", "arguments": "[1, 2]"}}), r"JSON object.*list"),
+        (_after_call({"function": {"name": "f", "arguments": 5}}), r"JSON object.*int"),
+        (_after_call({"function": {"name": "f"}}, 7), r"message 1, tool call 1 must be a dict"),
+        ([{"role": "assistant", "content": "", "tool_calls": "f"}], r"must be a list"),
+    ],
+    ids=[
+        "call-str",
+        "function-str",
+        "no-name",
+        "bad-json",
+        "list-args",
+        "int-args",
+        "int-call",
+        "str",
+    ],
+)
+def test_malformed_assistant_tool_calls_raise_invalid_prompt(lm, messages, message):
+    with pytest.raises(InvalidPromptError, match=message):
+        lm.encode(messages)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "caf\udce9",
+        [{"role": "user", "content": "caf\udce9"}],
+        [{"role": "system", "content": "\ud800"}],
+    ],
+    ids=["plain", "user", "system"],
+)
+def test_a_lone_surrogate_raises_invalid_prompt_not_an_encoder_error(lm, prompt):
+    with pytest.raises(InvalidPromptError, match="unpaired surrogate"):
+        lm.encode(prompt)
 
 
 def test_context_window_comes_from_the_model_config(lm):

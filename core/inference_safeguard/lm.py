@@ -21,6 +21,7 @@ from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
     native_tool_messages,
+    read_tool_call,
     template_renders_tools,
 )
 
@@ -216,6 +217,7 @@ class CausalLM:
                     "tools need a chat prompt; pass the prompt as "
                     "[{'role': 'user', 'content': ...}]"
                 )
+            check_text(prompt, "the prompt")
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             return EncodedPrompt(ids=list(ids), text=prompt)
         messages = validate_messages(prompt)
@@ -447,6 +449,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidPromptError(
                 f"message {index} content must be text, got {type(content).__name__}"
             )
+        check_text(content, f"message {index}")
         clean.append({**message, "role": role, "content": content})
     if not any(m["content"].strip() or m.get("tool_calls") for m in clean):
         raise InvalidPromptError("every message is empty; give the model some text")
@@ -456,14 +459,33 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
 def _check_tool_calls(index: int, role: str, tool_calls: Any) -> None:
     if role != "assistant":
         raise InvalidPromptError(f"message {index}: only assistant messages carry tool_calls")
-    if not isinstance(tool_calls, Sequence) or not all(
-        isinstance(call, Mapping) and isinstance(call.get("function", call).get("name"), str)
-        for call in tool_calls
-    ):
+    if not isinstance(tool_calls, Sequence) or isinstance(tool_calls, (str, bytes)):
         raise InvalidPromptError(
             f"message {index}: tool_calls must be a list of "
-            "{'id', 'type': 'function', 'function': {'name', 'arguments'}} dicts"
+            "{'id', 'type': 'function', 'function': {'name', 'arguments'}} dicts, got "
+            f"{type(tool_calls).__name__}"
         )
+    for number, call in enumerate(tool_calls):
+        read_tool_call(call, f"message {index}, tool call {number}")
+
+
+def check_text(text: str, where: str) -> None:
+    """Reject text that cannot be encoded as UTF-8 (an unpaired surrogate, as left by
+    decoding bytes with errors="surrogateescape" or by a broken JSON escape).
+
+    Raises:
+        InvalidPromptError: naming `where` and the position of the surrogate.
+    """
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidPromptError(
+            f"{where} holds an unpaired surrogate {text[error.start]!r} at character "
+            f"{error.start}, which is not text; decode the input with errors='replace', or "
+            "remove the character"
+        ) from None
 
 
 def transcript(messages: Sequence[Message]) -> str:
