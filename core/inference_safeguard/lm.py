@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.encoding import check_text, encode_chat, encode_text
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
 from inference_safeguard.tools import (
     ToolSpec,
@@ -99,9 +100,20 @@ class CausalLM:
         model: any Hugging Face causal LM whose forward takes a transformers `Cache`.
         tokenizer: its tokenizer; not modified. Padding is masked, so any id serves:
             the pad token, else EOS, else the model config's pad id, else 0.
+        allow_special_tokens_in_content: let the text of special tokens in prompts (a
+            message's content, a plain-text prompt) become those tokens. Off by default:
+            only the chat template writes control tokens, so a user cannot end a turn or
+            forge a system turn by typing `</s><|system|>` (see `inference_safeguard.encoding`).
+            Turn it on only for prompts you render yourself on purpose.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        allow_special_tokens_in_content: bool = False,
+    ) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
             raise TypeError(
                 f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
@@ -113,6 +125,7 @@ class CausalLM:
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.allow_special_tokens_in_content = allow_special_tokens_in_content
         self.eos_token_ids: frozenset[int] = self._eos_ids()
         candidates = (
             tokenizer.pad_token_id,
@@ -199,14 +212,17 @@ class CausalLM:
     def encode(self, prompt: PromptInput, tools: Sequence[ToolSpec] = ()) -> EncodedPrompt:
         """Validate and tokenize one prompt.
 
-        Plain text is tokenized as is (a completion prompt); a message list is
-        rendered with the tokenizer's chat template and a generation prompt. Tools (and
-        tool calls and results in the messages) are rendered by the template when it
-        supports them, else written into the conversation as text (see `inference_safeguard.tools`).
+        Plain text is tokenized as is (a completion prompt, with the tokenizer's BOS); a
+        message list is rendered with the tokenizer's chat template and a generation
+        prompt. Tools (and tool calls and results in the messages) are rendered by the
+        template when it supports them, else written into the conversation as text (see
+        `inference_safeguard.tools`). Either way, the text of special tokens in the
+        prompt stays text unless `allow_special_tokens_in_content` (see
+        `inference_safeguard.encoding`).
 
         Raises:
-            InvalidPromptError: empty prompt, non-text prompt, malformed messages, or
-                tools with a plain-text prompt.
+            InvalidPromptError: empty prompt, non-text prompt (or one with an unpaired
+                surrogate), malformed messages, or tools with a plain-text prompt.
             ChatTemplateError: messages given but the tokenizer has no chat template.
         """
         if isinstance(prompt, str):
@@ -217,9 +233,10 @@ class CausalLM:
                     "tools need a chat prompt; pass the prompt as "
                     "[{'role': 'user', 'content': ...}]"
                 )
-            check_text(prompt, "the prompt")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            return EncodedPrompt(ids=list(ids), text=prompt)
+            ids = encode_text(
+                self.tokenizer, prompt, allow_control_tokens=self.allow_special_tokens_in_content
+            )
+            return EncodedPrompt(ids=ids, text=prompt)
         messages = validate_messages(prompt)
         chat_template = getattr(self.tokenizer, "chat_template", None)
         if not chat_template:
@@ -230,14 +247,17 @@ class CausalLM:
             )
         if template_renders_tools(chat_template):
             rendered = native_tool_messages(messages)
-            tool_kwargs = {"tools": [t.to_openai() for t in tools]} if tools else {}
+            tool_dicts = [t.to_openai() for t in tools]
         else:
             rendered = inline_tool_messages(messages, tools)
-            tool_kwargs = {}
-        ids = self.tokenizer.apply_chat_template(
-            rendered, add_generation_prompt=True, tokenize=True, return_dict=False, **tool_kwargs
+            tool_dicts = []
+        ids = encode_chat(
+            self.tokenizer,
+            rendered,
+            tool_dicts,
+            allow_control_tokens=self.allow_special_tokens_in_content,
         )
-        return EncodedPrompt(ids=list(ids), text=transcript(inline_tool_messages(messages, ())))
+        return EncodedPrompt(ids=ids, text=transcript(inline_tool_messages(messages, ())))
 
     def encode_batch(
         self, prompts: Sequence[PromptInput], max_new_tokens: int, tools: Sequence[ToolSpec] = ()
@@ -467,25 +487,6 @@ def _check_tool_calls(index: int, role: str, tool_calls: Any) -> None:
         )
     for number, call in enumerate(tool_calls):
         read_tool_call(call, f"message {index}, tool call {number}")
-
-
-def check_text(text: str, where: str) -> None:
-    """Reject text that cannot be encoded as UTF-8 (an unpaired surrogate, as left by
-    decoding bytes with errors="surrogateescape" or by a broken JSON escape).
-
-    Raises:
-        InvalidPromptError: naming `where` and the position of the surrogate.
-    """
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidPromptError(
-            f"{where} holds an unpaired surrogate {text[error.start]!r} at character "
-            f"{error.start}, which is not text; decode the input with errors='replace', or "
-            "remove the character"
-        ) from None
 
 
 def transcript(messages: Sequence[Message]) -> str:

@@ -222,6 +222,7 @@ class ScriptedGuard(InferenceGuard):
         cost: cost model (default: every reply costs 0).
         reward: reward model, or None.
         config: default config.
+        allow_special_tokens_in_content: see `InferenceGuard`.
 
     Attributes:
         prompts: every prompt decoded, in order, as encoded for the model (`.text` is
@@ -241,12 +242,20 @@ class ScriptedGuard(InferenceGuard):
         cost: Scorer | None = None,
         reward: Scorer | None = None,
         config: GuardConfig | None = None,
+        allow_special_tokens_in_content: bool = False,
     ) -> None:
         if isinstance(replies, str) or not (callable(replies) or replies):
             raise ValueError("replies must be a function of the prompt or a non-empty list")
         if cost is None:
             cost = CallableScorer(lambda prompts, responses: [0.0] * len(responses))
-        super().__init__(model, tokenizer, cost=cost, reward=reward, config=config)
+        super().__init__(
+            model,
+            tokenizer,
+            cost=cost,
+            reward=reward,
+            config=config,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
         self.replies = replies if callable(replies) else list(replies)
         self.prompts: list[EncodedPrompt] = []
         self.search_sizes: list[int] = []
