@@ -5,10 +5,11 @@ LangChain hooks that report them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal, Self
 
 import torch
@@ -33,6 +34,7 @@ from inference_safeguard import (
     MissingCostModelError,
 )
 from inference_safeguard.decoder import Decoder
+from inference_safeguard.identity import digest
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.tools import read_tool_call
 from langchain_safeguard._loading import ModelSource, load_model
@@ -294,17 +296,39 @@ class SafeguardParams(BaseModel):
             )
 
     def safeguard_params(self) -> dict[str, Any]:
-        """Identifying parameters: the model, its scorers and the settings in force."""
-        params: dict[str, Any] = {"model_name": self.model_name}
-        for name in ("cost", "reward"):
-            scorer = getattr(self, name) if self.guard is None else getattr(self.guard, name)
-            params[name] = type(scorer).__name__ if scorer is not None else None
-        if self.guard is not None:
-            params["decoder"] = type(self.guard).__name__
-        params.update(self.config_overrides())
-        return params
+        """Identifying parameters: the model, the decoder and its scorers, every setting in
+        force, and `fingerprint`, a digest of all that decides the decoder's answers (the
+        weights of the model, scorers and critic, the keywords, the config; see
+        `inference_safeguard.identity`). LangChain keys its LLM cache by these, so one
+        setup never gets another's cached answer. A model given by name is loaded here.
+        """
+        guard = self.load_guard()
+        config = self.call_config(self.config_overrides())
+        return {
+            "model_name": self.model_name,
+            "decoder": type(guard).__name__,
+            "cost": type(guard.cost).__name__,
+            "reward": type(guard.reward).__name__ if guard.reward is not None else None,
+            **config.model_dump(mode="json"),
+            "fingerprint": digest(guard.identity(config)),
+        }
+
+    async def _aload_guard(self) -> None:
+        """Load a model given by name in a worker thread, off the event loop."""
+        if self.guard is None and self._loaded_guard is None:
+            await asyncio.to_thread(self.load_guard)
 
     # ----------------------------------------------------------- LangChain hooks
+    async def astream(
+        self, input: Any, config: Any = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """LangChain's `astream`, with a model given by name loaded off the event loop
+        first (LangChain reads the identifying parameters before streaming)."""
+        await self._aload_guard()
+        # The LangChain model class that this is mixed into comes next in the MRO.
+        async for chunk in super().astream(input, config, stop=stop, **kwargs):  # type: ignore[misc]
+            yield chunk
+
     def _convert_input(self, model_input: Any) -> PromptValue:
         """LangChain's input conversion, with message dicts checked first: a malformed
         assistant tool call or a message LangChain cannot read raises `InvalidPromptError`

@@ -54,6 +54,13 @@ class _BlockSearchBaseline(Decoder):
     def _search_config(self, config: GuardConfig) -> GuardConfig:
         return config
 
+    def _identity_settings(self) -> dict[str, Any]:
+        return {
+            "scoring": self.search.scoring,
+            "lagrange_multiplier": self.search.lagrange_multiplier,
+            "resample": self.search.resample,
+        }
+
     def _decode(
         self, prompts: list[EncodedPrompt], config: GuardConfig, seeds: list[int]
     ) -> list[Response]:
@@ -156,6 +163,13 @@ class ARGS(Decoder):
         self.num_tokens = num_tokens
         self.reward_weight = reward_weight
         self.cost_weight = cost_weight
+
+    def _identity_settings(self) -> dict[str, Any]:
+        return {
+            "num_tokens": self.num_tokens,
+            "reward_weight": self.reward_weight,
+            "cost_weight": self.cost_weight,
+        }
 
     @torch.inference_mode()
     def _decode(

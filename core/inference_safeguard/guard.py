@@ -128,6 +128,9 @@ class InferenceGuard(Decoder):
             allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
 
+    def _identity_settings(self) -> dict[str, Any]:
+        return {"critic": self.critic}
+
     # -------------------------------------------------------------------- critic
     def _attach(self, critic: CriticInput) -> LatentCritic | None:
         """Load (from a directory), check and place the critic on the model's device."""

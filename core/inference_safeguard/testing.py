@@ -15,6 +15,7 @@ import re
 import string
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -261,6 +262,9 @@ class ScriptedGuard(InferenceGuard):
         self.search_sizes: list[int] = []
         self._turns = itertools.count()
         self._lock = threading.Lock()
+
+    def _identity_settings(self) -> dict[str, Any]:
+        return {**super()._identity_settings(), "replies": self.replies}
 
     @property
     def searches(self) -> int:
