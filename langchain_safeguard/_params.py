@@ -87,6 +87,9 @@ class SafeguardParams(BaseModel):
     """Transformers device map (e.g. "auto") to shard `model` across devices."""
     trust_remote_code: bool = False
     """Run code shipped with the `model` checkpoint; leave off unless you trust its author."""
+    allow_special_tokens_in_content: bool = False
+    """Let special-token text in prompts (`</s>`, `<|im_start|>`) become control tokens of
+    `model`; off, users cannot forge turns. Only for prompts you render yourself."""
 
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens in a response: LangChain's name for `max_new_tokens`."""
@@ -157,7 +160,11 @@ class SafeguardParams(BaseModel):
                 raise MissingCostModelError.of(f"{type(self).__name__}(model={self.model!r})")
         else:
             given = [name for name in _LOADING_FIELDS if getattr(self, name) is not None]
-            given += ["trust_remote_code"] if self.trust_remote_code else []
+            given += [
+                name
+                for name in ("trust_remote_code", "allow_special_tokens_in_content")
+                if getattr(self, name)
+            ]
             if given:
                 raise ValueError(
                     f"{', '.join(given)} configure a model loaded by name, but guard= is "
@@ -237,7 +244,12 @@ class SafeguardParams(BaseModel):
             )
         )
         return InferenceGuard(
-            lm.model, lm.tokenizer, cost=self.cost, reward=self.reward, critic=self.critic
+            lm.model,
+            lm.tokenizer,
+            cost=self.cost,
+            reward=self.reward,
+            critic=self.critic,
+            allow_special_tokens_in_content=self.allow_special_tokens_in_content,
         )
 
     @property

@@ -196,6 +196,7 @@ class SafeguardLLM(FunctionCallingLLM):
         dtype: str | None = None,
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        allow_special_tokens_in_content: bool = False,
         **kwargs: Any,
     ) -> SafeguardLLM:
         """Load a Hugging Face causal LM by hub name or local path and guard it.
@@ -206,8 +207,8 @@ class SafeguardLLM(FunctionCallingLLM):
             reward: reward model R(x, y), or None to rank by likelihood.
             critic: latent critic (or its directory) for critic mode, or None.
             config: default `GuardConfig` of every call.
-            device, dtype, device_map, trust_remote_code: see
-                `InferenceGuard.from_pretrained`.
+            device, dtype, device_map, trust_remote_code, allow_special_tokens_in_content:
+                see `InferenceGuard.from_pretrained`.
             **kwargs: `SafeguardLLM` fields (`callback_manager`, `system_prompt`, ...).
         """
         if cost is None:
@@ -222,6 +223,7 @@ class SafeguardLLM(FunctionCallingLLM):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
         return cls(guard=guard, **kwargs)
 

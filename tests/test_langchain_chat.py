@@ -93,6 +93,21 @@ def test_from_model_id_takes_a_critic_directory_for_critic_mode(
     assert message.response_metadata["safety"]["safe"]
 
 
+def test_a_model_by_path_takes_the_special_tokens_opt_in(tiny_model_dir, guard):
+    cost = KeywordCost(["bomb"])
+    assert (
+        not ChatSafeguard(model=str(tiny_model_dir), cost=cost)
+        .load_guard()
+        .lm.allow_special_tokens_in_content
+    )
+    trusting = ChatSafeguard(
+        model=str(tiny_model_dir), cost=cost, allow_special_tokens_in_content=True
+    )
+    assert trusting.load_guard().lm.allow_special_tokens_in_content
+    with pytest.raises(ValidationError, match="allow_special_tokens_in_content"):
+        ChatSafeguard(guard=guard, allow_special_tokens_in_content=True)
+
+
 def test_needs_a_guard_or_a_model_with_a_cost(tiny_model_dir):
     with pytest.raises(ValidationError, match="needs a decoder"):
         ChatSafeguard()
