@@ -5,19 +5,38 @@ LangChain hooks that report them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import threading
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal, Self
 
 import torch
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from langchain_core.prompt_values import PromptValue
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from inference_safeguard import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
+from inference_safeguard import (
+    GuardConfig,
+    GuardResult,
+    InferenceGuard,
+    InvalidPromptError,
+    MissingCostModelError,
+)
 from inference_safeguard.decoder import Decoder
+from inference_safeguard.identity import digest
 from inference_safeguard.scorers import Scorer
+from inference_safeguard.tools import read_tool_call
 from langchain_safeguard._loading import ModelSource, load_model
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)
@@ -36,6 +55,8 @@ _BUILD_LOCK = threading.Lock()
 _LOADING_FIELDS = ("cost", "reward", "critic", "device", "dtype", "device_map")
 # Keywords LangChain itself passes down to `_generate`/`_stream`, not meant for the model.
 _LANGCHAIN_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+# What LangChain's message conversion raises on input it cannot read.
+_UNREADABLE_INPUT = (KeyError, TypeError, AttributeError, ValidationError, json.JSONDecodeError)
 
 
 class SafeguardParams(BaseModel):
@@ -66,6 +87,9 @@ class SafeguardParams(BaseModel):
     """Transformers device map (e.g. "auto") to shard `model` across devices."""
     trust_remote_code: bool = False
     """Run code shipped with the `model` checkpoint; leave off unless you trust its author."""
+    allow_special_tokens_in_content: bool = False
+    """Let special-token text in prompts (`</s>`, `<|im_start|>`) become control tokens of
+    `model`; off, users cannot forge turns. Only for prompts you render yourself."""
 
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens in a response: LangChain's name for `max_new_tokens`."""
@@ -111,13 +135,18 @@ class SafeguardParams(BaseModel):
     refusal_text: str | None = None
     """Text returned instead of an over-budget response when refusing."""
     stop: list[str] | None = None
-    """Stop strings: a response ends before the first one it contains."""
+    """Stop strings: a response ends before the first one it contains (one string: one stop)."""
     stream_commit: Literal["agreement", "block"] | None = None
     """What a stream commits each step: the beams' agreed prefix, or the best block."""
     seed: int | None = None
     """Seed of each prompt's sampler; None draws a fresh one per call."""
 
     _loaded_guard: Decoder | None = PrivateAttr(default=None)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_one_sequence(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_decoder_and_config(self) -> Self:
@@ -131,7 +160,11 @@ class SafeguardParams(BaseModel):
                 raise MissingCostModelError.of(f"{type(self).__name__}(model={self.model!r})")
         else:
             given = [name for name in _LOADING_FIELDS if getattr(self, name) is not None]
-            given += ["trust_remote_code"] if self.trust_remote_code else []
+            given += [
+                name
+                for name in ("trust_remote_code", "allow_special_tokens_in_content")
+                if getattr(self, name)
+            ]
             if given:
                 raise ValueError(
                     f"{', '.join(given)} configure a model loaded by name, but guard= is "
@@ -211,7 +244,12 @@ class SafeguardParams(BaseModel):
             )
         )
         return InferenceGuard(
-            lm.model, lm.tokenizer, cost=self.cost, reward=self.reward, critic=self.critic
+            lm.model,
+            lm.tokenizer,
+            cost=self.cost,
+            reward=self.reward,
+            critic=self.critic,
+            allow_special_tokens_in_content=self.allow_special_tokens_in_content,
         )
 
     @property
@@ -224,11 +262,11 @@ class SafeguardParams(BaseModel):
 
     # ----------------------------------------------------------------- settings
     def config_overrides(
-        self, stop: list[str] | None = None, kwargs: Mapping[str, Any] | None = None
+        self, stop: str | list[str] | None = None, kwargs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """`GuardConfig` overrides of one call: this model's set fields, then the call's
         `stop` and keywords (GuardConfig fields, `max_tokens`, and `model`, which may only
-        name this model).
+        name this model). A `stop` given as one string is one stop sequence.
 
         Raises:
             TypeError: a keyword that is neither a GuardConfig field nor `max_tokens`.
@@ -253,7 +291,7 @@ class SafeguardParams(BaseModel):
                     f"max_tokens, stop and the GuardConfig fields ({', '.join(CONFIG_FIELDS)})"
                 )
         if stop is not None:
-            overrides["stop"] = list(stop)
+            overrides["stop"] = stop_sequences(stop)
         return overrides
 
     def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
@@ -270,28 +308,92 @@ class SafeguardParams(BaseModel):
             )
 
     def safeguard_params(self) -> dict[str, Any]:
-        """Identifying parameters: the model, its scorers and the settings in force."""
-        params: dict[str, Any] = {"model_name": self.model_name}
-        for name in ("cost", "reward"):
-            scorer = getattr(self, name) if self.guard is None else getattr(self.guard, name)
-            params[name] = type(scorer).__name__ if scorer is not None else None
-        if self.guard is not None:
-            params["decoder"] = type(self.guard).__name__
-        params.update(self.config_overrides())
-        return params
+        """Identifying parameters: the model, the decoder and its scorers, every setting in
+        force, and `fingerprint`, a digest of all that decides the decoder's answers (the
+        weights of the model, scorers and critic, the keywords, the config; see
+        `inference_safeguard.identity`). LangChain keys its LLM cache by these, so one
+        setup never gets another's cached answer. A model given by name is loaded here.
+        """
+        guard = self.load_guard()
+        config = self.call_config(self.config_overrides())
+        return {
+            "model_name": self.model_name,
+            "decoder": type(guard).__name__,
+            "cost": type(guard.cost).__name__,
+            "reward": type(guard.reward).__name__ if guard.reward is not None else None,
+            **config.model_dump(mode="json"),
+            "fingerprint": digest(guard.identity(config)),
+        }
+
+    async def _aload_guard(self) -> None:
+        """Load a model given by name in a worker thread, off the event loop."""
+        if self.guard is None and self._loaded_guard is None:
+            await asyncio.to_thread(self.load_guard)
 
     # ----------------------------------------------------------- LangChain hooks
+    async def astream(
+        self, input: Any, config: Any = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """LangChain's `astream`, with a model given by name loaded off the event loop
+        first (LangChain reads the identifying parameters before streaming)."""
+        await self._aload_guard()
+        # The LangChain model class that this is mixed into comes next in the MRO.
+        async for chunk in super().astream(input, config, stop=stop, **kwargs):  # type: ignore[misc]
+            yield chunk
+
+    def _convert_input(self, model_input: Any) -> PromptValue:
+        """LangChain's input conversion, with message dicts checked first: a malformed
+        assistant tool call or a message LangChain cannot read raises `InvalidPromptError`
+        (saying what is wrong) instead of an error from inside LangChain."""
+        if isinstance(model_input, Sequence) and not isinstance(model_input, str):
+            check_message_dicts(model_input)
+        try:
+            # The LangChain model class that this is mixed into comes next in the MRO.
+            return super()._convert_input(model_input)  # type: ignore[misc]
+        except _UNREADABLE_INPUT as error:
+            raise InvalidPromptError(
+                f"the input messages could not be read ({type(error).__name__}: {error}); pass "
+                "LangChain messages, (role, content) pairs or {'role', 'content'} dicts"
+            ) from error
+
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return self.safeguard_params()
 
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+    def _get_ls_params(self, stop: str | list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         # The LangChain model class that this is mixed into comes next in the MRO.
         params: LangSmithParams = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
         params["ls_provider"] = "safeguard"
+        if stop is not None:
+            params["ls_stop"] = stop_sequences(stop)
         if "ls_max_tokens" not in params and self.max_new_tokens is not None:
             params["ls_max_tokens"] = self.max_new_tokens
         return params
+
+
+def check_message_dicts(messages: Sequence[Any]) -> None:
+    """Check the assistant tool calls of messages given as OpenAI-style dicts.
+
+    Raises:
+        InvalidPromptError: `tool_calls` is not a list, or a call is not a dict, has no
+            function name, or has arguments that are not a JSON object.
+    """
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("tool_calls") is None:
+            continue
+        calls = message["tool_calls"]
+        if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+            raise InvalidPromptError(
+                f"message {index}: tool_calls must be a list of tool call dicts, got "
+                f"{type(calls).__name__}"
+            )
+        for number, call in enumerate(calls):
+            read_tool_call(call, f"message {index}, tool call {number}")
+
+
+def stop_sequences(stop: str | Sequence[str]) -> list[str]:
+    """Stop sequences as a list: a single string is one sequence, not one per character."""
+    return [stop] if isinstance(stop, str) else list(stop)
 
 
 def usage_of(result: GuardResult) -> UsageMetadata:

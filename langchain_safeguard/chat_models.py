@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -452,11 +451,6 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
             default=repr,
         )
         return _Call(self.load_guard(), prompt, tools, overrides, config, single, key)
-
-    async def _aload_guard(self) -> None:
-        """Load a model given by name in a worker thread, off the event loop."""
-        if self.guard is None and self._loaded_guard is None:
-            await asyncio.to_thread(self.load_guard)
 
     def _plan_inputs(
         self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]

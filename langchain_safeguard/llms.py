@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+    Callbacks,
+)
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
@@ -47,6 +51,32 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     def _llm_type(self) -> str:
         return "safeguard"
 
+    async def agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """LangChain's `agenerate`, with a model given by name loaded off the event loop
+        first (LangChain reads the identifying parameters before generating)."""
+        await self._aload_guard()
+        return await super().agenerate(
+            prompts,
+            stop,
+            callbacks,
+            tags=tags,
+            metadata=metadata,
+            run_name=run_name,
+            run_id=run_id,
+            **kwargs,
+        )
+
     def _generate(
         self,
         prompts: list[str],
@@ -73,8 +103,8 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
             chunks = [await self._astreamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
         overrides = self.config_overrides(stop, kwargs)
-        guard = await asyncio.to_thread(self.load_guard)
-        results = await guard.agenerate_batch(prompts, **overrides)
+        await self._aload_guard()
+        results = await self.load_guard().agenerate_batch(prompts, **overrides)
         return self._llm_result(results)
 
     def _stream(
@@ -103,8 +133,8 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         overrides = self.config_overrides(stop, kwargs)
-        guard = await asyncio.to_thread(self.load_guard)
-        async with guard.astream(prompt, **overrides) as stream:
+        await self._aload_guard()
+        async with self.load_guard().astream(prompt, **overrides) as stream:
             async for delta in stream:
                 chunk = GenerationChunk(text=delta)
                 if run_manager:

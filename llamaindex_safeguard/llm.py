@@ -19,7 +19,7 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_validator
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
@@ -160,6 +160,11 @@ class SafeguardLLM(FunctionCallingLLM):
 
     _guard: Decoder = PrivateAttr()
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_one_sequence(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     def __init__(self, guard: Decoder, **kwargs: Any) -> None:
         if not isinstance(guard, Decoder):
             raise TypeError(
@@ -191,6 +196,7 @@ class SafeguardLLM(FunctionCallingLLM):
         dtype: str | None = None,
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        allow_special_tokens_in_content: bool = False,
         **kwargs: Any,
     ) -> SafeguardLLM:
         """Load a Hugging Face causal LM by hub name or local path and guard it.
@@ -201,8 +207,8 @@ class SafeguardLLM(FunctionCallingLLM):
             reward: reward model R(x, y), or None to rank by likelihood.
             critic: latent critic (or its directory) for critic mode, or None.
             config: default `GuardConfig` of every call.
-            device, dtype, device_map, trust_remote_code: see
-                `InferenceGuard.from_pretrained`.
+            device, dtype, device_map, trust_remote_code, allow_special_tokens_in_content:
+                see `InferenceGuard.from_pretrained`.
             **kwargs: `SafeguardLLM` fields (`callback_manager`, `system_prompt`, ...).
         """
         if cost is None:
@@ -217,6 +223,7 @@ class SafeguardLLM(FunctionCallingLLM):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
         return cls(guard=guard, **kwargs)
 
@@ -565,7 +572,7 @@ class _ChatStream:
         A response refused after some of it was committed ends as the refusal: the tool
         calls in its committed text must not run.
         """
-        parsed = _parsed(result.text if result.refused else self.text, self.tools)
+        parsed = _parsed_result(result, self.text, self.tools)
         rest = self.holdback.finish(parsed.content) if self.holdback is not None else ""
         return ChatResponse(
             message=assistant_message(parsed),
@@ -575,12 +582,16 @@ class _ChatStream:
         )
 
 
-def _parsed(text: str, tools: list[ToolSpec]) -> ParsedResponse:
-    return parse_tool_calls(text, tools) if tools else ParsedResponse(text, [])
+def _parsed_result(result: GuardResult, text: str, tools: list[ToolSpec]) -> ParsedResponse:
+    """The response `text` split into content and tool calls; a refusal is all content,
+    whatever it looks like, since no call of an over-budget response may run."""
+    if result.refused or not tools:
+        return ParsedResponse(result.text if result.refused else text, [])
+    return parse_tool_calls(text, tools)
 
 
 def _chat_response(result: GuardResult, tools: list[ToolSpec]) -> ChatResponse:
-    parsed = _parsed(result.text, tools)
+    parsed = _parsed_result(result, result.text, tools)
     return ChatResponse(
         message=assistant_message(parsed),
         raw=_raw(result, parsed),

@@ -122,7 +122,13 @@ def _tool_calls(index: int, message: ChatMessage) -> list[dict[str, Any]]:
             calls.append(_call(index, block.tool_call_id, block.tool_name, block.tool_kwargs))
     if calls:
         return calls
-    for raw in message.additional_kwargs.get("tool_calls") or []:
+    raw_calls = message.additional_kwargs.get("tool_calls") or []
+    if not isinstance(raw_calls, Sequence) or isinstance(raw_calls, (str, bytes)):
+        raise InvalidPromptError(
+            f"message {index}: additional_kwargs['tool_calls'] must be a list of tool calls, "
+            f"got {type(raw_calls).__name__}"
+        )
+    for raw in raw_calls:
         calls.append(_call_from_object(index, raw))
     return calls
 

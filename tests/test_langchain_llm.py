@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import OTHER_PROMPT, PROMPT
+from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from langchain_helpers import RecordingHandler, count_searches
@@ -113,6 +115,29 @@ def test_stop_and_max_tokens_apply_per_call(llm):
     assert word not in llm.invoke(PROMPT, stop=[word])
     result = llm.generate([PROMPT], max_tokens=3)
     assert result.generations[0][0].generation_info["usage"]["output_tokens"] <= 3
+
+
+def test_a_stop_string_is_one_stop_sequence_not_one_per_character(tiny_model, tiny_tokenizer):
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hi. Are You. there"])
+    assert SafeguardLLM(guard=guard).invoke("hi", stop="You.") == "Hi. Are "
+    assert SafeguardLLM(guard=guard, stop="You.").invoke("hi") == "Hi. Are "
+
+
+def test_the_llm_cache_never_hands_one_guards_answer_to_another(tiny_model, tiny_tokenizer):
+    def scripted(cost: KeywordCost, **settings: object) -> SafeguardLLM:
+        guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hello there."], cost=cost)
+        return SafeguardLLM(guard=guard, **settings)
+
+    set_llm_cache(InMemoryCache())
+    try:
+        lax = scripted(KeywordCost(["goodbye"]))
+        assert lax.invoke("Hi") == "Hello there."
+        strict = scripted(KeywordCost(["hello"]))
+        assert strict.invoke("Hi") == strict.guard.config.refusal_text
+        assert strict.guard.searches == 1
+        assert lax.invoke("Hi") == "Hello there." and lax.guard.searches == 1
+    finally:
+        set_llm_cache(None)
 
 
 def test_lcel_prompt_llm_parser_pipeline(llm):

@@ -21,7 +21,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_helpers import RecordingHandler
 from pydantic import BaseModel, Field
 
-from inference_safeguard import GuardConfig
+from inference_safeguard import GuardConfig, InvalidPromptError
 from inference_safeguard.scorers import KeywordCost
 from inference_safeguard.testing import ScriptedGuard, build_tiny_llama
 from langchain_safeguard import ChatSafeguard
@@ -325,3 +325,33 @@ def test_non_text_content_and_unknown_roles_are_refused_clearly():
         to_chat_messages([image])
     with pytest.raises(ValueError, match="role 'narrator'"):
         to_chat_messages([ChatMessage(role="narrator", content="Once")])
+
+
+def _history_with_call(call: object) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "Sunny", "tool_call_id": "c1"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({"id": "c1", "function": {"name": "weather", "arguments": "{bad"}}, "not valid JSON"),
+        ({"id": "c1", "function": {"arguments": "{}"}}, "has no tool name"),
+        ({"id": "c1", "function": "weather"}, "'function' must be a dict"),
+        ("weather", "tool call 0 must be a dict"),
+        ({"id": "c1", "function": {"name": "weather", "arguments": "[1]"}}, "JSON object"),
+    ],
+    ids=["bad-json", "no-name", "function-str", "call-str", "list-args"],
+)
+def test_malformed_tool_calls_in_message_dicts_raise_invalid_prompt(scripted, call, message):
+    chat = scripted("It is sunny.").bind_tools([weather])
+    with pytest.raises(InvalidPromptError, match=f"message 1, tool call 0.*{message}|{message}"):
+        chat.invoke(_history_with_call(call))
+
+
+def test_a_lone_surrogate_in_a_message_raises_invalid_prompt(scripted):
+    with pytest.raises(InvalidPromptError, match="unpaired surrogate"):
+        scripted("Hi.").invoke([HumanMessage("caf\udce9")])

@@ -204,6 +204,12 @@ def test_over_budget_answer_is_refused_and_flagged(tiny_model, tiny_tokenizer, c
     assert response.additional_kwargs["finish_reason"] == "safety"
 
 
+def test_a_stop_string_is_one_stop_sequence_not_one_per_character(tiny_model, tiny_tokenizer):
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hi. Are You. there"])
+    assert SafeguardLLM(guard, stop="You.").complete("hi").text == "Hi. Are "
+    assert SafeguardLLM(guard).chat(USER, stop="You.").message.content == "Hi. Are "
+
+
 # -------------------------------------------------------------------- streaming
 def test_stream_complete_yields_the_guards_deltas_and_ends_with_the_record(llm, guard):
     chunks = list(llm.stream_complete(PROMPT, seed=9, stream_commit="block"))
@@ -381,6 +387,29 @@ def test_empty_prompt_raises_invalid_prompt(llm, base_llm, prompt):
 )
 def test_malformed_messages_raise_invalid_prompt(llm, messages):
     with pytest.raises(InvalidPromptError):
+        llm.chat(messages)
+
+
+def _after_call(**kwargs: object) -> list[ChatMessage]:
+    return [
+        ChatMessage(role=MessageRole.USER, content="Add 2 and 3."),
+        ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs=kwargs),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (_after_call(tool_calls="add"), "must be a list of tool calls"),
+        (_after_call(tool_calls=["add"]), "OpenAI-style dict"),
+        (_after_call(tool_calls=[{"function": "add"}]), "no function name"),
+        (_after_call(tool_calls=[{"function": {"name": "add", "arguments": "{"}}]), "valid JSON"),
+        ([ChatMessage(role=MessageRole.USER, content="caf\udce9")], "unpaired surrogate"),
+    ],
+    ids=["calls-str", "call-str", "function-str", "bad-json", "surrogate"],
+)
+def test_malformed_tool_calls_and_lone_surrogates_raise_invalid_prompt(llm, messages, message):
+    with pytest.raises(InvalidPromptError, match=message):
         llm.chat(messages)
 
 

@@ -125,6 +125,20 @@ def test_an_over_budget_tool_call_is_refused_not_executed(scripted):
     assert output.response == llm.guard.config.refusal_text
 
 
+def test_a_refusal_that_looks_like_a_tool_call_stays_text(long_model, tiny_tokenizer):
+    refusal = call("add", a=2, b=3)
+    guard = ScriptedGuard(long_model, tiny_tokenizer, ["bomb"], cost=KeywordCost(["bomb"]))
+    llm = SafeguardLLM(guard=guard, refusal_text=refusal)
+    for response in (
+        llm.chat_with_tools([ADD], user_msg=QUESTION),
+        list(llm.stream_chat_with_tools([ADD], user_msg=QUESTION))[-1],
+    ):
+        assert response.additional_kwargs["safety"]["refused"]
+        assert not any(isinstance(b, ToolCallBlock) for b in response.message.blocks)
+        assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+        assert response.message.content == refusal
+
+
 def test_predict_and_call_runs_the_chosen_tool(scripted):
     llm = scripted(call("multiply", a=6, b=7))
     output = llm.predict_and_call([ADD, MULTIPLY], user_msg="What is 6 times 7?")

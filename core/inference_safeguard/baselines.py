@@ -2,7 +2,7 @@
 
 They exist for the evaluation table and for users who want them; none of them
 enforces the budget (every result carries its cost and `safe` flag, but nothing is
-refused). The scorings:
+refused). Each takes `allow_special_tokens_in_content` like `InferenceGuard`. The scorings:
 - "reward": rank by R(x, y);
 - "lagrangian": rank by R(x, y) - lambda * C(x, y);
 - "augmented": the safety-augmented objective of InferenceGuard (R if within
@@ -39,8 +39,12 @@ class _BlockSearchBaseline(Decoder):
         *,
         scoring: Scoring = "reward",
         lagrange_multiplier: float = 1.0,
+        allow_special_tokens_in_content: bool = False,
     ) -> None:
-        super().__init__(CausalLM(model, tokenizer), cost, reward, config)
+        lm = CausalLM(
+            model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
+        )
+        super().__init__(lm, cost, reward, config)
         self.search = BlockSearch(
             self.lm,
             ModelsEvaluator(cost, reward),
@@ -51,6 +55,13 @@ class _BlockSearchBaseline(Decoder):
 
     def _search_config(self, config: GuardConfig) -> GuardConfig:
         return config
+
+    def _identity_settings(self) -> dict[str, Any]:
+        return {
+            "scoring": self.search.scoring,
+            "lagrange_multiplier": self.search.lagrange_multiplier,
+            "resample": self.search.resample,
+        }
 
     def _decode(
         self,
@@ -73,8 +84,18 @@ class SamplingDecoder(_BlockSearchBaseline):
         cost: Scorer | None = None,
         reward: Scorer | None = None,
         config: GuardConfig | None = None,
+        *,
+        allow_special_tokens_in_content: bool = False,
     ) -> None:
-        super().__init__(model, tokenizer, cost, reward, config, scoring="reward")
+        super().__init__(
+            model,
+            tokenizer,
+            cost,
+            reward,
+            config,
+            scoring="reward",
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
 
     def _search_config(self, config: GuardConfig) -> GuardConfig:
         return config.with_overrides(
@@ -128,8 +149,12 @@ class ARGS(Decoder):
         num_tokens: int = 10,
         reward_weight: float = 1.0,
         cost_weight: float = 0.0,
+        allow_special_tokens_in_content: bool = False,
     ) -> None:
-        super().__init__(CausalLM(model, tokenizer), cost, reward, config)
+        lm = CausalLM(
+            model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
+        )
+        super().__init__(lm, cost, reward, config)
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         if reward_weight < 0 or cost_weight < 0:
@@ -144,6 +169,13 @@ class ARGS(Decoder):
         self.num_tokens = num_tokens
         self.reward_weight = reward_weight
         self.cost_weight = cost_weight
+
+    def _identity_settings(self) -> dict[str, Any]:
+        return {
+            "num_tokens": self.num_tokens,
+            "reward_weight": self.reward_weight,
+            "cost_weight": self.cost_weight,
+        }
 
     @torch.inference_mode()
     def _decode(

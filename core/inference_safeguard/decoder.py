@@ -23,6 +23,12 @@ import torch
 from inference_safeguard.cancellation import run_in_worker
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import MissingCostModelError
+from inference_safeguard.identity import (
+    describe,
+    model_fingerprint,
+    scorer_identity,
+    tokenizer_fingerprint,
+)
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
 from inference_safeguard.results import FinishReason, GenerationStats, GuardResult
 from inference_safeguard.scorers import Scorer
@@ -200,6 +206,27 @@ class Decoder(ABC):
         memory. `.result` is set once the stream has ended.
         """
         return AsyncGuardStream(self.stream(prompt, tools=tools, **overrides))
+
+    def identity(self, config: GuardConfig | None = None) -> dict[str, Any]:
+        """Everything that decides what this decoder returns under `config` (default: its
+        own): its class, the base model's and tokenizer's fingerprints, the scorers, every
+        config field, and the decoder's own settings (see `inference_safeguard.identity`).
+        `inference_safeguard.identity.digest` of it keys a cache of responses."""
+        return {
+            "decoder": f"{type(self).__module__}.{type(self).__qualname__}",
+            "model": model_fingerprint(self.lm.model),
+            "tokenizer": tokenizer_fingerprint(self.lm.tokenizer),
+            "allow_special_tokens_in_content": self.lm.allow_special_tokens_in_content,
+            "cost": scorer_identity(self.cost),
+            "reward": scorer_identity(self.reward),
+            "config": (config or self.config).model_dump(mode="json"),
+            "settings": describe(self._identity_settings()),
+        }
+
+    def _identity_settings(self) -> dict[str, Any]:
+        """The decoder's settings, beyond its model, scorers and config, that change what
+        it returns."""
+        return {}
 
     # ------------------------------------------------------------------ internals
     def encode_prompts(

@@ -62,6 +62,9 @@ class InferenceGuard(Decoder):
         critic: a `LatentCritic` trained on this base model, or the directory it was
             saved in (see `safeguard train-critic`).
         config: default `GuardConfig`; per-call keyword overrides apply on top.
+        allow_special_tokens_in_content: let the text of special tokens in prompts become
+            control tokens (off: a user cannot forge a turn by typing `</s><|system|>`; see
+            `inference_safeguard.encoding`). Only for prompts you render yourself.
 
     Raises:
         CriticMismatchError: the critic was trained on another base model.
@@ -77,8 +80,13 @@ class InferenceGuard(Decoder):
         reward: Scorer | None = None,
         critic: CriticInput = None,
         config: GuardConfig | None = None,
+        *,
+        allow_special_tokens_in_content: bool = False,
     ) -> None:
-        super().__init__(CausalLM(model, tokenizer), cost, reward, config)
+        lm = CausalLM(
+            model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
+        )
+        super().__init__(lm, cost, reward, config)
         self.critic = self._attach(critic)
         self.search = BlockSearch(self.lm, ModelsEvaluator(cost, reward), scoring="augmented")
         self._warned: set[tuple[int, float]] = set()
@@ -97,11 +105,12 @@ class InferenceGuard(Decoder):
         dtype: str | torch.dtype | None = None,
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        allow_special_tokens_in_content: bool = False,
     ) -> InferenceGuard:
         """Load the base model by hub name or local path and wrap it.
 
         See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` and
-        `trust_remote_code` (off by default).
+        `trust_remote_code` (off by default), and the class for the other arguments.
         """
         lm = CausalLM.from_pretrained(
             model_id,
@@ -110,7 +119,18 @@ class InferenceGuard(Decoder):
             device_map=device_map,
             trust_remote_code=trust_remote_code,
         )
-        return cls(lm.model, lm.tokenizer, cost=cost, reward=reward, critic=critic, config=config)
+        return cls(
+            lm.model,
+            lm.tokenizer,
+            cost=cost,
+            reward=reward,
+            critic=critic,
+            config=config,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
+
+    def _identity_settings(self) -> dict[str, Any]:
+        return {"critic": self.critic}
 
     # -------------------------------------------------------------------- critic
     def _attach(self, critic: CriticInput) -> LatentCritic | None:

@@ -16,12 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.encoding import check_text, encode_chat, encode_text
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
 from inference_safeguard.hf_compat import cache_keyword, output_cache
 from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
     native_tool_messages,
+    read_tool_call,
     template_renders_tools,
 )
 
@@ -99,9 +101,20 @@ class CausalLM:
         model: any Hugging Face causal LM whose forward takes a transformers `Cache`.
         tokenizer: its tokenizer; not modified. Padding is masked, so any id serves:
             the pad token, else EOS, else the model config's pad id, else 0.
+        allow_special_tokens_in_content: let the text of special tokens in prompts (a
+            message's content, a plain-text prompt) become those tokens. Off by default:
+            only the chat template writes control tokens, so a user cannot end a turn or
+            forge a system turn by typing `</s><|system|>` (see `inference_safeguard.encoding`).
+            Turn it on only for prompts you render yourself on purpose.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        allow_special_tokens_in_content: bool = False,
+    ) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
             raise TypeError(
                 f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
@@ -120,6 +133,7 @@ class CausalLM:
         self._cache_keyword = keyword
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.allow_special_tokens_in_content = allow_special_tokens_in_content
         self.eos_token_ids: frozenset[int] = self._eos_ids()
         candidates = (
             tokenizer.pad_token_id,
@@ -206,14 +220,17 @@ class CausalLM:
     def encode(self, prompt: PromptInput, tools: Sequence[ToolSpec] = ()) -> EncodedPrompt:
         """Validate and tokenize one prompt.
 
-        Plain text is tokenized as is (a completion prompt); a message list is
-        rendered with the tokenizer's chat template and a generation prompt. Tools (and
-        tool calls and results in the messages) are rendered by the template when it
-        supports them, else written into the conversation as text (see `inference_safeguard.tools`).
+        Plain text is tokenized as is (a completion prompt, with the tokenizer's BOS); a
+        message list is rendered with the tokenizer's chat template and a generation
+        prompt. Tools (and tool calls and results in the messages) are rendered by the
+        template when it supports them, else written into the conversation as text (see
+        `inference_safeguard.tools`). Either way, the text of special tokens in the
+        prompt stays text unless `allow_special_tokens_in_content` (see
+        `inference_safeguard.encoding`).
 
         Raises:
-            InvalidPromptError: empty prompt, non-text prompt, malformed messages, or
-                tools with a plain-text prompt.
+            InvalidPromptError: empty prompt, non-text prompt (or one with an unpaired
+                surrogate), malformed messages, or tools with a plain-text prompt.
             ChatTemplateError: messages given but the tokenizer has no chat template.
         """
         if isinstance(prompt, str):
@@ -224,8 +241,10 @@ class CausalLM:
                     "tools need a chat prompt; pass the prompt as "
                     "[{'role': 'user', 'content': ...}]"
                 )
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            return EncodedPrompt(ids=list(ids), text=prompt)
+            ids = encode_text(
+                self.tokenizer, prompt, allow_control_tokens=self.allow_special_tokens_in_content
+            )
+            return EncodedPrompt(ids=ids, text=prompt)
         messages = validate_messages(prompt)
         chat_template = getattr(self.tokenizer, "chat_template", None)
         if not chat_template:
@@ -236,14 +255,17 @@ class CausalLM:
             )
         if template_renders_tools(chat_template):
             rendered = native_tool_messages(messages)
-            tool_kwargs = {"tools": [t.to_openai() for t in tools]} if tools else {}
+            tool_dicts = [t.to_openai() for t in tools]
         else:
             rendered = inline_tool_messages(messages, tools)
-            tool_kwargs = {}
-        ids = self.tokenizer.apply_chat_template(
-            rendered, add_generation_prompt=True, tokenize=True, return_dict=False, **tool_kwargs
+            tool_dicts = []
+        ids = encode_chat(
+            self.tokenizer,
+            rendered,
+            tool_dicts,
+            allow_control_tokens=self.allow_special_tokens_in_content,
         )
-        return EncodedPrompt(ids=list(ids), text=transcript(inline_tool_messages(messages, ())))
+        return EncodedPrompt(ids=ids, text=transcript(inline_tool_messages(messages, ())))
 
     def encode_batch(
         self, prompts: Sequence[PromptInput], max_new_tokens: int, tools: Sequence[ToolSpec] = ()
@@ -455,6 +477,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidPromptError(
                 f"message {index} content must be text, got {type(content).__name__}"
             )
+        check_text(content, f"message {index}")
         clean.append({**message, "role": role, "content": content})
     if not any(m["content"].strip() or m.get("tool_calls") for m in clean):
         raise InvalidPromptError("every message is empty; give the model some text")
@@ -464,14 +487,14 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
 def _check_tool_calls(index: int, role: str, tool_calls: Any) -> None:
     if role != "assistant":
         raise InvalidPromptError(f"message {index}: only assistant messages carry tool_calls")
-    if not isinstance(tool_calls, Sequence) or not all(
-        isinstance(call, Mapping) and isinstance(call.get("function", call).get("name"), str)
-        for call in tool_calls
-    ):
+    if not isinstance(tool_calls, Sequence) or isinstance(tool_calls, (str, bytes)):
         raise InvalidPromptError(
             f"message {index}: tool_calls must be a list of "
-            "{'id', 'type': 'function', 'function': {'name', 'arguments'}} dicts"
+            "{'id', 'type': 'function', 'function': {'name', 'arguments'}} dicts, got "
+            f"{type(tool_calls).__name__}"
         )
+    for number, call in enumerate(tool_calls):
+        read_tool_call(call, f"message {index}, tool call {number}")
 
 
 def transcript(messages: Sequence[Message]) -> str:

@@ -15,6 +15,7 @@ import re
 import string
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -222,6 +223,7 @@ class ScriptedGuard(InferenceGuard):
         cost: cost model (default: every reply costs 0).
         reward: reward model, or None.
         config: default config.
+        allow_special_tokens_in_content: see `InferenceGuard`.
 
     Attributes:
         prompts: every prompt decoded, in order, as encoded for the model (`.text` is
@@ -241,17 +243,28 @@ class ScriptedGuard(InferenceGuard):
         cost: Scorer | None = None,
         reward: Scorer | None = None,
         config: GuardConfig | None = None,
+        allow_special_tokens_in_content: bool = False,
     ) -> None:
         if isinstance(replies, str) or not (callable(replies) or replies):
             raise ValueError("replies must be a function of the prompt or a non-empty list")
         if cost is None:
             cost = CallableScorer(lambda prompts, responses: [0.0] * len(responses))
-        super().__init__(model, tokenizer, cost=cost, reward=reward, config=config)
+        super().__init__(
+            model,
+            tokenizer,
+            cost=cost,
+            reward=reward,
+            config=config,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
         self.replies = replies if callable(replies) else list(replies)
         self.prompts: list[EncodedPrompt] = []
         self.search_sizes: list[int] = []
         self._turns = itertools.count()
         self._lock = threading.Lock()
+
+    def _identity_settings(self) -> dict[str, Any]:
+        return {**super()._identity_settings(), "replies": self.replies}
 
     @property
     def searches(self) -> int:

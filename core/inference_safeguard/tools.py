@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference_safeguard.errors import InvalidPromptError
+
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
@@ -192,9 +194,7 @@ def inline_tool_messages(
     for message in messages:
         role, content = message["role"], message.get("content") or ""
         if role == "assistant" and message.get("tool_calls"):
-            calls = [
-                format_tool_call(*_call_name_and_arguments(call)) for call in message["tool_calls"]
-            ]
+            calls = [format_tool_call(*read_tool_call(call)) for call in message["tool_calls"]]
             rewritten.append({"role": "assistant", "content": "\n".join([content, *calls]).strip()})
         elif role == "tool":
             name = message.get("name") or message.get("tool_call_id") or "tool"
@@ -225,9 +225,7 @@ def native_tool_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str
         copy = {**message, "content": message.get("content") or ""}
         if message.get("tool_calls"):
             copy["tool_calls"] = [
-                ToolCall(
-                    *_call_name_and_arguments(call), id=call.get("id") or f"call_{index}"
-                ).to_chat()
+                ToolCall(*read_tool_call(call), id=call.get("id") or f"call_{index}").to_chat()
                 for index, call in enumerate(message["tool_calls"])
             ]
         rewritten.append(copy)
@@ -252,13 +250,52 @@ def name_tool_results(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return named
 
 
-def _call_name_and_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Name and arguments of an OpenAI/HF-style (or flat) tool call."""
+_CALL_SHAPE = "{'id', 'type': 'function', 'function': {'name', 'arguments'}}"
+
+
+def read_tool_call(call: Any, where: str = "a tool call") -> tuple[str, dict[str, Any]]:
+    """Name and arguments of an OpenAI/HF-style (or flat `{name, arguments|args}`) tool
+    call of an assistant message; arguments may be a dict or a JSON object string.
+
+    Args:
+        call: the call as given.
+        where: how the error message names the call (e.g. "message 2, tool call 0").
+
+    Raises:
+        InvalidPromptError: the call is not a dict, has no function name, or its arguments
+            are not a JSON object.
+    """
+    if not isinstance(call, Mapping):
+        raise InvalidPromptError(f"{where} must be a dict {_CALL_SHAPE}, got {type(call).__name__}")
     function = call.get("function", call)
-    arguments = function.get("arguments", function.get("args", {}))
+    if not isinstance(function, Mapping):
+        raise InvalidPromptError(
+            f"{where}: 'function' must be a dict with 'name' and 'arguments', got "
+            f"{type(function).__name__}; write the call as {_CALL_SHAPE}"
+        )
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidPromptError(
+            f"{where} has no tool name: give its function a non-empty 'name' string, as in "
+            f"{_CALL_SHAPE}"
+        )
+    arguments = function.get("arguments", function.get("args"))
+    if arguments is None:
+        arguments = {}
     if isinstance(arguments, str):
-        arguments = json.loads(arguments) if arguments.strip() else {}
-    return function["name"], dict(arguments)
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as error:
+            raise InvalidPromptError(
+                f"{where} ({name!r}): the arguments are not valid JSON ({error}); pass them "
+                "as a dict or as a JSON object string"
+            ) from None
+    if not isinstance(arguments, Mapping):
+        raise InvalidPromptError(
+            f"{where} ({name!r}): the arguments must be a JSON object (a dict of argument "
+            f"names to values), got {type(arguments).__name__}"
+        )
+    return name, dict(arguments)
 
 
 # --------------------------------------------------------------------- parsing
