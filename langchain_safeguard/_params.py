@@ -6,6 +6,7 @@ LangChain hooks that report them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
@@ -335,11 +336,14 @@ class SafeguardParams(BaseModel):
         self, input: Any, config: Any = None, *, stop: list[str] | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         """LangChain's `astream`, with a model given by name loaded off the event loop
-        first (LangChain reads the identifying parameters before streaming)."""
+        first (LangChain reads the identifying parameters before streaming). Closing
+        this stream closes LangChain's at once, which stops the search."""
         await self._aload_guard()
         # The LangChain model class that this is mixed into comes next in the MRO.
-        async for chunk in super().astream(input, config, stop=stop, **kwargs):  # type: ignore[misc]
-            yield chunk
+        chunks = super().astream(input, config, stop=stop, **kwargs)  # type: ignore[misc]
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
 
     def _convert_input(self, model_input: Any) -> PromptValue:
         """LangChain's input conversion, with message dicts checked first: a malformed
