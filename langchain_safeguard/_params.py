@@ -13,9 +13,18 @@ from typing import Any, Literal, Self
 import torch
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from inference_safeguard import GuardConfig, GuardResult, InferenceGuard, MissingCostModelError
+from inference_safeguard.config import reject_bool_number
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.scorers import Scorer
 from langchain_safeguard._loading import ModelSource, load_model
@@ -118,6 +127,12 @@ class SafeguardParams(BaseModel):
     """Seed of each prompt's sampler; None draws a fresh one per call."""
 
     _loaded_guard: Decoder | None = PrivateAttr(default=None)
+
+    @field_validator(*CONFIG_FIELDS, mode="before")
+    @classmethod
+    def _config_numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked before this field's own coercion would turn True into 1.
+        return reject_bool_number(info.field_name, value)
 
     @model_validator(mode="after")
     def _check_decoder_and_config(self) -> Self:
