@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
@@ -37,8 +38,9 @@ class Response:
     text: str
     finish_reason: FinishReason
     reward: float | None = None
-    prefix_cost: float = 0.0
-    """Highest cost the search's cost model gave a block-end prefix of the response."""
+    prefix_cost: float = -math.inf
+    """Highest cost the search's cost model gave a block-end prefix of the response; -inf
+    when none was scored (negative costs are kept: nothing is clamped to 0)."""
     cost_checked: bool = False
     """Whether `prefix_cost` already covers the response's own text (no need to score it)."""
     blocks: int = 0

@@ -7,7 +7,8 @@ cumulative cost of their text so far; when a row is finished, its final cost and
 reward model's score of its response become the targets of every point it recorded.
 
 The cumulative cost follows the search's rule: the highest cost the cost model gave any
-block-end prefix of the response, so it never falls within a rollout.
+block-end prefix of the response, so it never falls within a rollout (the first block's
+cost stands as scored, negative included).
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def _roll_out_batch(
     prompt_texts = [p.text for p in batch for _ in range(samples)]
     eos = torch.tensor(sorted(lm.eos_token_ids), dtype=torch.long)
     token_ids: list[list[int]] = [[] for _ in range(rows)]
-    running_cost = torch.zeros(rows)
+    # -inf until a row's first block is scored: its first cost stands, negative included.
+    running_cost = torch.full((rows,), -math.inf)
     live = torch.ones(rows, dtype=torch.bool)
     hidden, prefix_cost, point_rows, point_tokens = [], [], [], []
     generated = 0
@@ -222,7 +224,7 @@ def _roll_out_batch(
             token_ids[row] += tokens[row][kept[row]].tolist()
         texts = lm.decode([token_ids[row] for row in recorded_rows])
         block_cost = cost([prompt_texts[row] for row in recorded_rows], texts)
-        running_cost[recorded] = torch.maximum(running_cost[recorded], block_cost)
+        running_cost[recorded] = torch.maximum(running_cost[recorded], block_cost.float())
         hidden.append(state.hidden[recorded.to(state.hidden.device)].float().cpu())
         prefix_cost.append(running_cost[recorded])
         point_rows.append(recorded)
