@@ -10,12 +10,15 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.errors import (
     ChatTemplateError,
+    CheckpointKindError,
     CriticError,
     CriticFileError,
     CriticMismatchError,
     InvalidPromptError,
+    LoadOptionError,
     MissingCostModelError,
     MissingCriticError,
+    ModelLoadError,
     PromptTooLongError,
     RefusalOverBudgetWarning,
     SafeguardError,
@@ -33,6 +36,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "ChatTemplateError",
+    "CheckpointKindError",
     "CriticError",
     "CriticFileError",
     "CriticMismatchError",
@@ -42,9 +46,11 @@ __all__ = [
     "InferenceGuard",
     "InvalidPromptError",
     "LatentCritic",
+    "LoadOptionError",
     "MissingCostModelError",
     "MissingCriticError",
     "MissingExtraError",
+    "ModelLoadError",
     "PromptTooLongError",
     "RefusalOverBudgetWarning",
     "SafeguardError",

@@ -40,6 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from inference_safeguard.errors import CriticFileError, CriticMismatchError
+from inference_safeguard.loading import resolve_device
 
 WEIGHTS_FILE = "critic.safetensors"
 CONFIG_FILE = "critic.json"
@@ -363,7 +364,7 @@ class LatentCritic(nn.Module):
                 f"{weights} holds a hidden_std that is not positive, so the critic would "
                 "divide by zero; the file is corrupted: copy the critic again or retrain it"
             )
-        return critic.to(device or "cpu").eval()
+        return critic.to(resolve_device(device) or "cpu").eval()
 
 
 def config_sha256(entries: dict[str, Any]) -> str:

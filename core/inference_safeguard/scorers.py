@@ -29,12 +29,18 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
+from inference_safeguard.loading import (
+    CheckpointKind,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 __all__ = [
     "BEAVER_TEMPLATE",
@@ -344,6 +350,8 @@ class _ModelScorer(Scorer):
 
     _auto_class: ClassVar[type]
     """The transformers auto class `from_pretrained` loads the model with."""
+    _checkpoint_kind: ClassVar[CheckpointKind]
+    """The kind of checkpoint `from_pretrained` accepts."""
 
     @classmethod
     def from_pretrained(
@@ -359,11 +367,23 @@ class _ModelScorer(Scorer):
 
         `kwargs` are the scorer's own options (see the class). Code shipped with the
         checkpoint runs only if you pass `trust_remote_code` as True.
+
+        Raises:
+            LoadOptionError: a device this machine lacks, or not a floating dtype.
+            ModelLoadError: no such directory or hub name, or incomplete or corrupted files.
+            CheckpointKindError: the checkpoint is of another kind (see the class), so
+                part of the model would be randomly initialised.
         """
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         load_kwargs = {} if dtype is None else {"dtype": dtype}
-        model = cls._auto_class.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **load_kwargs
+        model = load_model(
+            cls._auto_class,
+            name_or_path,
+            kind=cls._checkpoint_kind,
+            owner=cls.__name__,
+            trust_remote_code=trust_remote_code,
+            **load_kwargs,
         )
         return cls(model.eval(), tokenizer, device=device, **kwargs)
 
@@ -388,6 +408,7 @@ class _ModelScorer(Scorer):
         return cache
 
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:
+        device = resolve_device(device)
         if device is not None:
             model.to(device)
         self.model = model
@@ -522,6 +543,7 @@ class ClassifierScorer(_ModelScorer):
     """
 
     _auto_class = AutoModelForSequenceClassification
+    _checkpoint_kind = "sequence-classification"
 
     def __init__(
         self,
@@ -660,6 +682,7 @@ class GuardModelCost(_ModelScorer):
     """
 
     _auto_class = AutoModelForCausalLM
+    _checkpoint_kind = "causal-lm"
 
     def __init__(
         self,
