@@ -24,6 +24,7 @@ from inference_safeguard.cli_options import (
     add_option_with_default,
     add_prompts_option,
     add_scorer_options,
+    check_output_dir,
     check_single_cost,
     file_prompts,
     finite_float,
@@ -35,6 +36,7 @@ from inference_safeguard.cli_options import (
     positive_int,
 )
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.critic import CONFIG_FILE, WEIGHTS_FILE
 from inference_safeguard.lm import CausalLM, PromptInput
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.training.fit import CriticTrainingSettings, TrainingReport, train_critic
@@ -155,6 +157,7 @@ def run_train_critic(args: argparse.Namespace) -> int:
     """`safeguard train-critic`: check the settings, load, collect, fit, report, save."""
     settings = _training_settings(args)
     check_single_cost(args)
+    check_output_dir(args.out, "--out", (WEIGHTS_FILE, CONFIG_FILE))  # before, not after, the fit
     given_prompts = file_prompts(args, demo_prompts="prompts")
 
     setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
