@@ -147,7 +147,9 @@ class GuardConfig(BaseModel):
         description="Text returned instead of an over-budget response when on_unsafe='refuse'.",
     )
     stop: tuple[str, ...] = Field(
-        (), description="Stop strings: a response ends before the first one it contains."
+        (),
+        description="Stop strings: a response ends before the first one it contains, at "
+        "the token boundary before it (a token the stop string starts inside goes too).",
     )
     stream_commit: Literal["agreement", "block"] = Field(
         "agreement",

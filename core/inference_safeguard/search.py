@@ -559,10 +559,9 @@ class BlockSearch:
         texts = self.lm.decode(token_ids)
         reasons: list[Literal["stop", "length"] | None] = []
         for i, ended in enumerate(block.ended[index].tolist()):
-            cut = first_stop(texts[i], config.stop)
-            if cut is not None:
-                texts[i] = texts[i][:cut]
-                token_ids[i] = self._tokens_before(token_ids[i], cut)
+            stopped = cut_before_stop(self.lm, token_ids[i], texts[i], config.stop)
+            if stopped is not None:
+                token_ids[i], texts[i] = stopped
                 reasons.append("stop")
             elif ended:
                 reasons.append("stop")
@@ -695,13 +694,6 @@ class BlockSearch:
             return lagrangian_score(reward, cost, self.lagrange_multiplier)
         return reward
 
-    def _tokens_before(self, token_ids: list[int], cut: int) -> list[int]:
-        """The longest prefix of `token_ids` whose text fits before character `cut`."""
-        for end in range(len(token_ids), -1, -1):
-            if len(self.lm.decode([token_ids[:end]])[0]) <= cut:
-                return token_ids[:end]
-        return []
-
     # ------------------------------------------------------------------ selection
     def _select(
         self,
@@ -768,6 +760,42 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
     text before it either way)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def cut_before_stop(
+    lm: CausalLM, token_ids: list[int], text: str, stops: Sequence[str]
+) -> tuple[list[int], str] | None:
+    """A response ended before its first stop string: `(token_ids, text)`, or None when
+    `text` (the decoding of `token_ids`) holds no stop string.
+
+    The response ends at the last token boundary before the stop string: when the stop
+    string starts inside a token, that token goes, with its characters before the stop
+    string, so that the token ids still decode to the text.
+    """
+    cut = first_stop(text, stops)
+    if cut is None:
+        return None
+    head = text[:cut]
+    for end in range(len(token_ids), 0, -1):
+        decoded = lm.decode([token_ids[:end]])[0]
+        if head.startswith(decoded):
+            return token_ids[:end], decoded
+    return [], ""
+
+
+def settled_prefix(lm: CausalLM, token_ids: list[int], stops: Sequence[str]) -> str:
+    """The text of the longest prefix of `token_ids` that can no longer change: one whose
+    text ends neither in a partial character nor in the start of a stop string (the
+    search may still cut there, at the token boundary before it; see `cut_before_stop`).
+    """
+    for end in range(len(token_ids), 0, -1):
+        text = lm.decode([token_ids[:end]])[0]
+        partial_stop = any(
+            text.endswith(stop[:size]) for stop in stops for size in range(1, len(stop))
+        )
+        if not text.endswith("\ufffd") and not partial_stop:
+            return text
+    return ""
 
 
 def _starts_with(token_ids: list[int], prefix: list[int]) -> bool:
