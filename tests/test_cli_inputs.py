@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -80,8 +81,6 @@ def test_a_missing_model_path_says_no_such_directory(tmp_path, capsys):
 
 
 def test_truncated_safetensors_exit_2(tiny_model_dir, tmp_path, capsys):
-    import shutil
-
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)
     weights = copy / "model.safetensors"

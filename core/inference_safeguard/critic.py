@@ -349,6 +349,7 @@ class LatentCritic(nn.Module):
                 "again or retrain it"
             ) from error
         _check_tensors(tensors, weights)
+        tensors = {name: tensor.float() for name, tensor in tensors.items()}
         with torch.device("meta"):
             critic = cls(config)
         try:
