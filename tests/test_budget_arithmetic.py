@@ -81,3 +81,23 @@ def test_args_reports_a_negative_cost_exactly(tiny_model, tiny_tokenizer) -> Non
     )
     result = decoder.generate(PROMPT, budget=-0.5, max_new_tokens=4)
     assert (result.safe, result.cost) == (True, -1.0)
+
+
+def test_a_cost_that_reaches_the_budget_over_several_blocks_is_within_it(
+    tiny_model, tiny_tokenizer
+):
+    # Summed per-block increments (d - c1) - (c2 - c1) - (c3 - c2) round below 0 here.
+    d, c1, c2 = 0.405559060977284, 0.010362045542475249, 0.22096673355551888
+    assert ((d - c1) - (c2 - c1)) - (d - c2) < 0
+    config = CONFIG.with_overrides(temperature=0, block_size=4, max_new_tokens=12, budget=d)
+    plain = SamplingDecoder(tiny_model, tiny_tokenizer, cost=constant_cost(0.0), config=config)
+    ids = plain.generate(PROMPT).token_ids
+    assert len(ids) == 12
+    costs = {plain.lm.decode([ids[:n]])[0]: c for n, c in ((4, c1), (8, c2), (12, d))}
+    cost = CallableScorer(
+        lambda prompt, response: -100.0 if response == REFUSAL else costs.get(response, 10.0),
+        batched=False,
+    )
+    result = InferenceGuard(tiny_model, tiny_tokenizer, cost=cost, config=config).generate(PROMPT)
+    assert (result.safe, result.refused, result.cost) == (True, False, d)
+    assert result.token_ids == ids and result.stats.resample_rounds == 0

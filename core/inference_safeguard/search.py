@@ -22,7 +22,9 @@ Choices where the paper is silent:
   first block's cost stands as the model gave it, negative included, so a negative
   budget can be met by a cost model that scores below zero;
 - costs, safety states and scores are float64 on the CPU: a cost is compared with the
-  budget as the cost model returned it (a cost equal to the budget is within it);
+  budget as the cost model returned it (a cost equal to the budget is within it); with
+  gamma_c = 1 the safety state is `d - C` in one subtraction, not a sum of per-block
+  increments that could round across 0;
 - where costs are estimates (the critic's cost probe), the cost model replaces them
   for every candidate the search would keep before it keeps any, so beams and
   finished responses always carry the cost model's own costs.
@@ -625,15 +627,20 @@ class BlockSearch:
         # Before the first block the parent's cost is -inf, so the first cost stands.
         cost = torch.maximum(estimate, parent.cost)
         said = torch.isfinite(cost)
-        # The empty response costs 0: z_0 = d, and z = d - C(x, y) when gamma_c = 1.
-        previous = torch.where(torch.isfinite(parent.cost), parent.cost, 0.0)
-        z = update_safety_state(
-            parent.z,
-            previous,
-            torch.where(said, cost, previous),
-            candidates.new_tokens.cpu(),
-            config.safety_discount,
-        )
+        if config.safety_discount == 1.0:
+            # z = d - C(x, y) in one subtraction, whose sign is exact: a cost equal to the
+            # budget leaves z = 0, where summed increments could round below it.
+            z = torch.where(said, config.budget - cost, parent.z)
+        else:
+            # The empty response costs 0, so z_0 = d.
+            previous = torch.where(torch.isfinite(parent.cost), parent.cost, 0.0)
+            z = update_safety_state(
+                parent.z,
+                previous,
+                torch.where(said, cost, previous),
+                candidates.new_tokens.cpu(),
+                config.safety_discount,
+            )
         if evaluator.has_reward_model:
             reward = evaluator.reward(candidates, z)
         else:
