@@ -32,10 +32,9 @@ from inference_safeguard.cli_options import (
     load_cost,
     load_reward,
     non_negative_int,
-    positive_float,
     positive_int,
 )
-from inference_safeguard.config import GuardConfig
+from inference_safeguard.config import MIN_TEMPERATURE, GuardConfig
 from inference_safeguard.critic import CONFIG_FILE, WEIGHTS_FILE
 from inference_safeguard.lm import CausalLM, PromptInput
 from inference_safeguard.scorers import Scorer
@@ -114,9 +113,9 @@ def add_train_critic_command(subparsers: argparse._SubParsersAction) -> argparse
     add_option_with_default(
         rollouts,
         "--temperature",
-        positive_float,
+        sampling_temperature,
         1.0,
-        "sampling temperature, > 0",
+        f"sampling temperature, >= {MIN_TEMPERATURE}",
         metavar="X",
     )
     add_option_with_default(
@@ -277,3 +276,13 @@ def _training_settings(args: argparse.Namespace) -> CriticTrainingSettings:
             f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}" for error in exc.errors()
         ]
         raise CommandLineError("invalid training settings: " + "; ".join(problems)) from exc
+
+
+def sampling_temperature(text: str) -> float:
+    """A temperature rollouts can sample with: a finite number >= `MIN_TEMPERATURE`."""
+    value = finite_float(text)
+    if value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(
+            f"expected a temperature >= {MIN_TEMPERATURE} (rollouts are sampled), got {text!r}"
+        )
+    return value

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from inference_safeguard.config import MIN_TEMPERATURE
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
 from inference_safeguard.sampling import PromptSamplers
 from inference_safeguard.scorers import Scorer
@@ -263,13 +264,14 @@ def _check_settings(
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature > 0)
+        or not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)
     ):
         raise ValueError(
-            f"temperature must be a finite number > 0, got {temperature!r}; rollouts are "
-            "sampled (greedy decoding would make every rollout of a prompt the same)"
+            f"temperature must be a finite number >= {MIN_TEMPERATURE}, got {temperature!r}; "
+            "rollouts are sampled (greedy decoding would make every rollout of a prompt the "
+            "same, and a smaller temperature overflows the logits)"
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
-    if not 0 < top_p <= 1:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
