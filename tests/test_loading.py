@@ -74,6 +74,16 @@ def test_a_classifier_with_tied_embeddings_is_not_loaded_as_a_causal_lm(tied_cla
         CausalLM.from_pretrained(str(tied_classifier_dir))
 
 
+def test_models_of_the_wrong_kind_are_rejected_when_built_from_objects(
+    tiny_model, tiny_tokenizer
+):
+    classifier = build_tiny_classifier(tiny_tokenizer)
+    with pytest.raises(CheckpointKindError, match="LlamaForSequenceClassification, which has no"):
+        InferenceGuard(classifier, tiny_tokenizer, cost=KeywordCost(["bomb"]))
+    with pytest.raises(CheckpointKindError, match="LlamaForCausalLM, a causal LM"):
+        ClassifierScorer(tiny_model, tiny_tokenizer)
+
+
 def test_checkpoints_of_the_right_kind_still_load(tiny_model_dir, tiny_reward_model_dir):
     assert CausalLM.from_pretrained(str(tiny_model_dir), device="cpu").vocab_size > 0
     scorer = ClassifierScorer.from_pretrained(str(tiny_reward_model_dir), device="cpu")

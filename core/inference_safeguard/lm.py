@@ -16,7 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
+from inference_safeguard.errors import (
+    ChatTemplateError,
+    CheckpointKindError,
+    InvalidPromptError,
+    PromptTooLongError,
+)
 from inference_safeguard.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from inference_safeguard.tools import (
     ToolSpec,
@@ -106,6 +111,13 @@ class CausalLM:
             raise TypeError(
                 f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
                 "one by name or path use from_pretrained(...)"
+            )
+        output_embeddings = getattr(model, "get_output_embeddings", None)
+        if callable(output_embeddings) and output_embeddings() is None:
+            raise CheckpointKindError(
+                f"model is a {type(model).__name__}, which has no LM head; the base model "
+                "must be a causal LM (AutoModelForCausalLM), and a sequence classifier "
+                "belongs in ClassifierScorer, as a reward or cost model"
             )
         if not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(

@@ -33,7 +33,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
+from inference_safeguard.errors import (
+    ChatTemplateError,
+    CheckpointKindError,
+    InvalidPromptError,
+    ScorerOutputError,
+)
 from inference_safeguard.loading import (
     CheckpointKind,
     load_model,
@@ -558,6 +563,12 @@ class ClassifierScorer(_ModelScorer):
         device: str | torch.device | None = None,
         share_prompt_cache: bool = True,
     ) -> None:
+        if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            raise CheckpointKindError(
+                f"model is a {type(model).__name__}, a causal LM; ClassifierScorer needs a "
+                "sequence classifier (AutoModelForSequenceClassification) with a trained "
+                "score head. Use a causal LM as the base model or with GuardModelCost"
+            )
         num_labels = model.config.num_labels
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
             raise ValueError(
