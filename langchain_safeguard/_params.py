@@ -128,11 +128,12 @@ class SafeguardParams(BaseModel):
 
     _loaded_guard: Decoder | None = PrivateAttr(default=None)
 
-    @field_validator(*CONFIG_FIELDS, mode="before")
+    @field_validator(*CONFIG_FIELDS, "max_tokens", mode="before")
     @classmethod
     def _config_numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
         # Checked before this field's own coercion would turn True into 1.
-        return reject_bool_number(info.field_name, value)
+        name = "max_new_tokens" if info.field_name == "max_tokens" else info.field_name
+        return reject_bool_number(name, value)
 
     @model_validator(mode="after")
     def _check_decoder_and_config(self) -> Self:

@@ -47,6 +47,13 @@ def test_langchain_models_reject_degenerate_settings_like_guard_config(
         SafeguardLLM(guard=guard).invoke(PROMPT, **setting)
 
 
+def test_langchain_max_tokens_is_not_a_bool(guard) -> None:
+    from langchain_safeguard import ChatSafeguard
+
+    with pytest.raises(ValidationError, match="got the bool True"):
+        ChatSafeguard(guard=guard, max_tokens=True)
+
+
 @pytest.mark.parametrize(("setting", "hint"), DEGENERATE)
 def test_llamaindex_llm_rejects_degenerate_settings_like_guard_config(
     guard, setting: dict[str, Any], hint: str
