@@ -74,9 +74,7 @@ def test_a_classifier_with_tied_embeddings_is_not_loaded_as_a_causal_lm(tied_cla
         CausalLM.from_pretrained(str(tied_classifier_dir))
 
 
-def test_models_of_the_wrong_kind_are_rejected_when_built_from_objects(
-    tiny_model, tiny_tokenizer
-):
+def test_models_of_the_wrong_kind_are_rejected_when_built_from_objects(tiny_model, tiny_tokenizer):
     classifier = build_tiny_classifier(tiny_tokenizer)
     with pytest.raises(CheckpointKindError, match="LlamaForSequenceClassification, which has no"):
         InferenceGuard(classifier, tiny_tokenizer, cost=KeywordCost(["bomb"]))
