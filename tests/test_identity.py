@@ -4,6 +4,7 @@ that changes an answer differs (they key LangChain's LLM cache)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import BestOfN, SamplingDecoder
@@ -128,3 +129,11 @@ def test_a_model_fingerprint_is_computed_once_per_model(parts, monkeypatch):
     first = model_fingerprint(model)
     monkeypatch.setattr(type(model), "state_dict", lambda *a, **k: pytest.fail("recomputed"))
     assert model_fingerprint(model) is first
+
+
+def test_a_tensor_larger_than_float32_can_count_is_digested_up_to_its_last_value():
+    # 49152 x 576: SmolLM2-135M's embedding matrix, more values than float32 counts exactly.
+    weights = torch.zeros(49152 * 576, dtype=torch.uint8)
+    before = digest(weights)
+    weights[-1] = 1
+    assert digest(weights) != before

@@ -142,7 +142,10 @@ def _tensor_digest(tensors: Any) -> str:
         count = tensor.numel()
         if count == 0 or tensor.is_meta:
             continue
-        positions = torch.linspace(0, count - 1, min(count, SAMPLES_PER_TENSOR)).round().long()
+        samples = min(count, SAMPLES_PER_TENSOR)
+        # Integer positions: float32 spacing rounds past the last element of tensors
+        # over 2**24 values (a real model's embedding matrix).
+        positions = torch.arange(samples) * (count - 1) // max(samples - 1, 1)
         try:
             sample = tensor.reshape(-1)[positions.to(tensor.device)]
             values = sample.to(device="cpu", dtype=torch.float64).numpy().tobytes()
