@@ -53,7 +53,16 @@ MODEL_CONFIG = ConfigDict(
 lets the LangChain base class (extra="ignore") override a mixin's config."""
 
 _BUILD_LOCK = threading.Lock()
-_LOADING_FIELDS = ("cost", "reward", "critic", "device", "dtype", "device_map")
+_LOADING_FIELDS = (
+    "cost",
+    "reward",
+    "critic",
+    "device",
+    "dtype",
+    "device_map",
+    "model_kwargs",
+    "tokenizer_kwargs",
+)
 # Keywords LangChain itself passes down to `_generate`/`_stream`, not meant for the model.
 _LANGCHAIN_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
 # What LangChain's message conversion raises on input it cannot read.
@@ -84,8 +93,12 @@ class SafeguardParams(BaseModel):
     """Device to load `model` on (default: CUDA when available, else CPU)."""
     dtype: str | torch.dtype | None = None
     """Torch dtype (or its name) to load `model` in (default: bfloat16 on CUDA, else float32)."""
-    device_map: str | None = None
-    """Transformers device map (e.g. "auto") to shard `model` across devices."""
+    device_map: str | dict[str, Any] | None = None
+    """Transformers device map ("auto", or module name -> device) to shard `model`."""
+    model_kwargs: dict[str, Any] | None = None
+    """More options of the model's `from_pretrained` (quantization_config, revision, ...)."""
+    tokenizer_kwargs: dict[str, Any] | None = None
+    """More options of the tokenizer's `from_pretrained` (gguf_file and revision come too)."""
     trust_remote_code: bool = False
     """Run code shipped with the `model` checkpoint; leave off unless you trust its author."""
     allow_special_tokens_in_content: bool = False
@@ -193,8 +206,10 @@ class SafeguardParams(BaseModel):
         critic: Any = None,
         device: str | None = None,
         dtype: str | None = None,
-        device_map: str | None = None,
+        device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Self:
         """Load `model_id` (hub name or local path) now and wrap it.
@@ -204,7 +219,8 @@ class SafeguardParams(BaseModel):
             cost: cost model C(x, y).
             reward: reward model R(x, y), or None.
             critic: latent critic (or its directory) for critic mode, or None.
-            device, dtype, device_map, trust_remote_code: how to load the model.
+            device, dtype, device_map, trust_remote_code, model_kwargs, tokenizer_kwargs:
+                how to load the model (see `InferenceGuard.from_pretrained`).
             **kwargs: other fields: `GuardConfig` fields, `max_tokens`, `stop`, ...
         """
         model = cls(
@@ -216,6 +232,8 @@ class SafeguardParams(BaseModel):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
             **kwargs,
         )
         model.load_guard()
@@ -242,6 +260,8 @@ class SafeguardParams(BaseModel):
                 dtype=self.dtype,
                 device_map=self.device_map,
                 trust_remote_code=self.trust_remote_code,
+                model_kwargs=self.model_kwargs,
+                tokenizer_kwargs=self.tokenizer_kwargs,
             )
         )
         return InferenceGuard(

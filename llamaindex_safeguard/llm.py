@@ -197,6 +197,8 @@ class SafeguardLLM(FunctionCallingLLM):
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         allow_special_tokens_in_content: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> SafeguardLLM:
         """Load a Hugging Face causal LM by hub name or local path and guard it.
@@ -207,8 +209,10 @@ class SafeguardLLM(FunctionCallingLLM):
             reward: reward model R(x, y), or None to rank by likelihood.
             critic: latent critic (or its directory) for critic mode, or None.
             config: default `GuardConfig` of every call.
-            device, dtype, device_map, trust_remote_code, allow_special_tokens_in_content:
-                see `InferenceGuard.from_pretrained`.
+            device, dtype, device_map, trust_remote_code, allow_special_tokens_in_content,
+            model_kwargs, tokenizer_kwargs: see `InferenceGuard.from_pretrained`
+                (`device_map` a string or a dict; `model_kwargs` e.g. quantization_config,
+                attn_implementation, revision, gguf_file).
             **kwargs: `SafeguardLLM` fields (`callback_manager`, `system_prompt`, ...).
         """
         if cost is None:
@@ -223,6 +227,8 @@ class SafeguardLLM(FunctionCallingLLM):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
             allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
         return cls(guard=guard, **kwargs)

@@ -70,6 +70,17 @@ def parse_regex_cost(pattern: str) -> RegexCost:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object (of loading options)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _int_at_least(text, 1, "a positive integer")
@@ -241,6 +252,23 @@ def add_loading_options(
         action="store_true",
         help="run code shipped with the checkpoints; only for authors you trust",
     )
+    group.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="more from_pretrained options of --model as a JSON object, e.g. "
+        '\'{"attn_implementation": "eager", "revision": "main"}\' (a --model path to a '
+        ".gguf file sets gguf_file itself)",
+    )
+    group.add_argument(
+        "--tokenizer-kwargs",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="more from_pretrained options of the tokenizer of --model as a JSON object "
+        "(gguf_file and revision come from --model-kwargs too)",
+    )
 
 
 def from_pretrained_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,6 +281,16 @@ def from_pretrained_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         "dtype": getattr(args, "dtype", None),
         "trust_remote_code": args.trust_remote_code,
+    }
+
+
+def base_model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`from_pretrained_options` plus the `--model-kwargs` and `--tokenizer-kwargs` that
+    apply to `--model` alone."""
+    return {
+        **from_pretrained_options(args),
+        "model_kwargs": getattr(args, "model_kwargs", None),
+        "tokenizer_kwargs": getattr(args, "tokenizer_kwargs", None),
     }
 
 
@@ -288,7 +326,7 @@ def load_reward(args: argparse.Namespace) -> Scorer | None:
 def load_base_model(args: argparse.Namespace) -> CausalLM:
     """The causal LM given by `--model`."""
     with loading("--model", args.model):
-        return CausalLM.from_pretrained(args.model, **from_pretrained_options(args))
+        return CausalLM.from_pretrained(args.model, **base_model_options(args))
 
 
 # -------------------------------------------------------------------------- prompts

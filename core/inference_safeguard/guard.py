@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -105,12 +105,16 @@ class InferenceGuard(Decoder):
         dtype: str | torch.dtype | None = None,
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         allow_special_tokens_in_content: bool = False,
     ) -> InferenceGuard:
-        """Load the base model by hub name or local path and wrap it.
+        """Load the base model by hub name, local directory or `.gguf` file path and wrap it.
 
-        See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` and
-        `trust_remote_code` (off by default), and the class for the other arguments.
+        See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` (a string or a
+        dict), `trust_remote_code` (off by default), `model_kwargs` (e.g.
+        `quantization_config`, `attn_implementation`, `revision`, `gguf_file`) and
+        `tokenizer_kwargs`, and the class for the other arguments.
         """
         lm = CausalLM.from_pretrained(
             model_id,
@@ -118,6 +122,8 @@ class InferenceGuard(Decoder):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
         )
         return cls(
             lm.model,

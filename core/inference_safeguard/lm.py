@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.encoding import check_text, encode_chat, encode_text
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.loading import DeviceMap, load_pretrained
 from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
@@ -150,35 +151,41 @@ class CausalLM:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        device_map: str | dict[str, Any] | None = None,
+        device_map: DeviceMap | None = None,
         trust_remote_code: bool = False,
-        **model_kwargs: Any,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
     ) -> CausalLM:
-        """Load a model and tokenizer by hub name or local path.
+        """Load a model and tokenizer by hub name, local directory or `.gguf` file path.
 
         Args:
             device: where to put the model (default: CUDA when available, else CPU);
-                ignored when `device_map` is given.
+                ignored when `device_map` is given or the model is quantized.
             dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
-            device_map: passed to transformers (e.g. "auto") to shard a large model.
+            device_map: transformers device map, a string (e.g. "auto") or a dict, to
+                shard a large model; such a model is never moved afterwards.
             trust_remote_code: run code shipped with the checkpoint; off unless you
                 trust its author.
+            model_kwargs: more options of the model's `from_pretrained`
+                (`quantization_config`, `attn_implementation`, `revision`, `gguf_file`).
+            tokenizer_kwargs: more options of the tokenizer's `from_pretrained`; see
+                `inference_safeguard.loading` for those it takes from `model_kwargs`.
         """
         if device_map is None:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             on_cuda = device_map is not None or (device is not None and device.type == "cuda")
             dtype = torch.bfloat16 if on_cuda else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model, tokenizer = load_pretrained(
+            AutoModelForCausalLM,
             name_or_path,
+            device=None if device_map is not None else device,
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
-            **model_kwargs,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
         )
-        if device_map is None:
-            model = model.to(device)
         return cls(model, tokenizer)
 
     # ----------------------------------------------------------------- properties
