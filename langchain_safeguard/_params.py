@@ -133,11 +133,15 @@ class SafeguardParams(BaseModel):
     safety_discount: float | None = None
     """gamma_c of the safety state update, in (0, 1]."""
     temperature: float | None = None
-    """Sampling temperature; 0 decodes greedily."""
+    """Sampling temperature; 0 decodes greedily (None: the model's generation_config's)."""
     top_p: float | None = None
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int | None = None
     """Sample from the k likeliest tokens; 0 disables it."""
+    min_p: float | None = None
+    """Drop tokens less likely than min_p times the likeliest one; 0 disables it."""
+    repetition_penalty: float | None = None
+    """Penalty of tokens already in the prompt or response (as transformers'); 1: off."""
     scorer: Literal["auto", "models", "critic"] | None = None
     """How candidates are scored: the cost and reward models, or the latent critic."""
     cost_probe: bool | None = None
@@ -316,9 +320,12 @@ class SafeguardParams(BaseModel):
         return overrides
 
     def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
-        """The validated config a call with `overrides` runs under."""
-        base = self.guard.config if self.guard is not None else GuardConfig()
-        return base.with_overrides(**overrides)
+        """The validated config a call with `overrides` runs under (before a model given
+        by name is loaded: `GuardConfig()`'s, its sampling fields still unresolved)."""
+        guard = self.guard if self.guard is not None else self._loaded_guard
+        if guard is None:
+            return GuardConfig().with_overrides(**overrides)
+        return guard.call_config(overrides)
 
     def _check_model_keyword(self, requested: str | None) -> None:
         """A per-call `model=` may only name this model."""

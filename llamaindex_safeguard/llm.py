@@ -141,6 +141,10 @@ class SafeguardLLM(FunctionCallingLLM):
     temperature: float | None = Field(default=None, description=_describe("temperature"))
     top_p: float | None = Field(default=None, description=_describe("top_p"))
     top_k: int | None = Field(default=None, description=_describe("top_k"))
+    min_p: float | None = Field(default=None, description=_describe("min_p"))
+    repetition_penalty: float | None = Field(
+        default=None, description=_describe("repetition_penalty")
+    )
     scorer: Literal["auto", "models", "critic"] | None = Field(
         default=None, description=_describe("scorer")
     )
@@ -179,7 +183,7 @@ class SafeguardLLM(FunctionCallingLLM):
         super().__init__(**kwargs)
         self._guard = guard
         # Invalid settings fail here rather than in the middle of a query.
-        self._guard.config.with_overrides(**self._field_overrides())
+        self._guard.call_config(self._field_overrides())
         if self.record_safety_in_responses:
             install_safety_record_handler()
 
@@ -246,7 +250,7 @@ class SafeguardLLM(FunctionCallingLLM):
     def config(self) -> GuardConfig:
         """The config of a call without keyword overrides: the guard's, with the fields
         set on this LLM applied."""
-        return self._guard.config.with_overrides(**self._field_overrides())
+        return self._guard.call_config(self._field_overrides())
 
     @property
     def metadata(self) -> LLMMetadata:

@@ -143,7 +143,7 @@ def test_with_overrides_returns_a_validated_changed_copy() -> None:
     assert changed.temperature == 0.0
     assert changed.stop == ("A", "B")
     assert changed.budget == 1.0
-    assert config.temperature == 1.0
+    assert config.temperature is None  # unset: the model's default, else 1
     assert config.stop == ("END",)
 
 

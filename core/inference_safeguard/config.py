@@ -8,9 +8,20 @@ max_new_tokens=128, resample_rounds=2, budget=10`; pass them explicitly to repro
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SAMPLING_DEFAULTS: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+"""The package's own value of each sampling field, for a model whose generation_config
+does not set it: plain sampling from the model's distribution."""
 
 
 class GuardConfig(BaseModel):
@@ -18,6 +29,14 @@ class GuardConfig(BaseModel):
 
     Frozen: derive a changed copy with `config.with_overrides(field=value, ...)`,
     which validates like the constructor does.
+
+    Sampling fields (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`)
+    left at None take the value the model's author shipped in its generation_config,
+    else the package's own (`SAMPLING_DEFAULTS`: plain sampling); a decoder resolves
+    them once when it is built (`with_sampling_defaults`) and again for a call that sets
+    one back to None. A value set here or per call always wins. The generation_config's
+    `do_sample` is not read: the search samples its candidates whatever it says
+    (`temperature=0` decodes greedily).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,13 +86,41 @@ class GuardConfig(BaseModel):
         le=1,
         description="gamma_c of the safety state z_{t+1} = (z_t - c_t) / gamma_c, in (0, 1].",
     )
-    temperature: float = Field(
-        1.0, ge=0, le=100, description="Sampling temperature; 0 decodes greedily."
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Sampling temperature; 0 decodes greedily. None: the model's "
+        "generation_config value, else 1.",
     )
-    top_p: float = Field(
-        1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1]; 1 disables it."
+    top_p: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Nucleus sampling mass in (0, 1]; 1 disables it. None: the model's "
+        "generation_config value, else 1.",
     )
-    top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens; 0 disables it.")
+    top_k: int | None = Field(
+        None,
+        ge=0,
+        description="Sample from the k likeliest tokens; 0 disables it. None: the model's "
+        "generation_config value, else 0.",
+    )
+    min_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Drop tokens less likely than min_p times the likeliest one, in [0, 1]; "
+        "0 disables it. None: the model's generation_config value, else 0.",
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Divides the positive logits (multiplies the negative ones) of tokens "
+        "already in the prompt or the response, as transformers does; > 0, 1 disables it. "
+        "None: the model's generation_config value, else 1.",
+    )
     scorer: Literal["auto", "models", "critic"] = Field(
         "auto",
         description="How candidates are scored: 'models' runs the cost and reward models on "
@@ -154,6 +201,16 @@ class GuardConfig(BaseModel):
     def children_per_beam(self) -> int:
         """Candidate blocks sampled from each live beam: `num_candidates // beam_width`."""
         return self.num_candidates // self.beam_width
+
+    def with_sampling_defaults(self, model_defaults: Mapping[str, Any]) -> GuardConfig:
+        """A copy whose unset (None) sampling fields hold `model_defaults`' value (the
+        model's generation_config), else `SAMPLING_DEFAULTS`'; set fields are kept."""
+        unset = {
+            name: model_defaults.get(name, default)
+            for name, default in SAMPLING_DEFAULTS.items()
+            if getattr(self, name) is None
+        }
+        return self.with_overrides(**unset)
 
     def with_overrides(self, **overrides: Any) -> GuardConfig:
         """Return a validated copy with `overrides` applied (unknown names are rejected)."""

@@ -103,7 +103,8 @@ class Decoder(ABC):
         self.lm = lm
         self.cost = cost
         self.reward = reward
-        self.config = config or GuardConfig()
+        # Sampling fields left unset take the model's generation_config values, once.
+        self.config = (config or GuardConfig()).with_sampling_defaults(lm.sampling_defaults)
         self.last_result: GuardResult | None = None
 
     # ----------------------------------------------------------------- public API
@@ -133,7 +134,7 @@ class Decoder(ABC):
         overrides: Mapping[str, Any],
         cancel: threading.Event | None,
     ) -> list[GuardResult]:
-        config = self.config.with_overrides(**overrides)
+        config = self.call_config(overrides)
         encoded = self.encode_prompts(prompts, config, tools)
         return self._generate_encoded(encoded, config, cancel)
 
@@ -148,7 +149,7 @@ class Decoder(ABC):
         yields the whole response at once; decoders that can commit text earlier
         override `_stream`.
         """
-        config = self.config.with_overrides(**overrides)
+        config = self.call_config(overrides)
         [encoded] = self.encode_prompts([prompt], config, tools)
         cancel = threading.Event()
         return GuardStream(self._stream(encoded, config, cancel), cancel)
@@ -206,6 +207,13 @@ class Decoder(ABC):
         memory. `.result` is set once the stream has ended.
         """
         return AsyncGuardStream(self.stream(prompt, tools=tools, **overrides))
+
+    def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
+        """The config of a call: this decoder's, with `overrides` (GuardConfig fields)
+        applied; a sampling field set back to None takes the model's default again."""
+        return self.config.with_overrides(**overrides).with_sampling_defaults(
+            self.lm.sampling_defaults
+        )
 
     def identity(self, config: GuardConfig | None = None) -> dict[str, Any]:
         """Everything that decides what this decoder returns under `config` (default: its

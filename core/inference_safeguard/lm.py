@@ -20,6 +20,7 @@ from inference_safeguard.encoding import check_text, encode_chat, encode_text
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
 from inference_safeguard.hf_compat import cache_keyword, output_cache
 from inference_safeguard.loading import DeviceMap, load_pretrained
+from inference_safeguard.sampling import model_sampling_defaults
 from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
@@ -136,6 +137,8 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
         self.eos_token_ids: frozenset[int] = self._eos_ids()
+        self.sampling_defaults = model_sampling_defaults(getattr(model, "generation_config", None))
+        """Sampling settings the model's generation_config sets (see `GuardConfig`)."""
         candidates = (
             tokenizer.pad_token_id,
             min(self.eos_token_ids, default=None),

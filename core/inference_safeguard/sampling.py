@@ -1,24 +1,66 @@
-"""Next-token sampling: logits processors and per-prompt seeded samplers.
+"""Next-token sampling: logits processors, per-prompt seeded samplers, and the
+sampling settings a model's generation_config ships.
 
 Each prompt owns a `torch.Generator`, so the tokens drawn for a prompt depend only on
 its seed and its own rows: a prompt decodes the same alone or in a batch.
+
+Order, as in transformers: the repetition penalty on the model's logits (also when
+decoding greedily), then temperature, top-k, top-p and min-p.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from pydantic import ValidationError
+
+from inference_safeguard.config import SAMPLING_DEFAULTS, GuardConfig
 
 
-def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Apply temperature, top-k and nucleus filtering; returns a new tensor.
+def model_sampling_defaults(generation_config: Any) -> dict[str, float | int]:
+    """The sampling settings a model's author set in its generation_config.
+
+    transformers 5 leaves every sampling field of a `GenerationConfig` at None unless
+    the checkpoint's generation_config.json (or the caller) sets it, so the fields that
+    are not None are the author's. A value `GuardConfig` would reject is skipped with a
+    warning.
+
+    Returns:
+        Field name -> value, for the `SAMPLING_DEFAULTS` fields that are set.
+    """
+    found: dict[str, float | int] = {}
+    for name in SAMPLING_DEFAULTS:
+        value = getattr(generation_config, name, None)
+        if value is None:
+            continue
+        try:
+            GuardConfig(**{name: value})
+        except ValidationError:
+            warnings.warn(
+                f"the model's generation_config sets {name}={value!r}, which GuardConfig "
+                f"does not accept; using {SAMPLING_DEFAULTS[name]!r} unless you set {name}",
+                stacklevel=3,
+            )
+            continue
+        found[name] = value
+    return found
+
+
+def warp_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+) -> torch.Tensor:
+    """Apply temperature, top-k, nucleus and min-p filtering; returns a new tensor.
 
     Args:
         logits: `(rows, vocab)` next-token logits.
         temperature: > 0 (greedy decoding does not warp).
         top_k: keep the k likeliest tokens; 0 keeps all.
         top_p: keep the smallest set of likeliest tokens with mass >= top_p; 1 keeps all.
+        min_p: keep the tokens whose probability is at least `min_p` times the
+            likeliest token's (after the filters above); 0 keeps all.
 
     Returns:
         `(rows, vocab)` float logits with filtered tokens at `-inf`.
@@ -35,7 +77,55 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         warped = warped.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = warped.softmax(-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        warped = warped.masked_fill(probs < threshold, float("-inf"))
     return warped
+
+
+class RepetitionPenalty:
+    """transformers' repetition penalty over each row's own token history.
+
+    A token already in a row's history (its prompt and its response so far) gets its
+    logit divided by `penalty` when positive, multiplied by it when negative (CTRL,
+    Keskar et al. 2019), however often it occurred. The history is kept as a
+    `(rows, vocab)` mask; `observe` adds the tokens chosen for each row.
+
+    Args:
+        penalty: > 0; above 1 discourages repeats, 1 changes nothing.
+        histories: token ids of each row (prompt + response so far).
+        vocab_size: columns of the logits it will see.
+        device: device of those logits.
+    """
+
+    def __init__(
+        self,
+        penalty: float,
+        histories: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        if not penalty > 0:
+            raise ValueError(f"repetition penalty must be > 0 (1 disables it), got {penalty}")
+        self.penalty = float(penalty)
+        self.seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(histories):
+            known = [i for i in ids if 0 <= i < vocab_size]
+            if known:
+                self.seen[row, torch.tensor(known, dtype=torch.long, device=device)] = True
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """`(rows, vocab)` logits with the penalty applied to seen tokens; a new tensor."""
+        penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        return torch.where(self.seen, penalized, logits)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Add `(rows,)` chosen tokens (ids < 0 ignored) to the rows' histories."""
+        rows = torch.arange(tokens.shape[0], device=self.seen.device)
+        tokens = tokens.to(self.seen.device)
+        valid = (tokens >= 0) & (tokens < self.seen.shape[1])
+        self.seen[rows[valid], tokens[valid]] = True
 
 
 def penalize_tokens(logits: torch.Tensor, token_mask: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -72,6 +162,7 @@ class PromptSamplers:
         temperature: float,
         top_k: int = 0,
         top_p: float = 1.0,
+        min_p: float = 0.0,
     ) -> torch.Tensor:
         """Draw one token per row with the Gumbel-max trick.
 
@@ -80,13 +171,14 @@ class PromptSamplers:
             group_sizes: rows of each group, in order; they sum to `rows`.
             prompt_ids: the prompt (index into the seeds) that owns each group.
             temperature: 0 for greedy decoding (no randomness drawn).
+            top_k, top_p, min_p: filters, see `warp_logits`.
 
         Returns:
             `(rows,)` long token ids.
         """
         if temperature == 0:
             return logits.argmax(dim=-1)
-        warped = warp_logits(logits, temperature, top_k, top_p)
+        warped = warp_logits(logits, temperature, top_k, top_p, min_p)
         noise = torch.cat(
             [
                 torch.rand(
