@@ -156,6 +156,8 @@ class SafeguardParams(BaseModel):
     """Stop strings: a response ends before the first one it contains (one string: one stop)."""
     stream_commit: Literal["agreement", "block"] | None = None
     """What a stream commits each step: the beams' agreed prefix, or the best block."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Variables of the chat template, e.g. {"enable_thinking": False}."""
     seed: int | None = None
     """Seed of each prompt's sampler; None draws a fresh one per call."""
 
@@ -433,6 +435,13 @@ def usage_of(result: GuardResult) -> UsageMetadata:
     return UsageMetadata(
         input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def reasoning_kwargs_of(result: GuardResult) -> dict[str, Any]:
+    """`additional_kwargs` of a message for a result's reasoning: `reasoning_content`
+    (the key langchain-core reads into a "reasoning" content block of
+    `message.content_blocks`), or nothing when the response has no reasoning."""
+    return {} if result.reasoning is None else {"reasoning_content": result.reasoning}
 
 
 def response_metadata_of(result: GuardResult, model_name: str) -> dict[str, Any]:

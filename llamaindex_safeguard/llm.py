@@ -160,6 +160,9 @@ class SafeguardLLM(FunctionCallingLLM):
     stream_commit: Literal["agreement", "block"] | None = Field(
         default=None, description=_describe("stream_commit")
     )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description=_describe("chat_template_kwargs")
+    )
     seed: int | None = Field(default=None, description=_describe("seed"))
 
     _guard: Decoder = PrivateAttr()
@@ -585,7 +588,7 @@ class _ChatStream:
         parsed = _parsed_result(result, self.text, self.tools)
         rest = self.holdback.finish(parsed.content) if self.holdback is not None else ""
         return ChatResponse(
-            message=assistant_message(parsed),
+            message=assistant_message(parsed, result.reasoning),
             delta=rest,
             raw=_raw(result, parsed),
             additional_kwargs=_extra(result),
@@ -603,7 +606,7 @@ def _parsed_result(result: GuardResult, text: str, tools: list[ToolSpec]) -> Par
 def _chat_response(result: GuardResult, tools: list[ToolSpec]) -> ChatResponse:
     parsed = _parsed_result(result, result.text, tools)
     return ChatResponse(
-        message=assistant_message(parsed),
+        message=assistant_message(parsed, result.reasoning),
         raw=_raw(result, parsed),
         additional_kwargs=_extra(result),
     )
@@ -622,6 +625,8 @@ def _raw(result: GuardResult, parsed: ParsedResponse | None = None) -> dict[str,
         },
         "stats": dataclasses.asdict(result.stats),
     }
+    if result.reasoning is not None:
+        raw["reasoning"] = result.reasoning
     if parsed is not None and parsed.invalid_tool_calls:
         raw["invalid_tool_calls"] = [dataclasses.asdict(c) for c in parsed.invalid_tool_calls]
     return raw

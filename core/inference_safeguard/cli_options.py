@@ -145,7 +145,7 @@ def add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInf
     """Add `--field-name` for one `GuardConfig` field; its default None means "not given"."""
     flag = "--" + name.replace("_", "-")
     help_text = (field.description or "").replace("%", "%%")
-    if field.default not in (None, ()):
+    if field.default not in (None, ()) and field.default_factory is None:
         help_text += f" (default: {field.default})"
     if field.annotation is bool:  # --flag / --no-flag
         group.add_argument(
@@ -164,7 +164,7 @@ def add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInf
         choices=choices,
         action="append" if repeatable else "store",
         default=None,
-        metavar=None if choices else _METAVARS[value_type],
+        metavar=None if choices else _METAVARS.get(value_type, "JSON"),
         help=help_text + ("; repeatable" if repeatable else ""),
     )
 
@@ -182,6 +182,8 @@ def _option_type(
         origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
         return type(args[0]), args, False
+    if origin is dict:
+        return json_object, None, False
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _METAVARS:
         return args[0], None, True
     if annotation in _METAVARS:

@@ -24,6 +24,29 @@ SAMPLING_DEFAULTS: dict[str, float | int] = {
 does not set it: plain sampling from the model's distribution."""
 
 
+_RENDERING_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "sanitize_control_tokens",
+    }
+)
+"""Arguments of `apply_chat_template` that are not template variables."""
+
+
 class GuardConfig(BaseModel):
     """Configuration of InferenceGuard and of the baselines that share its interface.
 
@@ -156,6 +179,11 @@ class GuardConfig(BaseModel):
         description="Streaming: 'agreement' emits the prefix all beams share (same text as "
         "generate); 'block' commits the best block each step (lower latency, weaker search).",
     )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Variables of the chat template for message prompts, e.g. "
+        "{'enable_thinking': False}; plain-text prompts do not use the template.",
+    )
     seed: int | None = Field(
         None,
         ge=0,
@@ -184,6 +212,23 @@ class GuardConfig(BaseModel):
     def _stop_strings_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must be non-empty; remove '' from stop")
+        return value
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs_as_dict(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_leave_rendering_alone(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(value) & _RENDERING_ARGUMENTS)
+        if taken:
+            raise ValueError(
+                f"chat_template_kwargs must not set {', '.join(taken)}: the guard renders "
+                "the prompt itself (with a generation prompt, tools passed by tools=); give "
+                "only the template's own variables, e.g. {'enable_thinking': False}"
+            )
         return value
 
     @model_validator(mode="after")

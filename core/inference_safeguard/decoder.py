@@ -242,7 +242,9 @@ class Decoder(ABC):
     ) -> list[EncodedPrompt]:
         """Validate and tokenize prompts (with `tools` offered), checking they fit the
         context window."""
-        return self.lm.encode_batch(prompts, config.max_new_tokens, as_tool_specs(tools))
+        return self.lm.encode_batch(
+            prompts, config.max_new_tokens, as_tool_specs(tools), config.chat_template_kwargs
+        )
 
     @staticmethod
     def _seeds(prompts: Sequence[EncodedPrompt], config: GuardConfig) -> list[int]:
@@ -294,8 +296,11 @@ class Decoder(ABC):
                 rewards[i] = value
         results = []
         for prompt, response, cost, reward in zip(prompts, responses, costs, rewards, strict=True):
+            # The cost and reward above are of the whole response, reasoning included.
+            reasoning, answer = self.lm.split_reasoning(response.text, prompt)
             result = GuardResult(
-                text=response.text,
+                text=answer,
+                reasoning=reasoning,
                 token_ids=response.token_ids,
                 safe=cost <= config.budget,
                 cost=cost,

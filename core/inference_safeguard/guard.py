@@ -210,6 +210,10 @@ class InferenceGuard(Decoder):
         Text is emitted only once it can no longer change and the cost model accepts
         it. When the search ends in a refusal after some text was emitted, the stream
         just ends, and its result has `refused=True` and `finish_reason="safety"`.
+
+        A thinking model's reasoning is not streamed: the cost model checks the whole
+        committed text, reasoning included, but the deltas are the answer's alone (none
+        while the model is still reasoning); the reasoning comes with the result.
         """
         started = time.perf_counter()
         run = self.search.run(
@@ -220,7 +224,7 @@ class InferenceGuard(Decoder):
             evaluator=self._evaluator(config),
             cancel=cancel,
         )
-        emitted, accepted_tokens = "", 0
+        accepted, emitted, accepted_tokens = "", "", 0
         while True:
             try:
                 [prefix] = next(run)
@@ -230,12 +234,15 @@ class InferenceGuard(Decoder):
             if prefix is None or len(prefix) <= accepted_tokens:
                 continue
             text = _settled_text(self.lm.decode([prefix])[0], config.stop)
-            if len(text) <= len(emitted) or not text.startswith(emitted):
+            if len(text) <= len(accepted) or not text.startswith(accepted):
                 continue
             if float(self.cost([encoded.text], [text])[0]) > config.budget:
                 continue
-            yield text[len(emitted) :]
-            emitted, accepted_tokens = text, len(prefix)
+            accepted, accepted_tokens = text, len(prefix)
+            answer = self.lm.settled_answer(text, encoded)
+            if len(answer) > len(emitted) and answer.startswith(emitted):
+                yield answer[len(emitted) :]
+                emitted = answer
         [result] = self._finalize(
             [encoded], [Response.of(searches[0])], config, time.perf_counter() - started
         )
@@ -286,6 +293,7 @@ class InferenceGuard(Decoder):
             else dataclasses.replace(
                 result,
                 text=config.refusal_text,
+                reasoning=None,
                 token_ids=list(refusal_ids),
                 refused=True,
                 finish_reason="safety",

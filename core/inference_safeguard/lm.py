@@ -20,6 +20,7 @@ from inference_safeguard.encoding import check_text, encode_chat, encode_text
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
 from inference_safeguard.hf_compat import cache_keyword, output_cache
 from inference_safeguard.loading import DeviceMap, load_pretrained
+from inference_safeguard.reasoning import ReasoningMarkers
 from inference_safeguard.sampling import model_sampling_defaults
 from inference_safeguard.tools import (
     ToolSpec,
@@ -44,10 +45,13 @@ class EncodedPrompt:
         ids: token ids fed to the model (the chat template applied for messages).
         text: the prompt as plain text for scorers: the text itself, or a message
             list flattened to a `role: content` transcript.
+        opens_reasoning: the prompt ends by opening a reasoning section (a chat
+            template that starts the model's thinking), so the response starts in it.
     """
 
     ids: list[int]
     text: str
+    opens_reasoning: bool = False
 
 
 @dataclass
@@ -139,6 +143,8 @@ class CausalLM:
         self.eos_token_ids: frozenset[int] = self._eos_ids()
         self.sampling_defaults = model_sampling_defaults(getattr(model, "generation_config", None))
         """Sampling settings the model's generation_config sets (see `GuardConfig`)."""
+        self.reasoning_markers = ReasoningMarkers.of(tokenizer)
+        """Markers of the model's reasoning text, or None (see `inference_safeguard.reasoning`)."""
         candidates = (
             tokenizer.pad_token_id,
             min(self.eos_token_ids, default=None),
@@ -227,7 +233,12 @@ class CausalLM:
         return frozenset(ids)
 
     # -------------------------------------------------------------------- prompts
-    def encode(self, prompt: PromptInput, tools: Sequence[ToolSpec] = ()) -> EncodedPrompt:
+    def encode(
+        self,
+        prompt: PromptInput,
+        tools: Sequence[ToolSpec] = (),
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> EncodedPrompt:
         """Validate and tokenize one prompt.
 
         Plain text is tokenized as is (a completion prompt, with the tokenizer's BOS); a
@@ -236,7 +247,8 @@ class CausalLM:
         template when it supports them, else written into the conversation as text (see
         `inference_safeguard.tools`). Either way, the text of special tokens in the
         prompt stays text unless `allow_special_tokens_in_content` (see
-        `inference_safeguard.encoding`).
+        `inference_safeguard.encoding`). `chat_template_kwargs` are variables of the chat
+        template (e.g. `{"enable_thinking": False}`); plain text ignores them.
 
         Raises:
             InvalidPromptError: empty prompt, non-text prompt (or one with an unpaired
@@ -254,7 +266,7 @@ class CausalLM:
             ids = encode_text(
                 self.tokenizer, prompt, allow_control_tokens=self.allow_special_tokens_in_content
             )
-            return EncodedPrompt(ids=ids, text=prompt)
+            return EncodedPrompt(ids=ids, text=prompt, opens_reasoning=self._opens_reasoning(ids))
         messages = validate_messages(prompt)
         chat_template = getattr(self.tokenizer, "chat_template", None)
         if not chat_template:
@@ -274,11 +286,40 @@ class CausalLM:
             rendered,
             tool_dicts,
             allow_control_tokens=self.allow_special_tokens_in_content,
+            template_kwargs=chat_template_kwargs,
         )
-        return EncodedPrompt(ids=ids, text=transcript(inline_tool_messages(messages, ())))
+        return EncodedPrompt(
+            ids=ids,
+            text=transcript(inline_tool_messages(messages, ())),
+            opens_reasoning=self._opens_reasoning(ids),
+        )
+
+    def _opens_reasoning(self, ids: Sequence[int]) -> bool:
+        """Whether the prompt `ids` end by opening the model's reasoning section."""
+        if self.reasoning_markers is None:
+            return False
+        tail = self.tokenizer.decode(list(ids[-16:]), skip_special_tokens=False)
+        return self.reasoning_markers.opened_by(tail)
+
+    def split_reasoning(self, text: str, prompt: EncodedPrompt) -> tuple[str | None, str]:
+        """`(reasoning, answer)` of a response to `prompt` (reasoning None without any);
+        see `inference_safeguard.reasoning`."""
+        if self.reasoning_markers is None:
+            return None, text
+        return self.reasoning_markers.split(text, opened=prompt.opens_reasoning)
+
+    def settled_answer(self, text: str, prompt: EncodedPrompt) -> str:
+        """The part of a response being written that is surely the start of its answer."""
+        if self.reasoning_markers is None:
+            return text
+        return self.reasoning_markers.settled_answer(text, opened=prompt.opens_reasoning)
 
     def encode_batch(
-        self, prompts: Sequence[PromptInput], max_new_tokens: int, tools: Sequence[ToolSpec] = ()
+        self,
+        prompts: Sequence[PromptInput],
+        max_new_tokens: int,
+        tools: Sequence[ToolSpec] = (),
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[EncodedPrompt]:
         """Validate and tokenize a list of prompts (see `encode`), checking that each fits
         the context window with `max_new_tokens` more tokens.
@@ -302,7 +343,7 @@ class CausalLM:
                     f"prompt {index} must be a string or a list of {{'role', 'content'}} "
                     f"messages, got {type(prompt).__name__}"
                 )
-            item = self.encode(prompt, tools)
+            item = self.encode(prompt, tools, chat_template_kwargs)
             if not item.ids:
                 raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
             if window is not None and len(item.ids) + max_new_tokens > window:
