@@ -256,3 +256,49 @@ def test_llamaindex_from_model_id_passes_loading_options(
     assert llm.guard.lm.model.config._attn_implementation == "eager"
     assert load_calls["tokenizer"][-1]["revision"] == "main"
     assert no_moves == []
+
+
+def test_the_cli_loads_a_gguf_path_with_a_device_map(
+    tmp_path: Path, tiny_model, tiny_tokenizer, monkeypatch, capsys
+):
+    path = tmp_path / "tiny.Q4_1.gguf"
+    path.write_bytes(b"GGUF")
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def fake(kind: str, loaded: Any) -> Any:
+        def load(cls: Any, name: Any, **kwargs: Any) -> Any:
+            calls.append((kind, str(name), kwargs))
+            return loaded
+
+        return classmethod(load)
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", fake("model", tiny_model)
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", fake("tokenizer", tiny_tokenizer)
+    )
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--device-map",
+            '{"": "cpu"}',
+            "--prompt",
+            "Tell me",
+            "--cost-keywords",
+            "zzz",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "0",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    [(_, tokenizer_dir, tokenizer_kwargs)] = [c for c in calls if c[0] == "tokenizer"]
+    [(_, model_dir, model_kwargs)] = [c for c in calls if c[0] == "model"]
+    assert tokenizer_dir == model_dir == str(tmp_path)
+    assert tokenizer_kwargs["gguf_file"] == model_kwargs["gguf_file"] == "tiny.Q4_1.gguf"
+    assert model_kwargs["device_map"] == {"": "cpu"}
+    assert model_kwargs["trust_remote_code"] is False

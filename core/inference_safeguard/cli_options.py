@@ -81,6 +81,11 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def device_map(text: str) -> str | dict[str, Any]:
+    """A device map: a JSON object, or the name of a transformers strategy ("auto")."""
+    return json_object(text) if text.lstrip().startswith("{") else text
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _int_at_least(text, 1, "a positive integer")
@@ -255,6 +260,14 @@ def add_loading_options(
         help="run code shipped with the checkpoints; only for authors you trust",
     )
     group.add_argument(
+        "--device-map",
+        type=device_map,
+        default=None,
+        metavar="MAP",
+        help='transformers device map of every model: "auto", "balanced", ... or a JSON '
+        "object of module -> device (e.g. '{\"\": 0}'); such models are never moved",
+    )
+    group.add_argument(
         "--model-kwargs",
         type=json_object,
         default=None,
@@ -274,16 +287,20 @@ def add_loading_options(
 
 
 def from_pretrained_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `device`, `dtype` and `trust_remote_code` of every model a command loads.
+    """The `device`, `dtype`, `trust_remote_code` and (when given) `device_map` of every
+    model a command loads.
 
     The device defaults to CUDA when available, else CPU; the dtype is None (each
     model's own default) for a command without `--dtype`.
     """
-    return {
+    options = {
         "device": args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         "dtype": getattr(args, "dtype", None),
         "trust_remote_code": args.trust_remote_code,
     }
+    if getattr(args, "device_map", None) is not None:
+        options["device_map"] = args.device_map
+    return options
 
 
 def base_model_options(args: argparse.Namespace) -> dict[str, Any]:
