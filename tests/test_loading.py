@@ -302,3 +302,28 @@ def test_the_cli_loads_a_gguf_path_with_a_device_map(
     assert tokenizer_kwargs["gguf_file"] == model_kwargs["gguf_file"] == "tiny.Q4_1.gguf"
     assert model_kwargs["device_map"] == {"": "cpu"}
     assert model_kwargs["trust_remote_code"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama and tokenizer as a GGUF file, alone in its directory."""
+    pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf package")
+    if not transformers.utils.is_gguf_available():
+        pytest.skip("transformers does not accept the installed gguf package")
+    from gguf_helpers import write_tiny_gguf
+
+    return write_tiny_gguf(
+        tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.F32.gguf"
+    )
+
+
+def test_a_gguf_file_loads_as_model_and_tokenizer(tiny_gguf, tiny_model, tiny_tokenizer):
+    guard = InferenceGuard.from_pretrained(str(tiny_gguf), cost=KeywordCost(["x"]), device="cpu")
+    assert guard.lm.tokenizer.chat_template == tiny_tokenizer.chat_template
+    ids = torch.tensor([tiny_tokenizer("Tell me about the dog.")["input_ids"]])
+    with torch.no_grad():
+        expected = tiny_model(ids).logits
+        loaded = guard.lm.model(ids).logits
+    torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=1e-4)
+    result = guard.generate([{"role": "user", "content": "Tell me"}], max_new_tokens=4, seed=0)
+    assert result.stats.completion_tokens > 0
