@@ -169,12 +169,17 @@ def add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInf
         choices=choices,
         action="append" if repeatable else "store",
         default=None,
-        metavar=None if choices else _METAVARS.get(value_type, "JSON"),
+        metavar=None if choices else _metavar(value_type),
         help=help_text + ("; repeatable" if repeatable else ""),
     )
 
 
 _METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT"}
+
+
+def _metavar(value_type: Callable[[str], Any]) -> str:
+    """The metavar of a flag parsed by `value_type` (JSON for a parser of JSON objects)."""
+    return _METAVARS[value_type] if isinstance(value_type, type) else "JSON"
 
 
 def _option_type(

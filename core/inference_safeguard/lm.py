@@ -299,7 +299,7 @@ class CausalLM:
         if self.reasoning_markers is None:
             return False
         tail = self.tokenizer.decode(list(ids[-16:]), skip_special_tokens=False)
-        return self.reasoning_markers.opened_by(tail)
+        return self.reasoning_markers.opened_by(str(tail))
 
     def split_reasoning(self, text: str, prompt: EncodedPrompt) -> tuple[str | None, str]:
         """`(reasoning, answer)` of a response to `prompt` (reasoning None without any);

@@ -12,12 +12,49 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from inference_safeguard.config import SAMPLING_DEFAULTS, GuardConfig
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampling fields of a `GuardConfig`, every one set.
+
+    Attributes:
+        temperature: 0 decodes greedily.
+        top_k: 0 keeps every token.
+        top_p: 1 keeps every token.
+        min_p: 0 keeps every token.
+        repetition_penalty: 1 changes nothing.
+    """
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+
+    @classmethod
+    def of(cls, config: GuardConfig) -> SamplingSettings:
+        """`config`'s settings; fields it leaves unset (None) take `SAMPLING_DEFAULTS`
+        (a decoder has already filled them from the model's generation_config)."""
+
+        def value(name: str) -> Any:
+            given = getattr(config, name)
+            return SAMPLING_DEFAULTS[name] if given is None else given
+
+        return cls(
+            temperature=float(value("temperature")),
+            top_k=int(value("top_k")),
+            top_p=float(value("top_p")),
+            min_p=float(value("min_p")),
+            repetition_penalty=float(value("repetition_penalty")),
+        )
 
 
 def model_sampling_defaults(generation_config: Any) -> dict[str, float | int]:

@@ -54,7 +54,12 @@ from inference_safeguard.safety import (
     unsafe_token_mask,
     update_safety_state,
 )
-from inference_safeguard.sampling import PromptSamplers, RepetitionPenalty, penalize_tokens
+from inference_safeguard.sampling import (
+    PromptSamplers,
+    RepetitionPenalty,
+    SamplingSettings,
+    penalize_tokens,
+)
 from inference_safeguard.scorers import Scorer
 
 Scoring = Literal["augmented", "reward", "lagrangian"]
@@ -531,16 +536,15 @@ class BlockSearch:
         row's prompt and its parent beam's response, or None when it is off. Built from
         `parents` at every decode of a block, so the histories follow the rows through
         fan-out, pruning and rewinds."""
-        if config.repetition_penalty in (None, 1.0):
+        penalty = SamplingSettings.of(config).repetition_penalty
+        if penalty == 1.0:
             return None
         group_of_row = layout.group_of_row.tolist()
         histories = [
             searches[layout.live[group_of_row[row]]].prompt.ids + parents.token_ids[row]
             for row in rows.tolist()
         ]
-        return RepetitionPenalty(
-            config.repetition_penalty, histories, self.lm.vocab_size, self.lm.device
-        )
+        return RepetitionPenalty(penalty, histories, self.lm.vocab_size, self.lm.device)
 
     @staticmethod
     def _chooser(
@@ -558,6 +562,8 @@ class BlockSearch:
         penalty), replay the other rows' tokens; raises `GenerationCancelledError` once
         `cancel` is set, before the token's forward."""
 
+        sampling = SamplingSettings.of(config)
+
         def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
             raise_if_cancelled(cancel)
             picked = logits if replay is None else logits[sampled_rows.to(logits.device)]
@@ -569,10 +575,10 @@ class BlockSearch:
                 picked,
                 group_sizes,
                 prompt_ids,
-                config.temperature,
-                config.top_k,
-                config.top_p,
-                config.min_p,
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                sampling.min_p,
             )
             if repetition is not None:
                 repetition.observe(sampled)
