@@ -169,3 +169,10 @@ def test_with_overrides_without_arguments_is_equal_to_the_original() -> None:
 def test_every_field_has_a_description() -> None:
     for name, field in GuardConfig.model_fields.items():
         assert field.description and field.description.strip(), name
+
+
+def test_configs_hash_by_value_chat_template_kwargs_included() -> None:
+    one = GuardConfig(chat_template_kwargs={"enable_thinking": False, "x": [1]})
+    same = GuardConfig(chat_template_kwargs={"x": [1], "enable_thinking": False})
+    assert one == same and hash(one) == hash(same)
+    assert len({one, same, GuardConfig()}) == 2

@@ -7,6 +7,7 @@ max_new_tokens=128, resample_rounds=2, budget=10`; pass them explicitly to repro
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -241,6 +242,10 @@ class GuardConfig(BaseModel):
                 f"try num_candidates={nearest}"
             )
         return self
+
+    def __hash__(self) -> int:
+        # Frozen pydantic models hash their field values; chat_template_kwargs is a dict.
+        return hash(json.dumps(self.model_dump(), sort_keys=True, default=repr))
 
     @property
     def children_per_beam(self) -> int:
