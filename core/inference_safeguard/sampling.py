@@ -147,15 +147,16 @@ class RepetitionPenalty:
             raise ValueError(f"repetition penalty must be > 0 (1 disables it), got {penalty}")
         self.penalty = float(penalty)
         self.seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
-        for row, ids in enumerate(histories):
-            known = [i for i in ids if 0 <= i < vocab_size]
-            if known:
-                self.seen[row, torch.tensor(known, dtype=torch.long, device=device)] = True
+        rows = [row for row, ids in enumerate(histories) for i in ids if 0 <= i < vocab_size]
+        ids = [i for history in histories for i in history if 0 <= i < vocab_size]
+        if ids:  # one scatter for every row's history
+            index = torch.tensor([rows, ids], dtype=torch.long).to(device)
+            self.seen[index[0], index[1]] = True
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """`(rows, vocab)` logits with the penalty applied to seen tokens; a new tensor."""
         penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
-        return torch.where(self.seen, penalized, logits)
+        return torch.where(self.seen.to(logits.device), penalized, logits)
 
     def observe(self, tokens: torch.Tensor) -> None:
         """Add `(rows,)` chosen tokens (ids < 0 ignored) to the rows' histories."""
