@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, cache_utils
+import transformers
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, cache_utils
 
 from inference_safeguard import GuardConfig, InferenceGuard, kv_cache
 from inference_safeguard.lm import BlockCheckpoint, CausalLM
@@ -55,6 +56,14 @@ LINEAR = {
         "moe_intermediate_size": 32,
         "shared_expert_intermediate_size": 32,
     },
+    "qwen3_5_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "head_dim": 8,
+    },
     "falcon_h1": {
         "mamba_d_ssm": 32,
         "mamba_n_heads": 4,
@@ -81,7 +90,16 @@ LINEAR = {
     },
     "lfm2": {"layer_types": ["conv", "full_attention"], "block_ff_dim": 64},
     "mamba2": {"num_heads": 4, "head_dim": 16, "state_size": 8, "n_groups": 1},
+    "nemotron_h": {
+        "hybrid_override_pattern": "M*",
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 16,
+        "n_groups": 1,
+        "ssm_state_size": 8,
+        "head_dim": 8,
+    },
     "mamba": {"state_size": 8},
+    "falcon_mamba": {"state_size": 8},
 }
 """Linear-attention (recurrent or convolution state) and hybrid families."""
 
@@ -90,6 +108,8 @@ LINEAR_ATTENTION_CACHE = hasattr(cache_utils, "LinearAttentionLayer")
 
 
 def build_model(model_type: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type} models")
     overrides = {**ATTENTION, **LINEAR}[model_type]
     config = AutoConfig.for_model(
         model_type,
