@@ -40,7 +40,6 @@ from transformers import PreTrainedModel, cache_utils
 from inference_safeguard.hf_compat import output_cache
 
 _FULL = cache_utils.DynamicLayer
-_SLIDING = cache_utils.DynamicSlidingWindowLayer
 _LINEAR = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
 """Base of linear-attention layers (absent before transformers added them to `Cache`)."""
 
@@ -206,8 +205,8 @@ class CacheCheckpoint:
 
 def _layer_checkpoint(layer: Any, tokens: int) -> tuple[Callable[[Any], None], ...]:
     layout = _LAYOUTS.get(type(layer))
-    if layout is None:
-        return (_Opaque.take(layer),)
+    if layout is None:  # all of it, tensors copied
+        return (_Attributes.take(layer, tuple(vars(layer))),)
     attention, linear = layout
     parts: list[Callable[[Any], None]] = []
     if attention == "full":
@@ -307,14 +306,6 @@ class _Attributes:
         # restored more than once.
         for name, value in self.saved.items():
             setattr(layer, name, _copy(value))
-
-
-class _Opaque(_Attributes):
-    """Every attribute of a layer whose layout this module does not know."""
-
-    @classmethod
-    def take(cls, layer: Any, names: tuple[str, ...] = ()) -> _Opaque:
-        return cls({name: _copy(value) for name, value in vars(layer).items()})
 
 
 def _copy(value: Any) -> Any:
