@@ -294,3 +294,74 @@ def test_a_guard_model_cost_gives_the_same_costs_with_a_shared_prompt_cache(
     torch.testing.assert_close(
         shared(prompts, responses), whole(prompts, responses), rtol=0, atol=1e-5
     )
+
+
+# ------------------------------------------------------------- synthetic layers
+def layer_tensors(cache: Any) -> list[torch.Tensor]:
+    """Every tensor the cache's layers hold, layer by layer."""
+    tensors = []
+    for layer in cache.layers:
+        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        for states in ("conv_states", "recurrent_states"):
+            tensors += list(getattr(layer, states, {}).values())
+    return [t for t in tensors if t is not None]
+
+
+def holds_keys(layer: Any) -> bool:
+    return hasattr(layer, "keys") and not isinstance(layer, cache_utils.DummyLayer)
+
+
+def feed(cache: Any, tokens: int, generator: torch.Generator) -> None:
+    """Feed `tokens` random tokens to every layer, one at a time, as a decode does."""
+    rows = cache.layers[0].keys.shape[0]
+    for _ in range(tokens):
+        for layer in cache.layers:
+            if hasattr(layer, "update_conv_state"):
+                layer.update_conv_state(torch.randn(rows, 6, 1, generator=generator))
+                layer.update_recurrent_state(torch.randn(rows, 2, 3, 3, generator=generator))
+            if holds_keys(layer):
+                kv = torch.randn(2, rows, 2, 1, 4, generator=generator)
+                layer.update(kv[0], kv[1])
+
+
+@pytest.mark.skipif(not LINEAR_ATTENTION_CACHE, reason="needs LinearAttentionLayer")
+def test_every_layer_class_is_restored_exactly_and_fans_out_whole():
+    generator = torch.Generator().manual_seed(0)
+    window = 5
+    cache = cache_utils.Cache(
+        layers=[
+            cache_utils.DynamicLayer(),
+            cache_utils.DynamicSlidingWindowLayer(sliding_window=window),
+            cache_utils.LinearAttentionLayer(),
+            cache_utils.LinearAttentionAndFullAttentionLayer(),
+            cache_utils.LinearAttentionAndSlidingWindowAttentionLayer(sliding_window=window),
+            cache_utils.DummyLayer(),
+        ]
+    )
+    rows, prompt = 3, 2 * window
+    for layer in cache.layers:  # prefill: the conv states get their kernel width
+        if hasattr(layer, "update_conv_state"):
+            layer.update_conv_state(torch.randn(rows, 6, 4, generator=generator))
+            layer.update_recurrent_state(torch.randn(rows, 2, 3, 3, generator=generator))
+        if holds_keys(layer):
+            kv = torch.randn(2, rows, 2, prompt, 4, generator=generator)
+            layer.update(kv[0], kv[1])
+    for block in (2, window - 1, window + 3):
+        before = [t.clone() for t in layer_tensors(cache)]
+        checkpoint = kv_cache.CacheCheckpoint.take(cache, block)
+        for _ in range(2):
+            feed(cache, block, generator)
+            changed = zip(layer_tensors(cache), before, strict=True)
+            assert all(not torch.equal(a, b) for a, b in changed)
+            checkpoint.restore(cache)
+            for restored, expected in zip(layer_tensors(cache), before, strict=True):
+                assert torch.equal(restored, expected)
+        feed(cache, 1, generator)  # move on, so each block starts from another state
+
+    before = [t.clone() for t in layer_tensors(cache)]
+    kv_cache.repeat_rows(cache, 2, rows)
+    for grown, expected in zip(layer_tensors(cache), before, strict=True):
+        assert torch.equal(grown, expected.repeat_interleave(2, dim=0))
+    kv_cache.select_rows(cache, torch.tensor([5, 0, 0]))
+    for kept, expected in zip(layer_tensors(cache), before, strict=True):
+        assert torch.equal(kept, expected[[2, 0, 0]])

@@ -96,6 +96,7 @@ def check_cache_support(model: PreTrainedModel, cache_keyword: str, device: torc
     with torch.inference_mode():
         out = model(
             input_ids=torch.zeros((1, 1), dtype=torch.long, device=device),
+            attention_mask=torch.ones((1, 1), dtype=torch.long, device=device),
             use_cache=True,
             **{cache_keyword: None},
         )
