@@ -60,7 +60,9 @@ class DecodeState:
     """Decoding state of a batch of rows, owned and advanced by `CausalLM`.
 
     Attributes:
-        cache: the transformers KV cache, `(rows, ..., seq, ...)` per layer.
+        cache: the transformers cache: per layer `(rows, heads, seq, head_dim)` keys
+            and values (at most a window of them on sliding-window layers), or a
+            fixed-size `(rows, ...)` state on linear-attention layers.
         attention_mask: `(rows, seq)` long, 0 on left padding and on tokens fed after
             a row finished.
         next_position: `(rows,)` long position id of each row's next token.
@@ -392,6 +394,8 @@ class CausalLM:
     def _feed(self, state: DecodeState, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """Feed one token per row (`real` False feeds masked padding); updates `state`."""
         state.attention_mask = torch.cat([state.attention_mask, real.long()[:, None]], dim=-1)
+        # An attention-free model (Mamba) multiplies what it is fed by the mask, so it
+        # takes the fed token's mask; the others take the whole sequence's.
         out = self.model(
             input_ids=tokens[:, None],
             attention_mask=state.attention_mask if self._attends else real.long()[:, None],
