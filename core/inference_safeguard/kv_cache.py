@@ -125,9 +125,9 @@ def _unsupported(model: PreTrainedModel, found: str) -> NotImplementedError:
     return NotImplementedError(
         f"{type(model).__name__} (model type {model_type!r}) returns {found} under "
         f"transformers {transformers.__version__}, which the guard cannot fan out, prune "
-        "or rewind; upgrade transformers to a release whose DynamicCache holds this "
-        "model's layers (linear-attention and hybrid models need one with "
-        "LinearAttentionLayer, e.g. 5.24), or use a model with a standard attention cache"
+        "or rewind: it needs a transformers Cache made of layers (linear-attention and "
+        "hybrid models have one in releases with LinearAttentionLayer, such as 5.24); "
+        "upgrade transformers if this release is older, else use another model"
     )
 
 
