@@ -2,8 +2,8 @@
 
 The search talks to the model only through `CausalLM`: it prefills left-padded
 prompts once, decodes blocks of tokens for all rows in one batched forward per token,
-and fans rows out or prunes them through the transformers Cache API
-(`batch_repeat_interleave`, `batch_select_indices`, `crop`), never by re-prefilling.
+and fans rows out, prunes them and rewinds blocks through the transformers Cache API
+(see `inference_safeguard.kv_cache` for each cache layout), never by re-prefilling.
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ from inference_safeguard.errors import (
     PromptTooLongError,
 )
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.kv_cache import (
+    CacheCheckpoint,
+    check_cache_support,
+    no_cache_error,
+    repeat_rows,
+)
+from inference_safeguard.kv_cache import select_rows as select_cache_rows
 from inference_safeguard.loading import (
     DeviceMap,
     load_pretrained,
@@ -69,7 +76,9 @@ class DecodeState:
     """Decoding state of a batch of rows, owned and advanced by `CausalLM`.
 
     Attributes:
-        cache: the transformers KV cache, `(rows, ..., seq, ...)` per layer.
+        cache: the transformers cache: per layer `(rows, heads, seq, head_dim)` keys
+            and values (at most a window of them on sliding-window layers), or a
+            fixed-size `(rows, ...)` state on linear-attention layers.
         attention_mask: `(rows, seq)` long, 0 on left padding and on tokens fed after
             a row finished.
         next_position: `(rows,)` long position id of each row's next token.
@@ -149,12 +158,10 @@ class CausalLM:
             )
         keyword = cache_keyword(model)
         if keyword is None:
-            raise TypeError(
-                f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor "
-                "`past_key_values`); the guard needs a causal LM that decodes incrementally"
-            )
+            raise no_cache_error(model)
         self._cache_keyword = keyword
         self.model = model.eval()
+        self._attends = check_cache_support(self.model, keyword, self.device)
         self.tokenizer = tokenizer
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
         self.eos_token_ids: frozenset[int] = self._eos_ids()
@@ -464,9 +471,11 @@ class CausalLM:
     def _feed(self, state: DecodeState, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """Feed one token per row (`real` False feeds masked padding); updates `state`."""
         state.attention_mask = torch.cat([state.attention_mask, real.long()[:, None]], dim=-1)
+        # An attention-free model (Mamba) multiplies what it is fed by the mask, so it
+        # takes the fed token's mask; the others take the whole sequence's.
         out = self.model(
             input_ids=tokens[:, None],
-            attention_mask=state.attention_mask,
+            attention_mask=state.attention_mask if self._attends else real.long()[:, None],
             position_ids=state.next_position[:, None],
             use_cache=True,
             output_hidden_states=True,
@@ -479,7 +488,7 @@ class CausalLM:
 
     def fan_out(self, state: DecodeState, repeats: int) -> None:
         """Repeat every row `repeats` times (row i becomes rows i*r .. i*r + r-1), in place."""
-        state.cache.batch_repeat_interleave(repeats)
+        repeat_rows(state.cache, repeats, state.rows)
         state.attention_mask = state.attention_mask.repeat_interleave(repeats, dim=0)
         state.next_position = state.next_position.repeat_interleave(repeats, dim=0)
         state.logits = state.logits.repeat_interleave(repeats, dim=0)
@@ -488,7 +497,7 @@ class CausalLM:
     def select_rows(self, state: DecodeState, indices: torch.Tensor) -> None:
         """Keep rows `indices` (`(new_rows,)` long, repeats allowed: prune and fan out at once)."""
         indices = indices.to(state.logits.device)
-        state.cache.batch_select_indices(indices)
+        select_cache_rows(state.cache, indices)
         state.attention_mask = state.attention_mask[indices]
         state.next_position = state.next_position[indices]
         state.logits = state.logits[indices]
@@ -497,9 +506,10 @@ class CausalLM:
 
 @dataclass(frozen=True)
 class BlockCheckpoint:
-    """What `rewind` needs to undo one decoded block (the cache itself is cropped)."""
+    """What `rewind` needs to undo one decoded block, on every cache layout (full,
+    sliding-window and linear attention; see `inference_safeguard.kv_cache`)."""
 
-    tokens: int
+    cache: CacheCheckpoint
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     logits: torch.Tensor
@@ -507,12 +517,18 @@ class BlockCheckpoint:
 
     @classmethod
     def of(cls, state: DecodeState, tokens: int) -> BlockCheckpoint:
-        """Checkpoint `state` before decoding a block of `tokens` tokens."""
-        return cls(tokens, state.attention_mask, state.next_position, state.logits, state.hidden)
+        """Checkpoint `state` before decoding a block of at most `tokens` tokens."""
+        return cls(
+            CacheCheckpoint.take(state.cache, tokens),
+            state.attention_mask,
+            state.next_position,
+            state.logits,
+            state.hidden,
+        )
 
     def rewind(self, state: DecodeState) -> None:
-        """Restore `state` to this checkpoint by cropping the block off the cache."""
-        state.cache.crop(-self.tokens)
+        """Restore `state` (the same rows) to this checkpoint; may be called repeatedly."""
+        self.cache.restore(state.cache)
         state.attention_mask = self.attention_mask
         state.next_position = self.next_position
         state.logits = self.logits

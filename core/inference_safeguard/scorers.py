@@ -40,6 +40,7 @@ from inference_safeguard.errors import (
     ScorerOutputError,
 )
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.kv_cache import is_full_attention_cache, repeat_rows
 from inference_safeguard.loading import (
     CheckpointKind,
     DeviceMap,
@@ -412,14 +413,16 @@ class _ModelScorer(Scorer):
         return keyword if enabled and decoder_only else None
 
     def _prompt_cache(self, prefix: tuple[int, ...], rows: int) -> Any:
-        """The KV cache of `prefix` run once, repeated for `rows` rows (None when the
-        model returns no cache that can be repeated)."""
+        """The KV cache of `prefix` run once, repeated for `rows` rows (None unless every
+        layer of the model's cache is full attention: padding between the prefix and a
+        sequence would take a sliding window's places, or run on through a recurrent
+        state, so those models score whole sequences)."""
         prefix_ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=prefix_ids, use_cache=True)
         cache = output_cache(out)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        if not is_full_attention_cache(cache):
             return None
-        cache.batch_repeat_interleave(rows)
+        repeat_rows(cache, rows, 1)
         return cache
 
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:

@@ -478,7 +478,10 @@ class BlockSearch:
         cancel: threading.Event | None,
     ) -> _Step:
         """Decode and score one block for every row, resampling all-unsafe prompts."""
-        checkpoint = BlockCheckpoint.of(state, layout.block_len)
+        rounds = config.resample_rounds if self.resample else 0
+        # Only a search that may resample pays for a checkpoint (on sliding-window and
+        # linear-attention layers it copies part of the cache).
+        checkpoint = BlockCheckpoint.of(state, layout.block_len) if rounds else None
         all_rows = torch.arange(state.rows)
         block = self.lm.decode_block(
             state,
@@ -500,7 +503,7 @@ class BlockSearch:
             searches[layout.live[group]].blocks += 1
             searches[layout.live[group]].candidates_scored += size
         penalty_mask = None
-        for _ in range(config.resample_rounds if self.resample else 0):
+        for _ in range(rounds):
             failing = [
                 g
                 for g, z in enumerate(step.rows.z.split(layout.group_sizes))
@@ -516,7 +519,8 @@ class BlockSearch:
             )
             penalty_mask = round_mask if penalty_mask is None else penalty_mask | round_mask
             resampled = torch.cat([layout.group_rows(g) for g in failing])
-            checkpoint.rewind(state)
+            if checkpoint is not None:
+                checkpoint.rewind(state)
             block = self.lm.decode_block(
                 state,
                 layout.block_len,
