@@ -55,7 +55,16 @@ MODEL_CONFIG = ConfigDict(
 lets the LangChain base class (extra="ignore") override a mixin's config."""
 
 _BUILD_LOCK = threading.Lock()
-_LOADING_FIELDS = ("cost", "reward", "critic", "device", "dtype", "device_map")
+_LOADING_FIELDS = (
+    "cost",
+    "reward",
+    "critic",
+    "device",
+    "dtype",
+    "device_map",
+    "model_kwargs",
+    "tokenizer_kwargs",
+)
 # Keywords LangChain itself passes down to `_generate`/`_stream`, not meant for the model.
 _LANGCHAIN_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
 # What LangChain's message conversion raises on input it cannot read.
@@ -86,8 +95,12 @@ class SafeguardParams(BaseModel):
     """Device to load `model` on (default: CUDA when available, else CPU)."""
     dtype: str | torch.dtype | None = None
     """Torch dtype (or its name) to load `model` in (default: bfloat16 on CUDA, else float32)."""
-    device_map: str | None = None
-    """Transformers device map (e.g. "auto") to shard `model` across devices."""
+    device_map: str | dict[str, Any] | None = None
+    """Transformers device map ("auto", or module name -> device) to shard `model`."""
+    model_kwargs: dict[str, Any] | None = None
+    """More options of the model's `from_pretrained` (quantization_config, revision, ...)."""
+    tokenizer_kwargs: dict[str, Any] | None = None
+    """More options of the tokenizer's `from_pretrained` (gguf_file and revision come too)."""
     trust_remote_code: bool = False
     """Run code shipped with the `model` checkpoint; leave off unless you trust its author."""
     allow_special_tokens_in_content: bool = False
@@ -122,11 +135,15 @@ class SafeguardParams(BaseModel):
     safety_discount: float | None = None
     """gamma_c of the safety state update, in (0, 1]."""
     temperature: float | None = None
-    """Sampling temperature; 0 decodes greedily."""
+    """Sampling temperature; 0 decodes greedily (None: the model's generation_config's)."""
     top_p: float | None = None
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int | None = None
     """Sample from the k likeliest tokens; 0 disables it."""
+    min_p: float | None = None
+    """Drop tokens less likely than min_p times the likeliest one; 0 disables it."""
+    repetition_penalty: float | None = None
+    """Penalty of tokens already in the prompt or response (as transformers'); 1: off."""
     scorer: Literal["auto", "models", "critic"] | None = None
     """How candidates are scored: the cost and reward models, or the latent critic."""
     cost_probe: bool | None = None
@@ -141,6 +158,8 @@ class SafeguardParams(BaseModel):
     """Stop strings: a response ends before the first one it contains (one string: one stop)."""
     stream_commit: Literal["agreement", "block"] | None = None
     """What a stream commits each step: the beams' agreed prefix, or the best block."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Variables of the chat template, e.g. {"enable_thinking": False}."""
     seed: int | None = None
     """Seed of each prompt's sampler; None draws a fresh one per call."""
 
@@ -202,8 +221,10 @@ class SafeguardParams(BaseModel):
         critic: Any = None,
         device: str | None = None,
         dtype: str | None = None,
-        device_map: str | None = None,
+        device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Self:
         """Load `model_id` (hub name or local path) now and wrap it.
@@ -213,7 +234,8 @@ class SafeguardParams(BaseModel):
             cost: cost model C(x, y).
             reward: reward model R(x, y), or None.
             critic: latent critic (or its directory) for critic mode, or None.
-            device, dtype, device_map, trust_remote_code: how to load the model.
+            device, dtype, device_map, trust_remote_code, model_kwargs, tokenizer_kwargs:
+                how to load the model (see `InferenceGuard.from_pretrained`).
             **kwargs: other fields: `GuardConfig` fields, `max_tokens`, `stop`, ...
         """
         model = cls(
@@ -225,6 +247,8 @@ class SafeguardParams(BaseModel):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
             **kwargs,
         )
         model.load_guard()
@@ -251,6 +275,8 @@ class SafeguardParams(BaseModel):
                 dtype=self.dtype,
                 device_map=self.device_map,
                 trust_remote_code=self.trust_remote_code,
+                model_kwargs=self.model_kwargs,
+                tokenizer_kwargs=self.tokenizer_kwargs,
             )
         )
         return InferenceGuard(
@@ -305,9 +331,12 @@ class SafeguardParams(BaseModel):
         return overrides
 
     def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
-        """The validated config a call with `overrides` runs under."""
-        base = self.guard.config if self.guard is not None else GuardConfig()
-        return base.with_overrides(**overrides)
+        """The validated config a call with `overrides` runs under (before a model given
+        by name is loaded: `GuardConfig()`'s, its sampling fields still unresolved)."""
+        guard = self.guard if self.guard is not None else self._loaded_guard
+        if guard is None:
+            return GuardConfig().with_overrides(**overrides)
+        return guard.call_config(overrides)
 
     def _check_model_keyword(self, requested: str | None) -> None:
         """A per-call `model=` may only name this model."""
@@ -415,6 +444,13 @@ def usage_of(result: GuardResult) -> UsageMetadata:
     return UsageMetadata(
         input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def reasoning_kwargs_of(result: GuardResult) -> dict[str, Any]:
+    """`additional_kwargs` of a message for a result's reasoning: `reasoning_content`
+    (the key langchain-core reads into a "reasoning" content block of
+    `message.content_blocks`), or nothing when the response has no reasoning."""
+    return {} if result.reasoning is None else {"reasoning_content": result.reasoning}
 
 
 def response_metadata_of(result: GuardResult, model_name: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from langchain_safeguard._messages import (
 from langchain_safeguard._params import (
     MODEL_CONFIG,
     SafeguardParams,
+    reasoning_kwargs_of,
     response_metadata_of,
     usage_of,
 )
@@ -521,6 +522,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         parsed = self._parsed(result, call)
         return AIMessage(
             content=parsed.content,
+            additional_kwargs=reasoning_kwargs_of(result),
             tool_calls=tool_calls_of(parsed),
             invalid_tool_calls=invalid_tool_calls_of(parsed),
             usage_metadata=usage_of(result),
@@ -543,6 +545,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
+                additional_kwargs=reasoning_kwargs_of(result),
                 chunk_position="last",
                 tool_call_chunks=tool_call_chunks_of(parsed),
                 usage_metadata=usage_of(result),

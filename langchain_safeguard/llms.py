@@ -165,7 +165,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         return sum(chunks[1:], chunks[0])
 
     def _info(self, result: GuardResult) -> dict[str, Any]:
-        return {**response_metadata_of(result, self.model_name), "usage": usage_of(result)}
+        info = {**response_metadata_of(result, self.model_name), "usage": usage_of(result)}
+        if result.reasoning is not None:
+            info["reasoning"] = result.reasoning
+        return info
 
     def _llm_result(self, results: list[GuardResult]) -> LLMResult:
         generations = [[Generation(text=r.text, generation_info=self._info(r))] for r in results]

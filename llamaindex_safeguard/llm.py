@@ -147,6 +147,10 @@ class SafeguardLLM(FunctionCallingLLM):
     temperature: float | None = Field(default=None, description=_describe("temperature"))
     top_p: float | None = Field(default=None, description=_describe("top_p"))
     top_k: int | None = Field(default=None, description=_describe("top_k"))
+    min_p: float | None = Field(default=None, description=_describe("min_p"))
+    repetition_penalty: float | None = Field(
+        default=None, description=_describe("repetition_penalty")
+    )
     scorer: Literal["auto", "models", "critic"] | None = Field(
         default=None, description=_describe("scorer")
     )
@@ -161,6 +165,9 @@ class SafeguardLLM(FunctionCallingLLM):
     stop: list[str] | None = Field(default=None, description=_describe("stop"))
     stream_commit: Literal["agreement", "block"] | None = Field(
         default=None, description=_describe("stream_commit")
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description=_describe("chat_template_kwargs")
     )
     seed: int | None = Field(default=None, description=_describe("seed"))
 
@@ -191,7 +198,7 @@ class SafeguardLLM(FunctionCallingLLM):
         super().__init__(**kwargs)
         self._guard = guard
         # Invalid settings fail here rather than in the middle of a query.
-        self._guard.config.with_overrides(**self._field_overrides())
+        self._guard.call_config(self._field_overrides())
         if self.record_safety_in_responses:
             install_safety_record_handler()
 
@@ -209,6 +216,8 @@ class SafeguardLLM(FunctionCallingLLM):
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         allow_special_tokens_in_content: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> SafeguardLLM:
         """Load a Hugging Face causal LM by hub name or local path and guard it.
@@ -219,8 +228,10 @@ class SafeguardLLM(FunctionCallingLLM):
             reward: reward model R(x, y), or None to rank by likelihood.
             critic: latent critic (or its directory) for critic mode, or None.
             config: default `GuardConfig` of every call.
-            device, dtype, device_map, trust_remote_code, allow_special_tokens_in_content:
-                see `InferenceGuard.from_pretrained`.
+            device, dtype, device_map, trust_remote_code, allow_special_tokens_in_content,
+            model_kwargs, tokenizer_kwargs: see `InferenceGuard.from_pretrained`
+                (`device_map` a string or a dict; `model_kwargs` e.g. quantization_config,
+                attn_implementation, revision, gguf_file).
             **kwargs: `SafeguardLLM` fields (`callback_manager`, `system_prompt`, ...).
         """
         if cost is None:
@@ -235,6 +246,8 @@ class SafeguardLLM(FunctionCallingLLM):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
             allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
         return cls(guard=guard, **kwargs)
@@ -252,7 +265,7 @@ class SafeguardLLM(FunctionCallingLLM):
     def config(self) -> GuardConfig:
         """The config of a call without keyword overrides: the guard's, with the fields
         set on this LLM applied."""
-        return self._guard.config.with_overrides(**self._field_overrides())
+        return self._guard.call_config(self._field_overrides())
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -587,7 +600,7 @@ class _ChatStream:
         parsed = _parsed_result(result, self.text, self.tools)
         rest = self.holdback.finish(parsed.content) if self.holdback is not None else ""
         return ChatResponse(
-            message=assistant_message(parsed),
+            message=assistant_message(parsed, result.reasoning),
             delta=rest,
             raw=_raw(result, parsed),
             additional_kwargs=_extra(result),
@@ -605,7 +618,7 @@ def _parsed_result(result: GuardResult, text: str, tools: list[ToolSpec]) -> Par
 def _chat_response(result: GuardResult, tools: list[ToolSpec]) -> ChatResponse:
     parsed = _parsed_result(result, result.text, tools)
     return ChatResponse(
-        message=assistant_message(parsed),
+        message=assistant_message(parsed, result.reasoning),
         raw=_raw(result, parsed),
         additional_kwargs=_extra(result),
     )
@@ -624,6 +637,8 @@ def _raw(result: GuardResult, parsed: ParsedResponse | None = None) -> dict[str,
         },
         "stats": dataclasses.asdict(result.stats),
     }
+    if result.reasoning is not None:
+        raw["reasoning"] = result.reasoning
     if parsed is not None and parsed.invalid_tool_calls:
         raw["invalid_tool_calls"] = [dataclasses.asdict(c) for c in parsed.invalid_tool_calls]
     return raw

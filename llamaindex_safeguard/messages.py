@@ -197,10 +197,13 @@ def to_tool_specs(tools: Sequence[ToolLike] | None) -> list[ToolSpec]:
     return as_tool_specs(converted)
 
 
-def assistant_message(parsed: ParsedResponse) -> ChatMessage:
-    """The assistant `ChatMessage` of a parsed response: its text (if any, or if there
-    are no calls) in a `TextBlock`, then one `ToolCallBlock` per call."""
+def assistant_message(parsed: ParsedResponse, reasoning: str | None = None) -> ChatMessage:
+    """The assistant `ChatMessage` of a parsed response: its reasoning (if any) in a
+    `ThinkingBlock`, its text (if any, or if there are no calls) in a `TextBlock`, then
+    one `ToolCallBlock` per call. `message.content` is the text alone."""
     blocks: list[Any] = []
+    if reasoning is not None:
+        blocks.append(ThinkingBlock(content=reasoning))
     if parsed.content or not parsed.tool_calls:
         blocks.append(TextBlock(text=parsed.content))
     blocks.extend(

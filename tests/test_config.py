@@ -182,7 +182,7 @@ def test_with_overrides_returns_a_validated_changed_copy() -> None:
     assert changed.temperature == 0.0
     assert changed.stop == ("A", "B")
     assert changed.budget == 1.0
-    assert config.temperature == 1.0
+    assert config.temperature is None  # unset: the model's default, else 1
     assert config.stop == ("END",)
 
 
@@ -208,3 +208,10 @@ def test_with_overrides_without_arguments_is_equal_to_the_original() -> None:
 def test_every_field_has_a_description() -> None:
     for name, field in GuardConfig.model_fields.items():
         assert field.description and field.description.strip(), name
+
+
+def test_configs_hash_by_value_chat_template_kwargs_included() -> None:
+    one = GuardConfig(chat_template_kwargs={"enable_thinking": False, "x": [1]})
+    same = GuardConfig(chat_template_kwargs={"x": [1], "enable_thinking": False})
+    assert one == same and hash(one) == hash(same)
+    assert len({one, same, GuardConfig()}) == 2

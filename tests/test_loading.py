@@ -1,209 +1,331 @@
-"""Loading checkpoints: the wrong kind of checkpoint, a device or dtype this machine
-cannot provide, and paths that hold nothing loadable each raise a typed error that says
-what was expected (no network: everything is built locally)."""
+"""Loading options through every public loader: model_kwargs, tokenizer_kwargs, device
+maps as strings or dicts, `.gguf` paths, and no `.to()` on models transformers placed."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import torch
+import transformers
+from transformers.utils import is_accelerate_available
 
-from inference_safeguard import (
-    CheckpointKindError,
-    InferenceGuard,
-    LoadOptionError,
-    ModelLoadError,
-    SafeguardError,
-    loading,
-)
-from inference_safeguard.critic import LatentCritic
-from inference_safeguard.lm import CausalLM
-from inference_safeguard.loading import check_kind, resolve_device, resolve_dtype
+from inference_safeguard import InferenceGuard
+from inference_safeguard.cli import main
+from inference_safeguard.loading import is_placed, split_gguf_path, tokenizer_options
 from inference_safeguard.scorers import ClassifierScorer, GuardModelCost, KeywordCost
-from inference_safeguard.testing import build_random_critic, build_tiny_classifier
 
-NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+@pytest.fixture()
+def load_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
+    """The keyword arguments of every model and tokenizer `from_pretrained` call."""
+    calls: dict[str, list[dict[str, Any]]] = {"model": [], "tokenizer": []}
+
+    def spy(kind: str, original: Any) -> Any:
+        def load(cls: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+            calls[kind].append({"name": str(name), **kwargs})
+            # A local directory has no revisions; the hub would resolve this one.
+            kwargs.pop("revision", None)
+            return original.__func__(cls, name, *args, **kwargs)
+
+        return classmethod(load)
+
+    for auto in (
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModelForSequenceClassification,
+    ):
+        monkeypatch.setattr(auto, "from_pretrained", spy("model", auto.from_pretrained))
+    tokenizer_load = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", spy("tokenizer", tokenizer_load)
+    )
+    return calls
+
+
+@pytest.fixture()
+def no_moves(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Records every `PreTrainedModel.to` call."""
+    moves: list[Any] = []
+    original = transformers.PreTrainedModel.to
+
+    def to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        moves.append(args or kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "to", to)
+    return moves
+
+
+@pytest.fixture()
+def accelerate() -> None:
+    """transformers needs accelerate (at a version it accepts) for any device_map."""
+    if not is_accelerate_available():
+        pytest.skip("device_map needs accelerate at the version transformers asks for")
+
+
+def test_model_kwargs_reach_the_model_and_checkpoint_options_the_tokenizer(
+    tiny_model_dir, load_calls
+):
+    guard = InferenceGuard.from_pretrained(
+        str(tiny_model_dir),
+        cost=KeywordCost(["x"]),
+        device="cpu",
+        model_kwargs={"attn_implementation": "eager", "revision": "v1"},
+        tokenizer_kwargs={"use_fast": True},
+    )
+    assert guard.lm.model.config._attn_implementation == "eager"
+    [model_call] = load_calls["model"]
+    [tokenizer_call] = load_calls["tokenizer"]
+    assert model_call["revision"] == "v1" and model_call["attn_implementation"] == "eager"
+    assert model_call["trust_remote_code"] is False
+    assert tokenizer_call["revision"] == "v1" and tokenizer_call["use_fast"] is True
+    assert "attn_implementation" not in tokenizer_call
+    assert tokenizer_call["trust_remote_code"] is False
+
+
+def test_gguf_file_in_model_kwargs_reaches_the_tokenizer_too():
+    assert tokenizer_options({"gguf_file": "m.gguf", "quantization_config": object()}, None) == {
+        "gguf_file": "m.gguf"
+    }
+    assert tokenizer_options({"gguf_file": "m.gguf"}, {"gguf_file": "t.gguf"}) == {
+        "gguf_file": "t.gguf"
+    }
+
+
+def test_a_gguf_path_splits_into_directory_and_gguf_file(tmp_path: Path):
+    path = tmp_path / "model.Q4_1.gguf"
+    path.write_bytes(b"GGUF")
+    assert split_gguf_path(str(path), None) == (str(tmp_path), {"gguf_file": "model.Q4_1.gguf"})
+    assert split_gguf_path("org/model", {"revision": "main"}) == (
+        "org/model",
+        {"revision": "main"},
+    )
+    with pytest.raises(ValueError, match="gguf_file"):
+        split_gguf_path(str(path), {"gguf_file": "other.gguf"})
+
+
+def test_trust_remote_code_has_one_switch(tiny_model_dir):
+    with pytest.raises(TypeError, match="trust_remote_code"):
+        InferenceGuard.from_pretrained(
+            str(tiny_model_dir),
+            cost=KeywordCost(["x"]),
+            model_kwargs={"trust_remote_code": True},
+        )
+
+
+def test_a_device_mapped_model_is_not_moved(tiny_model_dir, no_moves, accelerate):
+    guard = InferenceGuard.from_pretrained(
+        str(tiny_model_dir), cost=KeywordCost(["x"]), device_map={"": "cpu"}
+    )
+    # (A single-device map sets no `hf_device_map`; a multi-device one needs GPUs.)
+    assert guard.lm.device == torch.device("cpu")
+    assert no_moves == []
+    assert guard.generate("Tell me", max_new_tokens=4, seed=0).stats.completion_tokens > 0
+
+
+def test_a_model_without_device_map_is_moved_to_the_device(tiny_model_dir, no_moves):
+    guard = InferenceGuard.from_pretrained(str(tiny_model_dir), cost=KeywordCost(["x"]))
+    assert not is_placed(guard.lm.model)
+    assert no_moves
+
+
+def test_quantized_and_device_mapped_models_count_as_placed(tiny_model):
+    class Quantized(torch.nn.Module):
+        is_quantized = True
+
+    class Sharded(torch.nn.Module):
+        hf_device_map: ClassVar = {"model.layers.0": 0, "model.layers.1": 1}
+
+    class FourBit(torch.nn.Module):
+        is_loaded_in_4bit = True
+
+    assert is_placed(Quantized()) and is_placed(Sharded()) and is_placed(FourBit())
+    assert not is_placed(tiny_model)
+
+
+def test_scorer_loaders_take_device_map_and_model_kwargs(
+    tiny_reward_model_dir, tiny_model_dir, load_calls, no_moves, accelerate
+):
+    scorer = ClassifierScorer.from_pretrained(
+        str(tiny_reward_model_dir),
+        device="cpu",
+        device_map="cpu",
+        model_kwargs={"attn_implementation": "eager"},
+    )
+    assert scorer.model.config._attn_implementation == "eager"
+    guard_cost = GuardModelCost.from_pretrained(
+        str(tiny_model_dir),
+        device_map={"": "cpu"},
+        model_kwargs={"revision": "r2"},
+        template="{prompt} {response} verdict:",
+        safe_token="the",
+        unsafe_token="dog",
+    )
+    assert guard_cost.model.config.name_or_path == str(tiny_model_dir)
+    assert [call["revision"] for call in load_calls["tokenizer"][-1:]] == ["r2"]
+    assert no_moves == []
+
+
+def test_the_cli_takes_model_kwargs_as_json(tiny_model_dir, load_calls, capsys):
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--model-kwargs",
+            '{"attn_implementation": "eager", "revision": "main"}',
+            "--prompt",
+            "Tell me",
+            "--cost-keywords",
+            "zzz",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    [model_call] = load_calls["model"]
+    assert model_call["attn_implementation"] == "eager" and model_call["revision"] == "main"
+    assert load_calls["tokenizer"][0]["revision"] == "main"
+
+
+def test_the_cli_rejects_model_kwargs_that_are_not_a_json_object(tiny_model_dir, capsys):
+    code = main(["generate", "--model", str(tiny_model_dir), "--model-kwargs", "[1]"])
+    assert code != 0
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_langchain_models_pass_loading_options(tiny_model_dir, load_calls, no_moves, accelerate):
+    from langchain_safeguard import ChatSafeguard, SafeguardLLM
+    from langchain_safeguard._loading import clear_model_cache
+
+    clear_model_cache()
+    chat = ChatSafeguard.from_model_id(
+        str(tiny_model_dir),
+        cost=KeywordCost(["x"]),
+        device_map={"": "cpu"},
+        model_kwargs={"attn_implementation": "eager"},
+        tokenizer_kwargs={"use_fast": True},
+    )
+    guard = chat.load_guard()
+    assert guard.lm.model.config._attn_implementation == "eager"
+    assert load_calls["tokenizer"][-1]["use_fast"] is True
+    assert no_moves == []
+    # Equal options share one loaded model; other options load another.
+    same = SafeguardLLM(
+        model=str(tiny_model_dir),
+        cost=KeywordCost(["x"]),
+        device_map={"": "cpu"},
+        model_kwargs={"attn_implementation": "eager"},
+        tokenizer_kwargs={"use_fast": True},
+    )
+    assert same.load_guard().lm.model is guard.lm.model
+    other = SafeguardLLM(
+        model=str(tiny_model_dir),
+        cost=KeywordCost(["x"]),
+        device_map={"": "cpu"},
+        model_kwargs={"attn_implementation": "sdpa"},
+    )
+    assert other.load_guard().lm.model is not guard.lm.model
+    clear_model_cache()
+
+
+def test_langchain_refuses_loading_options_with_a_built_guard(tiny_model, tiny_tokenizer):
+    from langchain_safeguard import ChatSafeguard
+
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=KeywordCost(["x"]))
+    with pytest.raises(ValueError, match="model_kwargs"):
+        ChatSafeguard(guard=guard, model_kwargs={"revision": "main"})
+
+
+def test_llamaindex_from_model_id_passes_loading_options(
+    tiny_model_dir, load_calls, no_moves, accelerate
+):
+    from llamaindex_safeguard import SafeguardLLM
+
+    llm = SafeguardLLM.from_model_id(
+        str(tiny_model_dir),
+        cost=KeywordCost(["x"]),
+        device_map={"": "cpu"},
+        model_kwargs={"attn_implementation": "eager", "revision": "main"},
+    )
+    assert llm.guard.lm.model.config._attn_implementation == "eager"
+    assert load_calls["tokenizer"][-1]["revision"] == "main"
+    assert no_moves == []
+
+
+def test_the_cli_loads_a_gguf_path_with_a_device_map(
+    tmp_path: Path, tiny_model, tiny_tokenizer, monkeypatch, capsys
+):
+    path = tmp_path / "tiny.Q4_1.gguf"
+    path.write_bytes(b"GGUF")
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def fake(kind: str, loaded: Any) -> Any:
+        def load(cls: Any, name: Any, **kwargs: Any) -> Any:
+            calls.append((kind, str(name), kwargs))
+            if kwargs.get("output_loading_info"):  # nothing left newly initialised
+                return loaded, {"missing_keys": [], "mismatched_keys": []}
+            return loaded
+
+        return classmethod(load)
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", fake("model", tiny_model)
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", fake("tokenizer", tiny_tokenizer)
+    )
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--device-map",
+            '{"": "cpu"}',
+            "--prompt",
+            "Tell me",
+            "--cost-keywords",
+            "zzz",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "0",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    [(_, tokenizer_dir, tokenizer_kwargs)] = [c for c in calls if c[0] == "tokenizer"]
+    [(_, model_dir, model_kwargs)] = [c for c in calls if c[0] == "model"]
+    assert tokenizer_dir == model_dir == str(tmp_path)
+    assert tokenizer_kwargs["gguf_file"] == model_kwargs["gguf_file"] == "tiny.Q4_1.gguf"
+    assert model_kwargs["device_map"] == {"": "cpu"}
+    assert model_kwargs["trust_remote_code"] is False
 
 
 @pytest.fixture(scope="module")
-def tied_classifier_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    """A classifier whose config ties the embeddings, so that a causal LM loaded from it
-    reports no missing LM head: only its architecture gives it away."""
-    path = tmp_path_factory.mktemp("tied-classifier")
-    model = build_tiny_classifier(tiny_tokenizer)
-    model.config.tie_word_embeddings = True
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+def tiny_gguf(tiny_model, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama and tokenizer as a GGUF file, alone in its directory."""
+    pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf package")
+    if not transformers.utils.is_gguf_available():
+        pytest.skip("transformers does not accept the installed gguf package")
+    from gguf_helpers import write_tiny_gguf
+
+    return write_tiny_gguf(
+        tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.F32.gguf"
+    )
 
 
-# ------------------------------------------------------------ wrong-kind checkpoints
-def test_a_causal_lm_is_not_loaded_as_a_classifier_scorer(tiny_model_dir):
-    with pytest.raises(CheckpointKindError) as error:
-        ClassifierScorer.from_pretrained(str(tiny_model_dir))
-    message = str(error.value)
-    assert "holds a causal LM (LlamaForCausalLM)" in message
-    assert "ClassifierScorer needs a sequence-classification checkpoint" in message
-    assert "trained score head" in message and "score.weight randomly initialised" in message
-    assert isinstance(error.value, SafeguardError) and isinstance(error.value, ValueError)
-
-
-@pytest.mark.parametrize(
-    "load",
-    [
-        lambda path: CausalLM.from_pretrained(path),
-        lambda path: InferenceGuard.from_pretrained(path, cost=KeywordCost(["bomb"])),
-        lambda path: GuardModelCost.from_pretrained(path),
-    ],
-    ids=["CausalLM", "InferenceGuard", "GuardModelCost"],
-)
-def test_a_classifier_is_not_loaded_as_a_causal_lm(tiny_reward_model_dir, load):
-    with pytest.raises(CheckpointKindError) as error:
-        load(str(tiny_reward_model_dir))
-    message = str(error.value)
-    assert "holds a sequence classifier (LlamaForSequenceClassification)" in message
-    assert "needs a causal-LM checkpoint" in message
-    assert "lm_head.weight randomly initialised" in message
-    assert "ClassifierScorer" in message
-
-
-def test_a_classifier_with_tied_embeddings_is_not_loaded_as_a_causal_lm(tied_classifier_dir):
-    with pytest.raises(CheckpointKindError, match=r"sequence classifier .*needs a causal-LM"):
-        CausalLM.from_pretrained(str(tied_classifier_dir))
-
-
-def test_models_of_the_wrong_kind_are_rejected_when_built_from_objects(tiny_model, tiny_tokenizer):
-    classifier = build_tiny_classifier(tiny_tokenizer)
-    with pytest.raises(CheckpointKindError, match="LlamaForSequenceClassification, which has no"):
-        InferenceGuard(classifier, tiny_tokenizer, cost=KeywordCost(["bomb"]))
-    with pytest.raises(CheckpointKindError, match="LlamaForCausalLM, a causal LM"):
-        ClassifierScorer(tiny_model, tiny_tokenizer)
-
-
-def test_checkpoints_of_the_right_kind_still_load(tiny_model_dir, tiny_reward_model_dir):
-    assert CausalLM.from_pretrained(str(tiny_model_dir), device="cpu").vocab_size > 0
-    scorer = ClassifierScorer.from_pretrained(str(tiny_reward_model_dir), device="cpu")
-    again = ClassifierScorer.from_pretrained(str(tiny_reward_model_dir), device="cpu")
-    assert scorer(["p"], ["r"]).tolist() == again(["p"], ["r"]).tolist()
-    assert GuardModelCost.from_pretrained(str(tiny_model_dir)).verdict_token_ids
-
-
-@pytest.mark.parametrize(
-    "info",
-    [
-        {"missing_keys": ["score.weight"], "unexpected_keys": [], "mismatched_keys": []},
-        {"missing_keys": {"score.weight"}, "unexpected_keys": set(), "mismatched_keys": set()},
-        {"missing_keys": set(), "mismatched_keys": {("score.weight", (1, 64), (2, 64))}},
-        {"missing_keys": [], "mismatched_keys": ["score.weight"]},
-        type("Info", (), {"missing_keys": {"score.weight"}, "mismatched_keys": set()})(),
-    ],
-    ids=["lists", "sets", "mismatch-tuples", "mismatch-names", "object"],
-)
-def test_every_shape_of_loading_info_reveals_new_weights(tiny_reward_model_dir, info):
-    model = ClassifierScorer.from_pretrained(str(tiny_reward_model_dir)).model
-    with pytest.raises(CheckpointKindError, match=r"score\.weight randomly initialised"):
-        check_kind(model, info, "x", kind="sequence-classification", owner="ClassifierScorer")
-    check_kind(model, {"missing_keys": []}, "x", kind="sequence-classification", owner="C")
-    check_kind(model, {}, "x", kind="sequence-classification", owner="C")
-
-
-# ---------------------------------------------------------------- device and dtype
-@NO_CUDA
-@pytest.mark.parametrize(
-    "load",
-    [
-        lambda path, device: CausalLM.from_pretrained(path, device=device),
-        lambda path, device: InferenceGuard.from_pretrained(
-            path, cost=KeywordCost(["bomb"]), device=device
-        ),
-        lambda path, device: GuardModelCost.from_pretrained(path, device=device),
-    ],
-)
-def test_cuda_on_a_machine_without_it_is_a_load_option_error(tiny_model_dir, load):
-    with pytest.raises(LoadOptionError, match="'cuda' is not available on this machine"):
-        load(str(tiny_model_dir), "cuda")
-
-
-@pytest.mark.parametrize("device", ["cuda:99", "tpu", "gpu", "cuda:-1"])
-def test_devices_this_machine_lacks_are_load_option_errors(tiny_model_dir, device):
-    with pytest.raises(LoadOptionError, match="device"):
-        CausalLM.from_pretrained(str(tiny_model_dir), device=device)
-
-
-@NO_CUDA
-def test_scorers_and_critics_given_cuda_without_it_raise_load_option_error(
-    tiny_reward_model_dir, tiny_model, tiny_tokenizer, tmp_path
-):
-    model = build_tiny_classifier(tiny_tokenizer)
-    with pytest.raises(LoadOptionError, match="pass device='cpu'"):
-        ClassifierScorer(model, tiny_tokenizer, device="cuda")
-    with pytest.raises(LoadOptionError):
-        ClassifierScorer.from_pretrained(str(tiny_reward_model_dir), device="cuda")
-    saved = build_random_critic(tiny_model).save(tmp_path / "critic")
-    with pytest.raises(LoadOptionError):
-        LatentCritic.load(saved, device="cuda")
-
-
-@pytest.mark.parametrize("dtype", ["float33", "int8", torch.int64, "bool", "cuda"])
-def test_a_dtype_that_is_not_a_floating_torch_dtype_is_a_load_option_error(
-    tiny_model_dir, tiny_reward_model_dir, dtype
-):
-    with pytest.raises(LoadOptionError, match="not a floating torch dtype"):
-        CausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype)
-    with pytest.raises(LoadOptionError, match="'float32', 'bfloat16'"):
-        ClassifierScorer.from_pretrained(str(tiny_reward_model_dir), dtype=dtype)
-
-
-def test_dtype_names_and_devices_resolve():
-    assert resolve_dtype("bfloat16") is torch.bfloat16
-    assert resolve_dtype("torch.float16") is torch.float16
-    assert resolve_dtype(torch.float32) is torch.float32
-    assert resolve_dtype("auto") == "auto" and resolve_dtype(None) is None
-    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) is None
-
-
-# ------------------------------------------------------------------ paths and files
-@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "../x/y", "a/b/c", "~/nope"])
-def test_a_missing_local_path_says_so_instead_of_blaming_the_repo_id(name):
-    with pytest.raises(ModelLoadError, match="no such directory") as error:
-        CausalLM.from_pretrained(name)
-    assert "Repo id" not in str(error.value)
-    assert isinstance(error.value, OSError)
-
-
-def test_a_hub_name_that_cannot_be_loaded_is_a_model_load_error(monkeypatch):
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-
-    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(ModelLoadError, match="not a local directory, and as a hub name: We"):
-        ClassifierScorer.from_pretrained("no-such-org/no-such-model")
-
-
-def test_a_directory_without_a_checkpoint_or_a_file_is_a_model_load_error(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"holds no config\.json"):
-        CausalLM.from_pretrained(str(tmp_path))
-    (tmp_path / "weights.bin").write_bytes(b"\0" * 8)
-    with pytest.raises(ModelLoadError, match="is a file"):
-        CausalLM.from_pretrained(str(tmp_path / "weights.bin"))
-
-
-@pytest.mark.parametrize("keep", [0.5, 100 / 1e9])
-def test_truncated_safetensors_are_a_model_load_error(tiny_model_dir, tmp_path, keep):
-    copy = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, copy)
-    weights = copy / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: max(int(len(data) * keep), 100)])
-    with pytest.raises(ModelLoadError, match="incomplete or corrupted"):
-        CausalLM.from_pretrained(str(copy))
-
-
-def test_a_checkpoint_without_weights_is_a_model_load_error(tiny_model_dir, tmp_path):
-    copy = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, copy)
-    (copy / "model.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="cannot load the model of"):
-        CausalLM.from_pretrained(str(copy))
+def test_a_gguf_file_loads_as_model_and_tokenizer(tiny_gguf, tiny_model, tiny_tokenizer):
+    guard = InferenceGuard.from_pretrained(str(tiny_gguf), cost=KeywordCost(["x"]), device="cpu")
+    assert guard.lm.tokenizer.chat_template == tiny_tokenizer.chat_template
+    ids = torch.tensor([tiny_tokenizer("Tell me about the dog.")["input_ids"]])
+    with torch.no_grad():
+        expected = tiny_model(ids).logits
+        loaded = guard.lm.model(ids).logits
+    torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=1e-4)
+    result = guard.generate([{"role": "user", "content": "Tell me"}], max_new_tokens=4, seed=0)
+    assert result.stats.completion_tokens > 0

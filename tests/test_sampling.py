@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_safeguard.sampling import PromptSamplers, penalize_tokens, warp_logits
+from inference_safeguard.sampling import (
+    PromptSamplers,
+    RepetitionPenalty,
+    model_sampling_defaults,
+    penalize_tokens,
+    warp_logits,
+)
 
 CPU = torch.device("cpu")
 
@@ -243,3 +249,64 @@ def test_sample_does_not_modify_its_inputs() -> None:
     PromptSamplers([7, 8], CPU).sample(logits, group_sizes, prompt_ids, 0.0)
     assert torch.equal(logits, before[0])
     assert (group_sizes, prompt_ids) == before[1:]
+
+
+# --- min_p and the repetition penalty, against transformers' own processors ----------------
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 1.0])
+def test_min_p_keeps_what_transformers_min_p_warper_keeps(min_p: float) -> None:
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = _logits(4, 50, seed=3)
+    warped = warp_logits(logits, temperature=0.7, top_k=0, top_p=1.0, min_p=min_p)
+    expected = MinPLogitsWarper(min_p)(torch.zeros(4, 1, dtype=torch.long), logits / 0.7)
+    assert torch.equal(warped.isinf(), expected.isinf())
+    assert (~warped.isinf()).sum(-1).min() >= 1
+
+
+def test_repetition_penalty_matches_transformers_and_does_not_modify_its_input() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = _logits(3, 20, seed=4)
+    before = logits.clone()
+    histories = [[1, 2, 2, 5], [0], [19, 3, 7, 7, 7]]
+    penalty = RepetitionPenalty(1.7, histories, vocab_size=20, device=CPU)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(
+        torch.tensor([h + [h[-1]] * (5 - len(h)) for h in histories]), logits.clone()
+    )
+    torch.testing.assert_close(penalty(logits), expected)
+    assert torch.equal(logits, before)
+
+
+def test_repetition_penalty_observes_the_chosen_tokens_per_row() -> None:
+    penalty = RepetitionPenalty(2.0, [[], [1]], vocab_size=4, device=CPU)
+    penalty.observe(torch.tensor([3, -1]))
+    logits = torch.full((2, 4), 4.0)
+    assert penalty(logits).tolist() == [[4.0, 4.0, 4.0, 2.0], [4.0, 2.0, 4.0, 4.0]]
+
+
+def test_repetition_penalty_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="> 0"):
+        RepetitionPenalty(0.0, [[1]], vocab_size=4, device=CPU)
+
+
+# --- the model's own sampling settings ----------------------------------------------------
+
+
+def test_model_sampling_defaults_are_the_fields_its_author_set() -> None:
+    from transformers import GenerationConfig
+
+    assert model_sampling_defaults(GenerationConfig()) == {}
+    assert model_sampling_defaults(None) == {}
+    shipped = GenerationConfig(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+    assert model_sampling_defaults(shipped) == {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "min_p": 0.0,
+    }
+    with pytest.warns(UserWarning, match="top_p"):
+        assert model_sampling_defaults(GenerationConfig(top_p=0.0, repetition_penalty=1.1)) == {
+            "repetition_penalty": 1.1
+        }

@@ -27,6 +27,7 @@ from inference_safeguard.cli_options import (
     add_config_option,
     add_cost_keywords_option,
     add_loading_options,
+    base_model_options,
     from_pretrained_options,
     guard_config,
     load_reward,
@@ -109,7 +110,10 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
 
     model = parser.add_argument_group("base model")
     model.add_argument(
-        "--model", required=True, metavar="NAME_OR_PATH", help="causal LM: hub name or local path"
+        "--model",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="causal LM: hub name, local directory or path to a .gguf file",
     )
     add_loading_options(
         model,
@@ -209,7 +213,12 @@ def run_generate(args: argparse.Namespace) -> int:
     reward = load_reward(args)
     with loading("--model", args.model):
         guard = InferenceGuard.from_pretrained(
-            args.model, cost=_sum_of(costs), reward=reward, critic=critic, config=config, **load
+            args.model,
+            cost=_sum_of(costs),
+            reward=reward,
+            critic=critic,
+            config=config,
+            **base_model_options(args),
         )
 
     result = guard.generate(prompt)

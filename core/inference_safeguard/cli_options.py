@@ -76,6 +76,22 @@ def parse_regex_cost(pattern: str) -> RegexCost:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object (of loading options)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def device_map(text: str) -> str | dict[str, Any]:
+    """A device map: a JSON object, or the name of a transformers strategy ("auto")."""
+    return json_object(text) if text.lstrip().startswith("{") else text
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _int_at_least(text, 1, "a positive integer")
@@ -132,7 +148,7 @@ def add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInf
     """Add `--field-name` for one `GuardConfig` field; its default None means "not given"."""
     flag = "--" + name.replace("_", "-")
     help_text = (field.description or "").replace("%", "%%")
-    if field.default not in (None, ()):
+    if field.default not in (None, ()) and field.default_factory is None:
         help_text += f" (default: {field.default})"
     if field.annotation is bool:  # --flag / --no-flag
         group.add_argument(
@@ -151,12 +167,17 @@ def add_config_option(group: argparse._ArgumentGroup, name: str, field: FieldInf
         choices=choices,
         action="append" if repeatable else "store",
         default=None,
-        metavar=None if choices else _METAVARS[value_type],
+        metavar=None if choices else _metavar(value_type),
         help=help_text + ("; repeatable" if repeatable else ""),
     )
 
 
 _METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT"}
+
+
+def _metavar(value_type: Callable[[str], Any]) -> str:
+    """The metavar of a flag parsed by `value_type` (JSON for a parser of JSON objects)."""
+    return _METAVARS[value_type] if isinstance(value_type, type) else "JSON"
 
 
 def _option_type(
@@ -169,6 +190,8 @@ def _option_type(
         origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
         return type(args[0]), args, False
+    if origin is dict:
+        return json_object, None, False
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _METAVARS:
         return args[0], None, True
     if annotation in _METAVARS:
@@ -239,18 +262,57 @@ def add_loading_options(
         action="store_true",
         help="run code shipped with the checkpoints; only for authors you trust",
     )
+    group.add_argument(
+        "--device-map",
+        type=device_map,
+        default=None,
+        metavar="MAP",
+        help='transformers device map of every model: "auto", "balanced", ... or a JSON '
+        "object of module -> device (e.g. '{\"\": 0}'); such models are never moved",
+    )
+    group.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="more from_pretrained options of --model as a JSON object, e.g. "
+        '\'{"attn_implementation": "eager", "revision": "main"}\' (a --model path to a '
+        ".gguf file sets gguf_file itself)",
+    )
+    group.add_argument(
+        "--tokenizer-kwargs",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="more from_pretrained options of the tokenizer of --model as a JSON object "
+        "(gguf_file and revision come from --model-kwargs too)",
+    )
 
 
 def from_pretrained_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `device`, `dtype` and `trust_remote_code` of every model a command loads.
+    """The `device`, `dtype`, `trust_remote_code` and (when given) `device_map` of every
+    model a command loads.
 
     The device defaults to CUDA when available, else CPU; the dtype is None (each
     model's own default) for a command without `--dtype`.
     """
-    return {
+    options = {
         "device": args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         "dtype": getattr(args, "dtype", None),
         "trust_remote_code": args.trust_remote_code,
+    }
+    if getattr(args, "device_map", None) is not None:
+        options["device_map"] = args.device_map
+    return options
+
+
+def base_model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`from_pretrained_options` plus the `--model-kwargs` and `--tokenizer-kwargs` that
+    apply to `--model` alone."""
+    return {
+        **from_pretrained_options(args),
+        "model_kwargs": getattr(args, "model_kwargs", None),
+        "tokenizer_kwargs": getattr(args, "tokenizer_kwargs", None),
     }
 
 
@@ -286,7 +348,7 @@ def load_reward(args: argparse.Namespace) -> Scorer | None:
 def load_base_model(args: argparse.Namespace) -> CausalLM:
     """The causal LM given by `--model`."""
     with loading("--model", args.model):
-        return CausalLM.from_pretrained(args.model, **from_pretrained_options(args))
+        return CausalLM.from_pretrained(args.model, **base_model_options(args))
 
 
 # -------------------------------------------------------------------------- prompts

@@ -7,6 +7,8 @@ max_new_tokens=128, resample_rounds=2, budget=10`; pass them explicitly to repro
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import (
@@ -21,12 +23,53 @@ from pydantic import (
 MIN_TEMPERATURE = 1e-3
 """Smallest positive sampling temperature; any lower is greedy in effect (use 0)."""
 
+SAMPLING_DEFAULTS: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+"""The package's own value of each sampling field, for a model whose generation_config
+does not set it: plain sampling from the model's distribution."""
+
+
+_RENDERING_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "sanitize_control_tokens",
+    }
+)
+"""Arguments of `apply_chat_template` that are not template variables."""
+
 
 class GuardConfig(BaseModel):
     """Configuration of InferenceGuard and of the baselines that share its interface.
 
     Frozen: derive a changed copy with `config.with_overrides(field=value, ...)`,
     which validates like the constructor does.
+
+    Sampling fields (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`)
+    left at None take the value the model's author shipped in its generation_config,
+    else the package's own (`SAMPLING_DEFAULTS`: plain sampling); a decoder resolves
+    them once when it is built (`with_sampling_defaults`) and again for a call that sets
+    one back to None. A value set here or per call always wins. The generation_config's
+    `do_sample` is not read: the search samples its candidates whatever it says
+    (`temperature=0` decodes greedily).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -96,25 +139,50 @@ class GuardConfig(BaseModel):
         le=1,
         description="gamma_c of the safety state z_{t+1} = (z_t - c_t) / gamma_c, in (0, 1].",
     )
-    temperature: float = Field(
-        1.0,
+    temperature: float | None = Field(
+        None,
         strict=True,
         allow_inf_nan=False,
         ge=0,
         le=100,
-        description=f"Sampling temperature: 0 decodes greedily, else in [{MIN_TEMPERATURE}, 100].",
+        description=f"Sampling temperature: 0 decodes greedily, else in [{MIN_TEMPERATURE}, 100]. "
+        "None: the model's generation_config value, else 1.",
     )
-    top_p: float = Field(
-        1.0,
+    top_p: float | None = Field(
+        None,
         strict=True,
         allow_inf_nan=False,
         gt=0,
         le=1,
-        description="Nucleus sampling mass in (0, 1]; 1 disables it. The likeliest "
-        "token is always kept, so a tiny top_p decodes greedily.",
+        description="Nucleus sampling mass in (0, 1]; 1 disables it. The likeliest token is "
+        "always kept, so a tiny top_p decodes greedily. None: the model's generation_config "
+        "value, else 1.",
     )
-    top_k: int = Field(
-        0, strict=True, ge=0, description="Sample from the k likeliest tokens; 0 disables it."
+    top_k: int | None = Field(
+        None,
+        strict=True,
+        ge=0,
+        description="Sample from the k likeliest tokens; 0 disables it. None: the model's "
+        "generation_config value, else 0.",
+    )
+    min_p: float | None = Field(
+        None,
+        strict=True,
+        allow_inf_nan=False,
+        ge=0,
+        le=1,
+        description="Drop tokens less likely than min_p times the likeliest one, in [0, 1]; "
+        "0 disables it. None: the model's generation_config value, else 0.",
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        strict=True,
+        allow_inf_nan=False,
+        gt=0,
+        le=100,
+        description="Divides the positive logits (multiplies the negative ones) of tokens "
+        "already in the prompt or the response, as transformers does; > 0, 1 disables it. "
+        "None: the model's generation_config value, else 1.",
     )
     scorer: Literal["auto", "models", "critic"] = Field(
         "auto",
@@ -156,6 +224,11 @@ class GuardConfig(BaseModel):
         description="Streaming: 'agreement' emits the prefix all beams share (same text as "
         "generate); 'block' commits the best block each step (lower latency, weaker search).",
     )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Variables of the chat template for message prompts, e.g. "
+        "{'enable_thinking': False}; plain-text prompts do not use the template.",
+    )
     seed: int | None = Field(
         None,
         strict=True,
@@ -171,8 +244,8 @@ class GuardConfig(BaseModel):
 
     @field_validator("temperature")
     @classmethod
-    def _temperature_is_greedy_or_sampleable(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
+    def _temperature_is_greedy_or_sampleable(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
             raise ValueError(
                 f"temperature {value!r} is too small to sample with (logits / temperature "
                 f"overflow); use temperature=0 for greedy decoding, or at least "
@@ -196,6 +269,23 @@ class GuardConfig(BaseModel):
             raise ValueError("stop strings must be non-empty; remove '' from stop")
         return value
 
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs_as_dict(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_leave_rendering_alone(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(value) & _RENDERING_ARGUMENTS)
+        if taken:
+            raise ValueError(
+                f"chat_template_kwargs must not set {', '.join(taken)}: the guard renders "
+                "the prompt itself (with a generation prompt, tools passed by tools=); give "
+                "only the template's own variables, e.g. {'enable_thinking': False}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _candidates_fill_beams(self) -> GuardConfig:
         if self.num_candidates % self.beam_width:
@@ -207,10 +297,24 @@ class GuardConfig(BaseModel):
             )
         return self
 
+    def __hash__(self) -> int:
+        # Frozen pydantic models hash their field values; chat_template_kwargs is a dict.
+        return hash(json.dumps(self.model_dump(), sort_keys=True, default=repr))
+
     @property
     def children_per_beam(self) -> int:
         """Candidate blocks sampled from each live beam: `num_candidates // beam_width`."""
         return self.num_candidates // self.beam_width
+
+    def with_sampling_defaults(self, model_defaults: Mapping[str, Any]) -> GuardConfig:
+        """A copy whose unset (None) sampling fields hold `model_defaults`' value (the
+        model's generation_config), else `SAMPLING_DEFAULTS`'; set fields are kept."""
+        unset = {
+            name: model_defaults.get(name, default)
+            for name, default in SAMPLING_DEFAULTS.items()
+            if getattr(self, name) is None
+        }
+        return self.with_overrides(**unset)
 
     def with_overrides(self, **overrides: Any) -> GuardConfig:
         """Return a validated copy with `overrides` applied (unknown names are rejected)."""

@@ -105,7 +105,8 @@ class Decoder(ABC):
         self.lm = lm
         self.cost = cost
         self.reward = reward
-        self.config = config or GuardConfig()
+        # Sampling fields left unset take the model's generation_config values, once.
+        self.config = (config or GuardConfig()).with_sampling_defaults(lm.sampling_defaults)
         self.last_result: GuardResult | None = None
 
     # ----------------------------------------------------------------- public API
@@ -135,7 +136,7 @@ class Decoder(ABC):
         overrides: Mapping[str, Any],
         cancel: threading.Event | None,
     ) -> list[GuardResult]:
-        config = self.config.with_overrides(**overrides)
+        config = self.call_config(overrides)
         encoded = self.encode_prompts(prompts, config, tools)
         return self._generate_encoded(encoded, config, cancel)
 
@@ -150,7 +151,7 @@ class Decoder(ABC):
         yields the whole response at once; decoders that can commit text earlier
         override `_stream`.
         """
-        config = self.config.with_overrides(**overrides)
+        config = self.call_config(overrides)
         [encoded] = self.encode_prompts([prompt], config, tools)
         cancel = threading.Event()
         return GuardStream(self._stream(encoded, config, cancel), cancel)
@@ -209,6 +210,13 @@ class Decoder(ABC):
         """
         return AsyncGuardStream(self.stream(prompt, tools=tools, **overrides))
 
+    def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
+        """The config of a call: this decoder's, with `overrides` (GuardConfig fields)
+        applied; a sampling field set back to None takes the model's default again."""
+        return self.config.with_overrides(**overrides).with_sampling_defaults(
+            self.lm.sampling_defaults
+        )
+
     def identity(self, config: GuardConfig | None = None) -> dict[str, Any]:
         """Everything that decides what this decoder returns under `config` (default: its
         own): its class, the base model's and tokenizer's fingerprints, the scorers, every
@@ -236,7 +244,9 @@ class Decoder(ABC):
     ) -> list[EncodedPrompt]:
         """Validate and tokenize prompts (with `tools` offered), checking they fit the
         context window."""
-        return self.lm.encode_batch(prompts, config.max_new_tokens, as_tool_specs(tools))
+        return self.lm.encode_batch(
+            prompts, config.max_new_tokens, as_tool_specs(tools), config.chat_template_kwargs
+        )
 
     @staticmethod
     def _seeds(prompts: Sequence[EncodedPrompt], config: GuardConfig) -> list[int]:
@@ -288,8 +298,11 @@ class Decoder(ABC):
                 rewards[i] = value
         results = []
         for prompt, response, cost, reward in zip(prompts, responses, costs, rewards, strict=True):
+            # The cost and reward above are of the whole response, reasoning included.
+            reasoning, answer = self.lm.split_reasoning(response.text, prompt)
             result = GuardResult(
-                text=response.text,
+                text=answer,
+                reasoning=reasoning,
                 token_ids=response.token_ids,
                 safe=cost <= config.budget,
                 cost=cost,

@@ -108,24 +108,32 @@ def encode_chat(
     tools: Sequence[Mapping[str, Any]] | None = None,
     *,
     allow_control_tokens: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """Render `messages` (and `tools`) with the chat template and a generation prompt,
     and encode the result; control-token text of the input stays text unless
-    `allow_control_tokens`.
+    `allow_control_tokens`. `template_kwargs` are variables of the template (e.g.
+    `enable_thinking`); their strings are input like the messages.
 
     Raises:
         InvalidPromptError: the input holds an unpaired surrogate, or the tokenizer turns
             the text of a control token into that token even as plain text.
     """
     tool_kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    variables = dict(template_kwargs or {})
     tokens_re, _ = _patterns(control_tokens(tokenizer))
     if not allow_control_tokens:
         messages = mark_control_tokens(list(messages), tokens_re)
         tool_kwargs = mark_control_tokens(tool_kwargs, tokens_re)
+        variables = mark_control_tokens(variables, tokens_re)
     text = cast(
         str,
         tokenizer.apply_chat_template(
-            cast(Any, messages), add_generation_prompt=True, tokenize=False, **tool_kwargs
+            cast(Any, messages),
+            add_generation_prompt=True,
+            tokenize=False,
+            **variables,
+            **tool_kwargs,
         ),
     )
     check_text(text, "the conversation (a message, tool call or tool description)")

@@ -32,5 +32,5 @@ def import_extra(module: str, *, extra: str, needed_by: str) -> ModuleType:
             raise
         raise MissingExtraError(
             f"{needed_by} needs {top_level!r}, which is not installed; install it with "
-            f"`pip install \"{DISTRIBUTION}[{extra}]\"`"
+            f'`pip install "{DISTRIBUTION}[{extra}]"`'
         ) from error

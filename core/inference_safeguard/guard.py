@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -106,12 +106,16 @@ class InferenceGuard(Decoder):
         dtype: str | torch.dtype | None = None,
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         allow_special_tokens_in_content: bool = False,
     ) -> InferenceGuard:
-        """Load the base model by hub name or local path and wrap it.
+        """Load the base model by hub name, local directory or `.gguf` file path and wrap it.
 
-        See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` and
-        `trust_remote_code` (off by default), and the class for the other arguments.
+        See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` (a string or a
+        dict), `trust_remote_code` (off by default), `model_kwargs` (e.g.
+        `quantization_config`, `attn_implementation`, `revision`, `gguf_file`) and
+        `tokenizer_kwargs`, and the class for the other arguments.
         """
         lm = CausalLM.from_pretrained(
             model_id,
@@ -119,6 +123,8 @@ class InferenceGuard(Decoder):
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
         )
         return cls(
             lm.model,
@@ -205,6 +211,10 @@ class InferenceGuard(Decoder):
         Text is emitted only once it can no longer change and the cost model accepts
         it. When the search ends in a refusal after some text was emitted, the stream
         just ends, and its result has `refused=True` and `finish_reason="safety"`.
+
+        A thinking model's reasoning is not streamed: the cost model checks the whole
+        committed text, reasoning included, but the deltas are the answer's alone (none
+        while the model is still reasoning); the reasoning comes with the result.
         """
         started = time.perf_counter()
         run = self.search.run(
@@ -215,7 +225,7 @@ class InferenceGuard(Decoder):
             evaluator=self._evaluator(config),
             cancel=cancel,
         )
-        emitted, accepted_tokens = "", 0
+        accepted, emitted, accepted_tokens = "", "", 0
         while True:
             try:
                 [prefix] = next(run)
@@ -225,12 +235,15 @@ class InferenceGuard(Decoder):
             if prefix is None or len(prefix) <= accepted_tokens:
                 continue
             text = settled_prefix(self.lm, prefix, config.stop)
-            if len(text) <= len(emitted) or not text.startswith(emitted):
+            if len(text) <= len(accepted) or not text.startswith(accepted):
                 continue
             if float(self.cost([encoded.text], [text])[0]) > config.budget:
                 continue
-            yield text[len(emitted) :]
-            emitted, accepted_tokens = text, len(prefix)
+            accepted, accepted_tokens = text, len(prefix)
+            answer = self.lm.settled_answer(text, encoded)
+            if len(answer) > len(emitted) and answer.startswith(emitted):
+                yield answer[len(emitted) :]
+                emitted = answer
         [result] = self._finalize(
             [encoded], [Response.of(searches[0])], config, time.perf_counter() - started
         )
@@ -281,6 +294,7 @@ class InferenceGuard(Decoder):
             else dataclasses.replace(
                 result,
                 text=config.refusal_text,
+                reasoning=None,
                 token_ids=list(refusal_ids),
                 refused=True,
                 finish_reason="safety",

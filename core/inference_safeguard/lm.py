@@ -2,8 +2,8 @@
 
 The search talks to the model only through `CausalLM`: it prefills left-padded
 prompts once, decodes blocks of tokens for all rows in one batched forward per token,
-and fans rows out or prunes them through the transformers Cache API
-(`batch_repeat_interleave`, `batch_select_indices`, `crop`), never by re-prefilling.
+and fans rows out, prunes them and rewinds blocks through the transformers Cache API
+(see `inference_safeguard.kv_cache` for each cache layout), never by re-prefilling.
 """
 
 from __future__ import annotations
@@ -24,7 +24,21 @@ from inference_safeguard.errors import (
     PromptTooLongError,
 )
 from inference_safeguard.hf_compat import cache_keyword, output_cache
-from inference_safeguard.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from inference_safeguard.kv_cache import (
+    CacheCheckpoint,
+    check_cache_support,
+    no_cache_error,
+    repeat_rows,
+)
+from inference_safeguard.kv_cache import select_rows as select_cache_rows
+from inference_safeguard.loading import (
+    DeviceMap,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
+from inference_safeguard.reasoning import ReasoningMarkers
+from inference_safeguard.sampling import model_sampling_defaults
 from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
@@ -48,10 +62,13 @@ class EncodedPrompt:
         ids: token ids fed to the model (the chat template applied for messages).
         text: the prompt as plain text for scorers: the text itself, or a message
             list flattened to a `role: content` transcript.
+        opens_reasoning: the prompt ends by opening a reasoning section (a chat
+            template that starts the model's thinking), so the response starts in it.
     """
 
     ids: list[int]
     text: str
+    opens_reasoning: bool = False
 
 
 @dataclass
@@ -59,7 +76,9 @@ class DecodeState:
     """Decoding state of a batch of rows, owned and advanced by `CausalLM`.
 
     Attributes:
-        cache: the transformers KV cache, `(rows, ..., seq, ...)` per layer.
+        cache: the transformers cache: per layer `(rows, heads, seq, head_dim)` keys
+            and values (at most a window of them on sliding-window layers), or a
+            fixed-size `(rows, ...)` state on linear-attention layers.
         attention_mask: `(rows, seq)` long, 0 on left padding and on tokens fed after
             a row finished.
         next_position: `(rows,)` long position id of each row's next token.
@@ -139,15 +158,17 @@ class CausalLM:
             )
         keyword = cache_keyword(model)
         if keyword is None:
-            raise TypeError(
-                f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor "
-                "`past_key_values`); the guard needs a causal LM that decodes incrementally"
-            )
+            raise no_cache_error(model)
         self._cache_keyword = keyword
         self.model = model.eval()
+        self._attends = check_cache_support(self.model, keyword, self.device)
         self.tokenizer = tokenizer
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
         self.eos_token_ids: frozenset[int] = self._eos_ids()
+        self.sampling_defaults = model_sampling_defaults(getattr(model, "generation_config", None))
+        """Sampling settings the model's generation_config sets (see `GuardConfig`)."""
+        self.reasoning_markers = ReasoningMarkers.of(tokenizer)
+        """Markers of the model's reasoning text, or None (see `inference_safeguard.reasoning`)."""
         candidates = (
             tokenizer.pad_token_id,
             min(self.eos_token_ids, default=None),
@@ -163,19 +184,25 @@ class CausalLM:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        device_map: str | dict[str, Any] | None = None,
+        device_map: DeviceMap | None = None,
         trust_remote_code: bool = False,
-        **model_kwargs: Any,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
     ) -> CausalLM:
-        """Load a model and tokenizer by hub name or local path.
+        """Load a model and tokenizer by hub name, local directory or `.gguf` file path.
 
         Args:
             device: where to put the model (default: CUDA when available, else CPU);
-                ignored when `device_map` is given.
+                ignored when `device_map` is given or the model is quantized.
             dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
-            device_map: passed to transformers (e.g. "auto") to shard a large model.
+            device_map: transformers device map, a string (e.g. "auto") or a dict, to
+                shard a large model; such a model is never moved afterwards.
             trust_remote_code: run code shipped with the checkpoint; off unless you
                 trust its author.
+            model_kwargs: more options of the model's `from_pretrained`
+                (`quantization_config`, `attn_implementation`, `revision`, `gguf_file`).
+            tokenizer_kwargs: more options of the tokenizer's `from_pretrained`; see
+                `inference_safeguard.loading` for those it takes from `model_kwargs`.
 
         Raises:
             LoadOptionError: a device this machine lacks, or not a floating dtype.
@@ -189,19 +216,18 @@ class CausalLM:
         if dtype is None:
             on_cuda = device_map is not None or (device is not None and device.type == "cuda")
             dtype = torch.bfloat16 if on_cuda else torch.float32
-        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-        model = load_model(
+        model, tokenizer = load_pretrained(
             AutoModelForCausalLM,
             name_or_path,
             kind="causal-lm",
             owner="the base model",
+            device=None if device_map is not None else device,
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
-            **model_kwargs,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
         )
-        if device_map is None:
-            model = model.to(device)
         return cls(model, tokenizer)
 
     # ----------------------------------------------------------------- properties
@@ -240,7 +266,12 @@ class CausalLM:
         return frozenset(ids)
 
     # -------------------------------------------------------------------- prompts
-    def encode(self, prompt: PromptInput, tools: Sequence[ToolSpec] = ()) -> EncodedPrompt:
+    def encode(
+        self,
+        prompt: PromptInput,
+        tools: Sequence[ToolSpec] = (),
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> EncodedPrompt:
         """Validate and tokenize one prompt.
 
         Plain text is tokenized as is (a completion prompt, with the tokenizer's BOS); a
@@ -249,7 +280,8 @@ class CausalLM:
         template when it supports them, else written into the conversation as text (see
         `inference_safeguard.tools`). Either way, the text of special tokens in the
         prompt stays text unless `allow_special_tokens_in_content` (see
-        `inference_safeguard.encoding`).
+        `inference_safeguard.encoding`). `chat_template_kwargs` are variables of the chat
+        template (e.g. `{"enable_thinking": False}`); plain text ignores them.
 
         Raises:
             InvalidPromptError: empty prompt, non-text prompt (or one with an unpaired
@@ -267,7 +299,7 @@ class CausalLM:
             ids = encode_text(
                 self.tokenizer, prompt, allow_control_tokens=self.allow_special_tokens_in_content
             )
-            return EncodedPrompt(ids=ids, text=prompt)
+            return EncodedPrompt(ids=ids, text=prompt, opens_reasoning=self._opens_reasoning(ids))
         messages = validate_messages(prompt)
         chat_template = getattr(self.tokenizer, "chat_template", None)
         if not chat_template:
@@ -287,11 +319,40 @@ class CausalLM:
             rendered,
             tool_dicts,
             allow_control_tokens=self.allow_special_tokens_in_content,
+            template_kwargs=chat_template_kwargs,
         )
-        return EncodedPrompt(ids=ids, text=transcript(inline_tool_messages(messages, ())))
+        return EncodedPrompt(
+            ids=ids,
+            text=transcript(inline_tool_messages(messages, ())),
+            opens_reasoning=self._opens_reasoning(ids),
+        )
+
+    def _opens_reasoning(self, ids: Sequence[int]) -> bool:
+        """Whether the prompt `ids` end by opening the model's reasoning section."""
+        if self.reasoning_markers is None:
+            return False
+        tail = self.tokenizer.decode(list(ids[-16:]), skip_special_tokens=False)
+        return self.reasoning_markers.opened_by(str(tail))
+
+    def split_reasoning(self, text: str, prompt: EncodedPrompt) -> tuple[str | None, str]:
+        """`(reasoning, answer)` of a response to `prompt` (reasoning None without any);
+        see `inference_safeguard.reasoning`."""
+        if self.reasoning_markers is None:
+            return None, text
+        return self.reasoning_markers.split(text, opened=prompt.opens_reasoning)
+
+    def settled_answer(self, text: str, prompt: EncodedPrompt) -> str:
+        """The part of a response being written that is surely the start of its answer."""
+        if self.reasoning_markers is None:
+            return text
+        return self.reasoning_markers.settled_answer(text, opened=prompt.opens_reasoning)
 
     def encode_batch(
-        self, prompts: Sequence[PromptInput], max_new_tokens: int, tools: Sequence[ToolSpec] = ()
+        self,
+        prompts: Sequence[PromptInput],
+        max_new_tokens: int,
+        tools: Sequence[ToolSpec] = (),
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[EncodedPrompt]:
         """Validate and tokenize a list of prompts (see `encode`), checking that each fits
         the context window with `max_new_tokens` more tokens.
@@ -315,7 +376,7 @@ class CausalLM:
                     f"prompt {index} must be a string or a list of {{'role', 'content'}} "
                     f"messages, got {type(prompt).__name__}"
                 )
-            item = self.encode(prompt, tools)
+            item = self.encode(prompt, tools, chat_template_kwargs)
             if not item.ids:
                 raise InvalidPromptError(f"prompt {index} tokenizes to no tokens; add some text")
             if window is not None and len(item.ids) + max_new_tokens > window:
@@ -410,9 +471,11 @@ class CausalLM:
     def _feed(self, state: DecodeState, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """Feed one token per row (`real` False feeds masked padding); updates `state`."""
         state.attention_mask = torch.cat([state.attention_mask, real.long()[:, None]], dim=-1)
+        # An attention-free model (Mamba) multiplies what it is fed by the mask, so it
+        # takes the fed token's mask; the others take the whole sequence's.
         out = self.model(
             input_ids=tokens[:, None],
-            attention_mask=state.attention_mask,
+            attention_mask=state.attention_mask if self._attends else real.long()[:, None],
             position_ids=state.next_position[:, None],
             use_cache=True,
             output_hidden_states=True,
@@ -425,7 +488,7 @@ class CausalLM:
 
     def fan_out(self, state: DecodeState, repeats: int) -> None:
         """Repeat every row `repeats` times (row i becomes rows i*r .. i*r + r-1), in place."""
-        state.cache.batch_repeat_interleave(repeats)
+        repeat_rows(state.cache, repeats, state.rows)
         state.attention_mask = state.attention_mask.repeat_interleave(repeats, dim=0)
         state.next_position = state.next_position.repeat_interleave(repeats, dim=0)
         state.logits = state.logits.repeat_interleave(repeats, dim=0)
@@ -434,7 +497,7 @@ class CausalLM:
     def select_rows(self, state: DecodeState, indices: torch.Tensor) -> None:
         """Keep rows `indices` (`(new_rows,)` long, repeats allowed: prune and fan out at once)."""
         indices = indices.to(state.logits.device)
-        state.cache.batch_select_indices(indices)
+        select_cache_rows(state.cache, indices)
         state.attention_mask = state.attention_mask[indices]
         state.next_position = state.next_position[indices]
         state.logits = state.logits[indices]
@@ -443,9 +506,10 @@ class CausalLM:
 
 @dataclass(frozen=True)
 class BlockCheckpoint:
-    """What `rewind` needs to undo one decoded block (the cache itself is cropped)."""
+    """What `rewind` needs to undo one decoded block, on every cache layout (full,
+    sliding-window and linear attention; see `inference_safeguard.kv_cache`)."""
 
-    tokens: int
+    cache: CacheCheckpoint
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     logits: torch.Tensor
@@ -453,12 +517,18 @@ class BlockCheckpoint:
 
     @classmethod
     def of(cls, state: DecodeState, tokens: int) -> BlockCheckpoint:
-        """Checkpoint `state` before decoding a block of `tokens` tokens."""
-        return cls(tokens, state.attention_mask, state.next_position, state.logits, state.hidden)
+        """Checkpoint `state` before decoding a block of at most `tokens` tokens."""
+        return cls(
+            CacheCheckpoint.take(state.cache, tokens),
+            state.attention_mask,
+            state.next_position,
+            state.logits,
+            state.hidden,
+        )
 
     def rewind(self, state: DecodeState) -> None:
-        """Restore `state` to this checkpoint by cropping the block off the cache."""
-        state.cache.crop(-self.tokens)
+        """Restore `state` (the same rows) to this checkpoint; may be called repeatedly."""
+        self.cache.restore(state.cache)
         state.attention_mask = self.attention_mask
         state.next_position = self.next_position
         state.logits = self.logits

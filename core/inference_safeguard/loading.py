@@ -1,18 +1,35 @@
-"""Loading Hugging Face checkpoints: the device and dtype asked for, paths that hold
-nothing loadable, and checkpoints of another kind than the one needed, each as a typed
-error that says how to fix the call.
+"""Loading Hugging Face models and tokenizers: the options every public loader shares,
+and every way a load can go wrong as a typed error that says how to fix the call.
+
+Every loader of the package (`InferenceGuard.from_pretrained`, the scorers'
+`from_pretrained`, both integrations, the CLI) goes through `load_pretrained`, so that
+they all take the same options:
+
+- `device_map` as a string ("auto") or a dict (module name -> device);
+- `model_kwargs`, passed to the model's `from_pretrained` (`quantization_config`,
+  `attn_implementation`, `revision`, `gguf_file`, ...);
+- `tokenizer_kwargs`, passed to the tokenizer's `from_pretrained`; the options that name
+  *which* checkpoint to read (`gguf_file`, `revision`, `subfolder`, `cache_dir`,
+  `local_files_only`, `token`) reach the tokenizer from `model_kwargs` too, unless
+  `tokenizer_kwargs` sets them;
+- a path to a `.gguf` file as the name: split into its directory and `gguf_file`.
+
+A model placed by transformers (device-mapped or quantized) is never moved with `.to()`:
+accelerate's hooks or the quantized weights would break.
 
 A checkpoint of the wrong kind loads silently in transformers: a causal LM loaded as a
 sequence classifier gets a randomly initialised score head (its scores change from load
 to load), and a classifier loaded as a causal LM a random LM head. Transformers reports
 such weights as missing (newly initialised) or mismatched in its loading info; any of
-them, or a checkpoint whose config names only task heads of another kind, is an error.
+them, or a checkpoint whose config names only task heads of another kind, is an error
+(`CheckpointKindError`). A device this machine lacks or a dtype that is not one is a
+`LoadOptionError`; a path with nothing loadable, or corrupted files, a `ModelLoadError`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +66,24 @@ _ARCHITECTURES = (
 # Task heads that are never a causal LM, whatever the loading info says (tied weights
 # can hide a missing LM head).
 _NOT_CAUSAL = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+DeviceMap = str | dict[str, Any]
+"""A transformers device map: "auto", "balanced", ... or module name -> device."""
+
+_SHARED_WITH_TOKENIZER = (
+    "gguf_file",
+    "revision",
+    "subfolder",
+    "cache_dir",
+    "local_files_only",
+    "token",
+)
+"""`model_kwargs` that say which checkpoint to read, so the tokenizer needs them too."""
+
+_OWN_ARGUMENTS = ("trust_remote_code", "device_map", "dtype", "torch_dtype")
+"""Options that have their own argument; given in `model_kwargs` they are refused, so
+that one switch (above all `trust_remote_code`) has one place."""
 
 
 # --------------------------------------------------------------------- device, dtype
@@ -115,20 +150,127 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | Literal["aut
     return resolved
 
 
-# ---------------------------------------------------------------------- checkpoints
-def load_tokenizer(
-    name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False
-) -> PreTrainedTokenizerBase:
-    """The tokenizer of a hub name or local checkpoint directory.
+# -------------------------------------------------------------------- options
+def split_gguf_path(
+    name_or_path: str, model_kwargs: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """`(directory, model_kwargs with gguf_file)` for a path to a `.gguf` file; other
+    names come back as they are.
 
     Raises:
-        ModelLoadError: nothing loadable there (see `check_source`).
+        ValueError: a `.gguf` path together with another `gguf_file` in `model_kwargs`.
     """
-    check_source(name_or_path)
-    with _load_errors(name_or_path, "tokenizer"):
-        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    kwargs = dict(model_kwargs or {})
+    if not (str(name_or_path).lower().endswith(".gguf") and os.path.isfile(name_or_path)):
+        return name_or_path, kwargs
+    directory, file_name = os.path.split(os.path.abspath(name_or_path))
+    given = kwargs.get("gguf_file")
+    if given is not None and given != file_name:
+        raise ValueError(
+            f"the model path names the GGUF file {file_name!r} but model_kwargs names "
+            f"gguf_file={given!r}; give one of them"
+        )
+    kwargs["gguf_file"] = file_name
+    return directory, kwargs
 
 
+def tokenizer_options(
+    model_kwargs: Mapping[str, Any], tokenizer_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The tokenizer's `from_pretrained` options: the checkpoint-naming ones of
+    `model_kwargs`, then `tokenizer_kwargs` on top."""
+    shared = {key: model_kwargs[key] for key in _SHARED_WITH_TOKENIZER if key in model_kwargs}
+    return {**shared, **(tokenizer_kwargs or {})}
+
+
+def check_kwargs(model_kwargs: Mapping[str, Any], tokenizer_kwargs: Mapping[str, Any]) -> None:
+    """Refuse options that have their own argument inside the kwargs dicts.
+
+    Raises:
+        TypeError: naming the option and the argument to use instead.
+    """
+    for where, kwargs in (("model_kwargs", model_kwargs), ("tokenizer_kwargs", tokenizer_kwargs)):
+        for key in _OWN_ARGUMENTS:
+            if key in kwargs:
+                argument = "dtype" if key == "torch_dtype" else key
+                raise TypeError(
+                    f"{where} must not hold {key!r}: pass {argument}=... as its own argument "
+                    "of the loader"
+                )
+
+
+def load_pretrained(
+    auto_class: Any,
+    name_or_path: str | os.PathLike[str],
+    *,
+    kind: CheckpointKind,
+    owner: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: DeviceMap | None = None,
+    trust_remote_code: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
+    tokenizer_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a tokenizer and a model (in eval mode) with `auto_class`, check the model is
+    of `kind`, and place it.
+
+    Args:
+        auto_class: the transformers auto class (e.g. `AutoModelForCausalLM`).
+        name_or_path: hub name, local directory, or path to a `.gguf` file.
+        kind: the kind of checkpoint the caller needs.
+        owner: what needs it, for error messages ("ClassifierScorer").
+        device: where to move the model; ignored for a model transformers placed
+            itself (device-mapped or quantized). None leaves it where it loaded.
+        dtype: torch dtype or its name; None: the checkpoint's own.
+        device_map: transformers device map, a string or a dict.
+        trust_remote_code: run code shipped with the checkpoint; off unless set.
+        model_kwargs: more options of the model's `from_pretrained`.
+        tokenizer_kwargs: more options of the tokenizer's `from_pretrained`.
+
+    Raises:
+        TypeError: `trust_remote_code`, `device_map` or `dtype` inside the kwargs.
+        ValueError: a `.gguf` path that conflicts with `model_kwargs["gguf_file"]`.
+        LoadOptionError: a device this machine lacks, or not a floating dtype.
+        ModelLoadError: nothing loadable there, or incomplete or corrupted files.
+        CheckpointKindError: loading would leave newly initialised weights in the model,
+            or the checkpoint is a classifier where a causal LM is needed.
+    """
+    check_kwargs(model_kwargs or {}, tokenizer_kwargs or {})
+    device, resolved_dtype = resolve_device(device), resolve_dtype(dtype)
+    name, kwargs = split_gguf_path(str(name_or_path), model_kwargs)
+    check_source(name, gguf_file=kwargs.get("gguf_file"))
+    with _load_errors(name, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            name,
+            trust_remote_code=trust_remote_code,
+            **tokenizer_options(kwargs, tokenizer_kwargs),
+        )
+    if resolved_dtype is not None:
+        kwargs["dtype"] = resolved_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = load_model(
+        auto_class, name, kind=kind, owner=owner, trust_remote_code=trust_remote_code, **kwargs
+    ).eval()
+    if device is not None and not is_placed(model):
+        model = model.to(device)
+    return model, tokenizer
+
+
+def is_placed(model: torch.nn.Module) -> bool:
+    """Whether transformers placed the model itself (device-mapped across devices, or
+    quantized), so that `.to(device)` must not move it."""
+    if getattr(model, "hf_device_map", None):
+        return True
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        return True
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    config = getattr(model, "config", None)
+    return getattr(config, "quantization_config", None) is not None
+
+# ---------------------------------------------------------------------- checkpoints
 def load_model(
     auto_class: Any,
     name_or_path: str | os.PathLike[str],
@@ -145,11 +287,11 @@ def load_model(
         owner: what needs it, for the error message ("ClassifierScorer").
 
     Raises:
-        ModelLoadError: nothing loadable there, or incomplete or corrupted files.
+        ModelLoadError: incomplete or corrupted files (`load_pretrained` checks the
+            source first).
         CheckpointKindError: loading would leave newly initialised weights in the model,
             or the checkpoint is a classifier where a causal LM is needed.
     """
-    check_source(name_or_path)
     with _load_errors(name_or_path, "model"):
         try:
             model, info = auto_class.from_pretrained(
@@ -213,13 +355,13 @@ def check_kind(
     )
 
 
-def check_source(name_or_path: str | os.PathLike[str]) -> None:
+def check_source(name_or_path: str | os.PathLike[str], *, gguf_file: str | None = None) -> None:
     """Reject a local path that holds no checkpoint before transformers reads it as a hub
     name (and reports a misleading "Repo id must be in the form ...").
 
-    A name that exists locally must be a directory with a `config.json`; a name that can
-    only be a path (absolute, `./`, `../`, `~`, or with more than one `/`) must exist.
-    Anything else is left to the hub.
+    A name that exists locally must be a directory with a `config.json` (or with the
+    `gguf_file` named); a name that can only be a path (absolute, `./`, `../`, `~`, or
+    with more than one `/`) must exist. Anything else is left to the hub.
 
     Raises:
         ModelLoadError: saying what is missing.
@@ -231,6 +373,10 @@ def check_source(name_or_path: str | os.PathLike[str]) -> None:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise ModelLoadError(f"{text!r} holds no GGUF file {gguf_file!r}")
+            return
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{text!r} holds no config.json, so it is not a Hugging Face checkpoint; pass "

@@ -39,9 +39,14 @@ class GuardResult:
     with `safe=False` is either `refused` or was returned on request
     (`on_unsafe="return"`), never silently.
 
+    A thinking model's reasoning (`<think>...</think>`, see `inference_safeguard.reasoning`)
+    is returned apart: `text` is the answer, `reasoning` the reasoning; `cost`, `reward`
+    and `safe` are of the whole response, reasoning included.
+
     Attributes:
-        text: the returned text.
-        token_ids: token ids of the returned text (the refusal's when refused).
+        text: the returned text: the answer, without the reasoning.
+        token_ids: token ids of the whole response, reasoning included (the refusal's when
+            refused).
         safe: whether the produced response is within budget.
         cost: cost model's cumulative C(x, y) of the produced response: its score of the
             full text, or of a block-end prefix scored during the search if that was
@@ -52,6 +57,8 @@ class GuardResult:
             "safety" (refused).
         budget: the budget it was held to.
         stats: work done for it.
+        reasoning: the reasoning text before the answer, or None when the response has
+            none (and when refused: the reasoning was part of what was withheld).
     """
 
     text: str
@@ -63,6 +70,7 @@ class GuardResult:
     finish_reason: FinishReason
     budget: float
     stats: GenerationStats = field(default_factory=GenerationStats)
+    reasoning: str | None = None
 
     def safety_record(self) -> dict[str, float | bool | int | None]:
         """The safety record the framework integrations attach to their responses."""

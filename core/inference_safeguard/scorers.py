@@ -40,12 +40,13 @@ from inference_safeguard.errors import (
     ScorerOutputError,
 )
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.kv_cache import is_full_attention_cache, repeat_rows
 from inference_safeguard.loading import (
     CheckpointKind,
-    load_model,
-    load_tokenizer,
+    DeviceMap,
+    is_placed,
+    load_pretrained,
     resolve_device,
-    resolve_dtype,
 )
 
 __all__ = [
@@ -366,13 +367,22 @@ class _ModelScorer(Scorer):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        device_map: DeviceMap | None = None,
         trust_remote_code: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> Self:
-        """Load the tokenizer and the model (in eval mode) by hub name or local path.
+        """Load the tokenizer and the model (in eval mode) by hub name, local directory
+        or `.gguf` file path.
 
-        `kwargs` are the scorer's own options (see the class). Code shipped with the
-        checkpoint runs only if you pass `trust_remote_code` as True.
+        `device_map` (a string such as "auto", or a dict) shards a large model; with it,
+        or with a quantized model (`model_kwargs={"quantization_config": ...}`), `device`
+        is ignored and the model is never moved. `model_kwargs` and `tokenizer_kwargs`
+        go to the `from_pretrained` of the model and the tokenizer (see
+        `inference_safeguard.loading`). `kwargs` are the scorer's own options (see the
+        class). Code shipped with the checkpoint runs only if you pass
+        `trust_remote_code` as True.
 
         Raises:
             LoadOptionError: a device this machine lacks, or not a floating dtype.
@@ -380,18 +390,19 @@ class _ModelScorer(Scorer):
             CheckpointKindError: the checkpoint is of another kind (see the class), so
                 part of the model would be randomly initialised.
         """
-        device, dtype = resolve_device(device), resolve_dtype(dtype)
-        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-        load_kwargs = {} if dtype is None else {"dtype": dtype}
-        model = load_model(
+        device = resolve_device(device)
+        model, tokenizer = load_pretrained(
             cls._auto_class,
             name_or_path,
             kind=cls._checkpoint_kind,
             owner=cls.__name__,
+            dtype=dtype,
+            device_map=device_map,
             trust_remote_code=trust_remote_code,
-            **load_kwargs,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
         )
-        return cls(model.eval(), tokenizer, device=device, **kwargs)
+        return cls(model, tokenizer, device=None if device_map is not None else device, **kwargs)
 
     @staticmethod
     def _prompt_cache_keyword(model: PreTrainedModel, enabled: bool) -> str | None:
@@ -402,19 +413,21 @@ class _ModelScorer(Scorer):
         return keyword if enabled and decoder_only else None
 
     def _prompt_cache(self, prefix: tuple[int, ...], rows: int) -> Any:
-        """The KV cache of `prefix` run once, repeated for `rows` rows (None when the
-        model returns no cache that can be repeated)."""
+        """The KV cache of `prefix` run once, repeated for `rows` rows (None unless every
+        layer of the model's cache is full attention: padding between the prefix and a
+        sequence would take a sliding window's places, or run on through a recurrent
+        state, so those models score whole sequences)."""
         prefix_ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=prefix_ids, use_cache=True)
         cache = output_cache(out)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        if not is_full_attention_cache(cache):
             return None
-        cache.batch_repeat_interleave(rows)
+        repeat_rows(cache, rows, 1)
         return cache
 
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:
         device = resolve_device(device)
-        if device is not None:
+        if device is not None and not is_placed(model):
             model.to(device)
         self.model = model
 

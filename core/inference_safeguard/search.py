@@ -60,7 +60,12 @@ from inference_safeguard.safety import (
     unsafe_token_mask,
     update_safety_state,
 )
-from inference_safeguard.sampling import PromptSamplers, penalize_tokens
+from inference_safeguard.sampling import (
+    PromptSamplers,
+    RepetitionPenalty,
+    SamplingSettings,
+    penalize_tokens,
+)
 from inference_safeguard.scorers import Scorer
 
 Scoring = Literal["augmented", "reward", "lagrangian"]
@@ -397,6 +402,7 @@ class BlockSearch:
             One `PromptSearch` per prompt with its finished responses and counts.
         """
         raise_if_cancelled(cancel)
+        config = config.with_sampling_defaults(self.lm.sampling_defaults)
         evaluator = evaluator or self.evaluator
         searches = [PromptSearch(prompt) for prompt in prompts]
         samplers = PromptSamplers(seeds, self.lm.device)
@@ -472,13 +478,24 @@ class BlockSearch:
         cancel: threading.Event | None,
     ) -> _Step:
         """Decode and score one block for every row, resampling all-unsafe prompts."""
-        checkpoint = BlockCheckpoint.of(state, layout.block_len)
+        rounds = config.resample_rounds if self.resample else 0
+        # Only a search that may resample pays for a checkpoint (on sliding-window and
+        # linear-attention layers it copies part of the cache).
+        checkpoint = BlockCheckpoint.of(state, layout.block_len) if rounds else None
         all_rows = torch.arange(state.rows)
         block = self.lm.decode_block(
             state,
             layout.block_len,
             self._chooser(
-                samplers, layout.live, layout.group_sizes, all_rows, None, None, config, cancel
+                samplers,
+                layout.live,
+                layout.group_sizes,
+                all_rows,
+                None,
+                None,
+                self._repetition_penalty(config, searches, layout, parents, all_rows),
+                config,
+                cancel,
             ),
         )
         step = self._score(block, state, parents, layout, all_rows, config, evaluator)
@@ -486,7 +503,7 @@ class BlockSearch:
             searches[layout.live[group]].blocks += 1
             searches[layout.live[group]].candidates_scored += size
         penalty_mask = None
-        for _ in range(config.resample_rounds if self.resample else 0):
+        for _ in range(rounds):
             failing = [
                 g
                 for g, z in enumerate(step.rows.z.split(layout.group_sizes))
@@ -502,7 +519,8 @@ class BlockSearch:
             )
             penalty_mask = round_mask if penalty_mask is None else penalty_mask | round_mask
             resampled = torch.cat([layout.group_rows(g) for g in failing])
-            checkpoint.rewind(state)
+            if checkpoint is not None:
+                checkpoint.rewind(state)
             block = self.lm.decode_block(
                 state,
                 layout.block_len,
@@ -513,6 +531,7 @@ class BlockSearch:
                     resampled,
                     block.tokens,
                     penalty_mask[layout.group_of_row[resampled].to(penalty_mask.device)],
+                    self._repetition_penalty(config, searches, layout, parents, resampled),
                     config,
                     cancel,
                 ),
@@ -526,6 +545,28 @@ class BlockSearch:
                 searches[layout.live[g]].candidates_scored += layout.group_sizes[g]
         return step
 
+    def _repetition_penalty(
+        self,
+        config: GuardConfig,
+        searches: list[PromptSearch],
+        layout: _Layout,
+        parents: _Rows,
+        rows: torch.Tensor,
+    ) -> RepetitionPenalty | None:
+        """The repetition penalty of `rows` (`(n,)` index into the step's rows) over each
+        row's prompt and its parent beam's response, or None when it is off. Built from
+        `parents` at every decode of a block, so the histories follow the rows through
+        fan-out, pruning and rewinds."""
+        penalty = SamplingSettings.of(config).repetition_penalty
+        if penalty == 1.0:
+            return None
+        group_of_row = layout.group_of_row.tolist()
+        histories = [
+            searches[layout.live[group_of_row[row]]].prompt.ids + parents.token_ids[row]
+            for row in rows.tolist()
+        ]
+        return RepetitionPenalty(penalty, histories, self.lm.vocab_size, self.lm.device)
+
     @staticmethod
     def _chooser(
         samplers: PromptSamplers,
@@ -534,20 +575,34 @@ class BlockSearch:
         sampled_rows: torch.Tensor,
         replay: torch.Tensor | None,
         penalty_mask: torch.Tensor | None,
+        repetition: RepetitionPenalty | None,
         config: GuardConfig,
         cancel: threading.Event | None,
     ):
-        """Token chooser: sample `sampled_rows` (penalised), replay the other rows' tokens;
-        raises `GenerationCancelledError` once `cancel` is set, before the token's forward."""
+        """Token chooser: sample `sampled_rows` (repetition penalty, then the unsafe-token
+        penalty), replay the other rows' tokens; raises `GenerationCancelledError` once
+        `cancel` is set, before the token's forward."""
+
+        sampling = SamplingSettings.of(config)
 
         def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
             raise_if_cancelled(cancel)
             picked = logits if replay is None else logits[sampled_rows.to(logits.device)]
+            if repetition is not None:
+                picked = repetition(picked)
             if penalty_mask is not None:
                 picked = penalize_tokens(picked, penalty_mask, config.unsafe_logit_penalty)
             sampled = samplers.sample(
-                picked, group_sizes, prompt_ids, config.temperature, config.top_k, config.top_p
+                picked,
+                group_sizes,
+                prompt_ids,
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                sampling.min_p,
             )
+            if repetition is not None:
+                repetition.observe(sampled)
             if replay is None:
                 return sampled
             tokens = replay[:, step].clamp_min(0)

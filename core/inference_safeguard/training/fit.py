@@ -352,13 +352,15 @@ def _loss(critic: LatentCritic, points: RolloutSet, budgets: torch.Tensor) -> to
     """
     config = critic.config
     out = critic(points.hidden, budgets - points.prefix_cost)
-    safe = (points.final_cost <= budgets).float()
+    # Costs and rewards are float64 (exact budget comparisons); targets take the
+    # heads' dtype, as older torch releases do not promote in a loss's backward.
+    safe = (points.final_cost <= budgets).to(out.safe_logit.dtype)
     reward = (points.final_reward - config.reward_mean) / config.reward_std
     loss = F.binary_cross_entropy_with_logits(out.safe_logit, safe)
-    loss = loss + F.mse_loss(out.reward, reward)
+    loss = loss + F.mse_loss(out.reward, reward.to(out.reward.dtype))
     if out.cost is not None:
         prefix_cost = (points.prefix_cost - config.cost_mean) / config.cost_std
-        loss = loss + F.mse_loss(out.cost, prefix_cost)
+        loss = loss + F.mse_loss(out.cost, prefix_cost.to(out.cost.dtype))
     return loss
 
 
