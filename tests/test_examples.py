@@ -55,3 +55,26 @@ def test_critic_example_trains_saves_loads_and_guides_the_search(capsys, tmp_pat
     assert len(results) == 3
     assert all(r.safe or r.refused for r in results)
     assert not any(any(p in r.text.lower() for p in HAZARD_PHRASES) for r in results)
+
+
+@pytest.mark.real_model
+def test_real_model_example_keeps_smollm2_to_the_policy_in_langchain_and_llamaindex(capsys):
+    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
+    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except OfflineModelMissingError as error:
+        pytest.skip(str(error))
+    example = load("real_model")
+    answers = example.main(["--num-candidates", "4", "--max-new-tokens", "32", "--threads", "1"])
+    out = capsys.readouterr().out
+    plain = out[out.index("1. Plain sampling") : out.index("2. LangChain")]
+    assert "UNSAFE" in plain  # what the model says unguarded
+    assert "3. LlamaIndex" in out
+    # Both questions through the chain and one through the query engine: each answer
+    # within budget, or refused.
+    assert len(answers) == 3
+    for answer, safety in answers:
+        assert safety["safe"] or safety["refused"]
+        assert not any(word in answer.lower() for word in example.HAZARD_WORDS)
