@@ -128,12 +128,11 @@ def langchain_chain(guard: InferenceGuard) -> list[Answer]:
 
 def llamaindex_query_engine(guard: InferenceGuard) -> Answer:
     """A question about the notes, through a LlamaIndex query engine on `SafeguardLLM`."""
-    from llama_index.core import Document, Settings, SummaryIndex
+    from llama_index.core import Document, SummaryIndex
 
     from llamaindex_safeguard import SafeguardLLM
 
     llm = SafeguardLLM(guard=guard)
-    Settings.tokenizer = llm.encode  # count prompt tokens in the model's own tokens
     index = SummaryIndex.from_documents([Document(text=note) for note in NOTES])
     response = index.as_query_engine(llm=llm).query(NOTES_QUESTION)
     print("\n3. LlamaIndex: SummaryIndex query engine over three notes, on SafeguardLLM")
