@@ -105,7 +105,8 @@ def build_demo_world(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, model in (("base", base), ("cost", cost), ("reward", reward)):
-        model.to(torch.float16).save_pretrained(out_dir / name)
+        # transformers wraps `to` with functools.wraps, whose typeshed stub binds no self.
+        model.to(torch.float16).save_pretrained(out_dir / name)  # type: ignore[arg-type]
         tokenizer.save_pretrained(out_dir / name)
     manifest = {
         "settings": asdict(settings),
@@ -189,8 +190,8 @@ def _llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-        num_labels=1,
     )
+    config.num_labels = 1
     return cls(config)
 
 
@@ -308,7 +309,7 @@ def _scorer_batches(
 
 
 def _pad_batches(
-    rows: list[tuple[list[int], object]], pad_id: int, settings: BuildSettings
+    rows: Sequence[tuple[list[int], list[int] | float]], pad_id: int, settings: BuildSettings
 ) -> list[Batch]:
     """Right-padded batches; `labels` are token lists (LM) or one float per row."""
     rng = random.Random(settings.seed + 3)
@@ -322,12 +323,13 @@ def _pad_batches(
         for i, (ids, _) in enumerate(chunk):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-        if isinstance(chunk[0][1], list):
+        token_labels = [t for _, t in chunk if isinstance(t, list)]
+        if token_labels:
             labels = torch.full((len(chunk), width), -100)
-            for i, (_, row_labels) in enumerate(chunk):
+            for i, row_labels in enumerate(token_labels):
                 labels[i, : len(row_labels)] = torch.tensor(row_labels)
         else:
-            labels = torch.tensor([float(t) for _, t in chunk])
+            labels = torch.tensor([float(t) for _, t in chunk if not isinstance(t, list)])
         batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     rng.shuffle(batches)
     return batches
