@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -34,6 +35,7 @@ from inference_safeguard import (
     InvalidPromptError,
     MissingCostModelError,
 )
+from inference_safeguard.config import reject_bool_number
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.identity import digest
 from inference_safeguard.scorers import Scorer
@@ -148,6 +150,13 @@ class SafeguardParams(BaseModel):
     @classmethod
     def _one_stop_string_is_one_sequence(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator(*CONFIG_FIELDS, "max_tokens", mode="before")
+    @classmethod
+    def _config_numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked before this field's own coercion would turn True into 1.
+        name = "max_new_tokens" if info.field_name == "max_tokens" else info.field_name
+        return reject_bool_number(name, value)
 
     @model_validator(mode="after")
     def _check_decoder_and_config(self) -> Self:

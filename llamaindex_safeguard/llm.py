@@ -19,13 +19,19 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+)
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
-from inference_safeguard.config import GuardConfig
+from inference_safeguard.config import GuardConfig, reject_bool_number
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
 from inference_safeguard.guard import CriticInput, InferenceGuard
@@ -164,6 +170,12 @@ class SafeguardLLM(FunctionCallingLLM):
     @classmethod
     def _one_stop_string_is_one_sequence(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator(*CONFIG_FIELDS, mode="before")
+    @classmethod
+    def _config_numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked before this field's own coercion would turn True into 1.
+        return reject_bool_number(info.field_name, value)
 
     def __init__(self, guard: Decoder, **kwargs: Any) -> None:
         if not isinstance(guard, Decoder):

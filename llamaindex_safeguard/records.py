@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from contextvars import ContextVar
 from typing import Any
 
@@ -204,7 +204,7 @@ def _attach_after_stream(result: StreamingResponse, slots: list[RecordSlot]) -> 
         return
     tokens = iter(result.response_gen)
 
-    def recorded() -> Iterator[str]:
+    def recorded() -> Generator[str, None, None]:
         while True:
             reset = _consumed_stream_slots.set(known)
             try:
@@ -225,7 +225,7 @@ def _attach_after_async_stream(result: AsyncStreamingResponse, slots: list[Recor
         return
     tokens = aiter(result.response_gen)
 
-    async def recorded() -> AsyncIterator[str]:
+    async def recorded() -> AsyncGenerator[str, None]:
         while True:
             reset = _consumed_stream_slots.set(known)
             try:

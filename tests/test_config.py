@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from inference_safeguard import GuardConfig
+from inference_safeguard.config import MIN_TEMPERATURE
 
 
 def test_defaults_are_valid_and_candidates_fill_the_beams() -> None:
@@ -99,6 +100,44 @@ def test_out_of_range_values_raise_a_value_error_naming_the_field(
     errors = info.value.errors()
     assert [e["loc"][0] for e in errors] == [field]
     assert hint in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "hint"),
+    [
+        ({"unsafe_logit_penalty": math.inf}, "unsafe_logit_penalty", "finite"),
+        ({"unsafe_logit_penalty": 1e7}, "unsafe_logit_penalty", "less than or equal to 1000000"),
+        ({"unsafe_penalty": math.inf}, "unsafe_penalty", "finite"),
+        ({"unsafe_penalty": math.nan}, "unsafe_penalty", "finite"),
+        ({"critic_risk_weight": math.inf}, "critic_risk_weight", "finite"),
+        ({"safety_discount": math.nan}, "safety_discount", "finite"),
+        ({"temperature": 1e-300}, "temperature", "use temperature=0 for greedy decoding"),
+        ({"temperature": 1e-4}, "temperature", "at least 0.001"),
+        ({"temperature": math.nan}, "temperature", "finite"),
+        ({"top_p": math.nan}, "top_p", "finite"),
+        ({"budget": True}, "budget", "got the bool True; pass a number such as budget=0.0"),
+        ({"num_candidates": True}, "num_candidates", "got the bool True"),
+        ({"unsafe_logit_penalty": False}, "unsafe_logit_penalty", "got the bool False"),
+        ({"seed": True}, "seed", "got the bool True; pass a number such as seed=0"),
+        ({"top_k": False}, "top_k", "got the bool False"),
+        ({"num_candidates": 16.0}, "num_candidates", "valid integer"),
+        ({"budget": "1"}, "budget", "valid number"),
+        ({"cost_probe": 1}, "cost_probe", "valid boolean"),
+    ],
+)
+def test_degenerate_settings_are_rejected_with_a_fix(
+    overrides: dict[str, Any], field: str, hint: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        GuardConfig(**overrides)
+    assert [e["loc"][0] for e in info.value.errors()] == [field]
+    assert hint in str(info.value)
+
+
+def test_smallest_sampling_temperature_and_integral_floats_are_accepted() -> None:
+    config = GuardConfig(temperature=MIN_TEMPERATURE, budget=1, unsafe_penalty=5)
+    assert (config.temperature, config.budget, config.unsafe_penalty) == (1e-3, 1.0, 5.0)
+    assert isinstance(config.budget, float)
 
 
 def test_boundary_values_are_accepted() -> None:

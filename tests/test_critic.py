@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
 import pytest
 import torch
 from conftest import OTHER_PROMPT, PROMPT
+from safetensors.torch import load_file, save_file
 
 from inference_safeguard import GuardConfig, InferenceGuard
-from inference_safeguard.critic import CONFIG_FILE, WEIGHTS_FILE, LatentCritic, ModelFingerprint
+from inference_safeguard.critic import (
+    CONFIG_FILE,
+    MAX_SIZE,
+    WEIGHTS_FILE,
+    LatentCritic,
+    ModelFingerprint,
+    config_sha256,
+)
 from inference_safeguard.errors import (
     CriticFileError,
     CriticMismatchError,
@@ -48,6 +57,25 @@ class CountingScorer(CallableScorer):
         return self.inner(prompts, responses)
 
 
+def rewrite_config(directory, **changes) -> None:
+    """Change entries of a saved critic.json and record its new checksum, as a file
+    written that way (not corrupted in transit) would have."""
+    path = directory / CONFIG_FILE
+    data = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({**data, "config_sha256": config_sha256(data)}))
+
+
+def rewrite_weights(directory, tensors) -> None:
+    """Replace the weights and record their checksums, as `save` would have."""
+    weights = directory / WEIGHTS_FILE
+    save_file(tensors, weights)
+    rewrite_config(directory, weights_sha256=_sha256(weights))
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # ------------------------------------------------------------------- files
 def test_save_and_load_are_bit_exact(critic, saved_critic):
     loaded = LatentCritic.load(saved_critic)
@@ -78,14 +106,80 @@ def test_a_flipped_byte_in_the_weights_is_rejected(saved_critic):
         LatentCritic.load(saved_critic)
 
 
-def test_a_truncated_weights_file_is_rejected_even_without_a_checksum(saved_critic):
-    config_path = saved_critic / CONFIG_FILE
-    config_path.write_text(
-        json.dumps({**json.loads(config_path.read_text()), "weights_sha256": ""})
-    )
+def test_a_truncated_weights_file_is_rejected_even_with_a_matching_checksum(saved_critic):
     weights = saved_critic / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
+    rewrite_config(saved_critic, weights_sha256=_sha256(weights))
     with pytest.raises(CriticFileError, match="not a readable safetensors file"):
+        LatentCritic.load(saved_critic)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"budget": 5.0}, {"z_scale": 1e-6}, {"weights_sha256": ""}, {"config_sha256": ""}],
+)
+def test_an_edited_or_damaged_config_fails_its_own_checksum(saved_critic, change):
+    path = saved_critic / CONFIG_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CriticFileError, match=r"critic.json is corrupted"):
+        LatentCritic.load(saved_critic)
+
+
+def test_the_config_checksum_ignores_indentation(saved_critic):
+    path = saved_critic / CONFIG_FILE
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=4))
+    assert LatentCritic.load(saved_critic).config.budget == 0.0
+
+
+def test_a_critic_file_without_a_config_checksum_asks_for_a_retrain(saved_critic):
+    path = saved_critic / CONFIG_FILE
+    data = json.loads(path.read_text())
+    del data["config_sha256"]
+    path.write_text(json.dumps({**data, "format_version": 1}))
+    with pytest.raises(CriticFileError, match=r"format version 1.*retrain the critic"):
+        LatentCritic.load(saved_critic)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [{"hidden_size": 2**40}, {"width": 2**40}, {"hidden_size": MAX_SIZE + 1}],
+)
+def test_sizes_beyond_the_bound_are_rejected_before_allocating(saved_critic, sizes):
+    rewrite_config(saved_critic, **sizes)
+    with pytest.raises(CriticFileError, match="less than or equal to 1048576"):
+        LatentCritic.load(saved_critic)
+
+
+def test_sizes_within_the_bound_that_the_tensors_lack_are_never_allocated(saved_critic):
+    # A critic of this size would take 4 TiB; the file's tensors decide before any allocation.
+    rewrite_config(saved_critic, hidden_size=MAX_SIZE, width=MAX_SIZE)
+    with pytest.raises(CriticFileError, match="do not fit"):
+        LatentCritic.load(saved_critic)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["trunk.0.weight", "safe_head.bias", "hidden_mean"])
+def test_non_finite_weights_with_matching_checksums_are_rejected(saved_critic, name, value):
+    tensors = load_file(saved_critic / WEIGHTS_FILE)
+    tensors[name] = torch.full_like(tensors[name], value)
+    rewrite_weights(saved_critic, tensors)
+    with pytest.raises(CriticFileError, match=rf"non-finite values \(NaN or inf\) in {name}"):
+        LatentCritic.load(saved_critic)
+
+
+def test_a_zero_hidden_std_is_rejected(saved_critic):
+    tensors = load_file(saved_critic / WEIGHTS_FILE)
+    tensors["hidden_std"][0] = 0.0
+    rewrite_weights(saved_critic, tensors)
+    with pytest.raises(CriticFileError, match="hidden_std that is not positive"):
+        LatentCritic.load(saved_critic)
+
+
+def test_non_finite_config_values_are_rejected(saved_critic):
+    path = saved_critic / CONFIG_FILE
+    data = {**json.loads(path.read_text()), "reward_mean": float("nan")}
+    path.write_text(json.dumps({**data, "config_sha256": config_sha256(data)}))
+    with pytest.raises(CriticFileError, match=r"not a valid critic config.*finite"):
         LatentCritic.load(saved_critic)
 
 
@@ -93,7 +187,9 @@ def test_a_truncated_weights_file_is_rejected_even_without_a_checksum(saved_crit
     ("damage", "message"),
     [
         (lambda d: (d / CONFIG_FILE).write_text("{not json"), "not valid JSON"),
-        (lambda d: (d / CONFIG_FILE).write_text('{"hidden_size": 3}'), "not a valid critic config"),
+        (lambda d: (d / CONFIG_FILE).write_text('{"hidden_size": 3}'), "corrupted"),
+        (lambda d: (d / CONFIG_FILE).write_text("[1, 2]"), "not a critic config object"),
+        (lambda d: rewrite_config(d, block_size=0), "not a valid critic config"),
         (lambda d: (d / CONFIG_FILE).unlink(), "no critic.json"),
         (lambda d: (d / WEIGHTS_FILE).unlink(), "no critic.safetensors"),
     ],
@@ -112,8 +208,7 @@ def test_damaged_critic_files_are_rejected_with_clear_errors(saved_critic, damag
     ],
 )
 def test_a_config_that_does_not_describe_the_weights_is_rejected(saved_critic, change, message):
-    config_path = saved_critic / CONFIG_FILE
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    rewrite_config(saved_critic, **change)
     with pytest.raises(CriticFileError, match=message):
         LatentCritic.load(saved_critic)
 

@@ -21,7 +21,7 @@ from inference_safeguard.safety import (
 def test_initial_safety_state_is_the_budget_on_every_row() -> None:
     z = initial_safety_state(2.5, rows=4)
     assert z.shape == (4,)
-    assert z.dtype == torch.float32
+    assert z.dtype == torch.float64
     assert torch.equal(z, torch.full((4,), 2.5))
 
 

@@ -92,6 +92,15 @@ def test_top_p_always_keeps_at_least_the_likeliest_token() -> None:
     assert finite[1, 3]
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
+def test_a_top_p_that_rounds_to_zero_still_samples_the_likeliest_token(top_p: float) -> None:
+    logits = _logits(4, 32)
+    warped = warp_logits(logits, 1.0, 0, top_p=top_p)
+    assert torch.isfinite(warped).sum(-1).tolist() == [1, 1, 1, 1]
+    sampled = PromptSamplers([0], CPU).sample(logits, [4], [0], 1.0, top_p=top_p)
+    assert torch.equal(sampled, logits.argmax(-1))
+
+
 def test_top_p_applies_to_the_mass_left_after_top_k() -> None:
     # After top-2 the renormalised mass is [4/7, 3/7]: top_p=0.5 keeps one token, although
     # the unrenormalised nucleus of 0.5 would need two.
@@ -131,6 +140,16 @@ def test_penalize_tokens_subtracts_penalty_only_on_masked_tokens() -> None:
     got = penalize_tokens(logits, mask, penalty=2.5)
     torch.testing.assert_close(got[mask], logits[mask] - 2.5)
     assert torch.equal(got[~mask], logits[~mask])
+
+
+@pytest.mark.parametrize("penalty", [1e6, 1e39, float("inf")])
+def test_a_huge_penalty_leaves_unmasked_logits_untouched(penalty: float) -> None:
+    logits = _logits(2, 8)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, :3] = True
+    got = penalize_tokens(logits, mask, penalty)
+    assert torch.equal(got[~mask], logits[~mask])
+    assert (got[mask] < logits.min()).all()
 
 
 def test_penalize_tokens_does_not_modify_its_inputs() -> None:

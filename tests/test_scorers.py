@@ -106,7 +106,7 @@ def test_non_text_arguments_are_rejected(prompts, responses, message):
 def test_empty_batch_returns_empty_float_tensor():
     scores = KeywordCost(["cat"])([], [])
     assert scores.shape == (0,)
-    assert scores.dtype == torch.float32
+    assert scores.dtype == torch.float64
 
 
 def test_wrong_output_shape_raises_scorer_output_error_naming_the_scorer():
@@ -119,11 +119,18 @@ def test_non_finite_output_raises_scorer_output_error_with_positions():
         _FixedOutput(torch.tensor([0.0, float("nan"), float("inf")]))(["a"] * 3, ["b"] * 3)
 
 
-def test_output_is_converted_to_cpu_float32():
-    scores = _FixedOutput(torch.tensor([1, 2], dtype=torch.float64))(["a", "b"], ["c", "d"])
-    assert scores.dtype == torch.float32
+def test_output_is_converted_to_cpu_float64():
+    scores = _FixedOutput(torch.tensor([1, 2], dtype=torch.int32))(["a", "b"], ["c", "d"])
+    assert scores.dtype == torch.float64
     assert scores.device.type == "cpu"
     assert scores.tolist() == [1.0, 2.0]
+
+
+def test_scores_keep_the_scorers_float64_values():
+    values = [0.1, 0.1000000016, -2.5]
+    scores = CallableScorer(lambda prompts, responses: values)(["p"] * 3, ["r"] * 3)
+    assert scores.tolist() == values
+    assert KeywordCost(["cat"], weight=0.1)(["p"], ["cat"]).tolist() == [0.1]
 
 
 def test_scorers_do_not_modify_inputs_and_accept_tuples(tokenizer, classifier, guard_lm):
@@ -270,7 +277,7 @@ def test_classifier_returns_one_deterministic_score_per_pair(tokenizer, classifi
     scorer = ClassifierScorer(classifier, tokenizer)
     first = scorer(PROMPTS, RESPONSES)
     assert first.shape == (len(PROMPTS),)
-    assert first.dtype == torch.float32
+    assert first.dtype == torch.float64
     torch.testing.assert_close(scorer(PROMPTS, RESPONSES), first, rtol=0, atol=0)
     assert first.unique().numel() == len(PROMPTS)
 

@@ -175,7 +175,9 @@ def test_rollouts_are_reproducible_with_a_seed(lm, keyword_cost, length_reward):
         ({"samples_per_prompt": 0}, ValueError, "samples_per_prompt must be an int >= 1"),
         ({"block_size": 0}, ValueError, "block_size must be an int >= 1"),
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
-        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number >= 0.001"),
+        ({"temperature": 1e-300}, ValueError, "a smaller temperature overflows the logits"),
+        ({"top_p": True}, ValueError, r"top_p must be in \(0, 1\]"),
         ({"top_k": -1}, ValueError, "top_k must be an int >= 0"),
         ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
         ({"prompts_per_batch": 0}, ValueError, "prompts_per_batch must be an int >= 1"),
@@ -488,7 +490,13 @@ def test_train_critic_command_explains_bad_input_without_a_traceback(
 
 @pytest.mark.parametrize(
     "flags",
-    [["--temperature", "0"], ["--samples-per-prompt", "0"], ["--budget", "nan"], []],
+    [
+        ["--temperature", "0"],
+        ["--temperature", "1e-300"],
+        ["--samples-per-prompt", "0"],
+        ["--budget", "nan"],
+        [],
+    ],
 )
 def test_train_critic_command_rejects_bad_numbers_and_needs_out(flags, capsys):
     argv = ["train-critic", *flags]

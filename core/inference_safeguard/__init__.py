@@ -10,13 +10,16 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.errors import (
     ChatTemplateError,
+    CheckpointKindError,
     CriticError,
     CriticFileError,
     CriticMismatchError,
     GenerationCancelledError,
     InvalidPromptError,
+    LoadOptionError,
     MissingCostModelError,
     MissingCriticError,
+    ModelLoadError,
     PromptTooLongError,
     RefusalOverBudgetWarning,
     SafeguardError,
@@ -34,6 +37,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "ChatTemplateError",
+    "CheckpointKindError",
     "CriticError",
     "CriticFileError",
     "CriticMismatchError",
@@ -44,9 +48,11 @@ __all__ = [
     "InferenceGuard",
     "InvalidPromptError",
     "LatentCritic",
+    "LoadOptionError",
     "MissingCostModelError",
     "MissingCriticError",
     "MissingExtraError",
+    "ModelLoadError",
     "PromptTooLongError",
     "RefusalOverBudgetWarning",
     "SafeguardError",

@@ -23,7 +23,7 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.decoder import Decoder, Response
 from inference_safeguard.lm import CausalLM, EncodedPrompt
 from inference_safeguard.scorers import Scorer
-from inference_safeguard.search import BlockSearch, ModelsEvaluator, Scoring, first_stop
+from inference_safeguard.search import BlockSearch, ModelsEvaluator, Scoring, cut_before_stop
 
 
 class _BlockSearchBaseline(Decoder):
@@ -230,12 +230,6 @@ class ARGS(Decoder):
         responses = []
         for ids, reason in zip(token_ids, reasons, strict=True):
             text = self.lm.decode([ids])[0]
-            cut = first_stop(text, config.stop)
-            responses.append(
-                Response(
-                    token_ids=ids,
-                    text=text[:cut],
-                    finish_reason=reason or "length",
-                )
-            )
+            ids, text = cut_before_stop(self.lm, ids, text, config.stop) or (ids, text)
+            responses.append(Response(token_ids=ids, text=text, finish_reason=reason or "length"))
         return responses

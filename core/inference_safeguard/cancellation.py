@@ -17,7 +17,7 @@ import asyncio
 import contextvars
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from inference_safeguard.errors import GenerationCancelledError
 
@@ -92,6 +92,6 @@ async def run_in_worker(work: Callable[[], T], cancel: Callable[[], None]) -> T:
     return outcome
 
 
-def _retrieve(future: asyncio.Future[object]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()

@@ -32,6 +32,7 @@ from inference_safeguard.cli_options import (
     load_reward,
     loading,
     parse_regex_cost,
+    read_stdin_text,
 )
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.critic import LatentCritic
@@ -218,7 +219,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _read_prompt(value: str, *, chat: bool) -> PromptInput:
     # A shell pipe ends the text with a newline that is not part of the prompt.
-    text = sys.stdin.read().rstrip("\n") if value == "-" else value
+    text = read_stdin_text().rstrip("\n") if value == "-" else value
     return [{"role": "user", "content": text}] if chat else text
 
 

@@ -13,8 +13,9 @@ import contextlib
 import json
 import math
 import os
+import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -23,7 +24,9 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.errors import LoadOptionError, SafeguardError
 from inference_safeguard.lm import CausalLM, PromptInput
+from inference_safeguard.loading import resolve_device
 from inference_safeguard.scorers import ClassifierScorer, KeywordCost, RegexCost, Scorer
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,6 +43,8 @@ def loading(flag: str, path: str) -> Iterator[None]:
     bad scorer option) as a command-line error that names the flag."""
     try:
         yield
+    except SafeguardError as exc:  # already says what is wrong with the path or device
+        raise CommandLineError(f"cannot load {flag} {path!r}: {exc}") from exc
     except (OSError, ValueError) as exc:
         # transformers reports a mistyped local path as a malformed hub name; say both.
         where = "" if os.path.exists(path) else "no such local path, and as a hub name: "
@@ -48,10 +53,11 @@ def loading(flag: str, path: str) -> Iterator[None]:
 
 # ------------------------------------------------------------------ argument types
 def parse_device(text: str) -> torch.device:
+    """A torch device this machine has."""
     try:
-        return torch.device(text)
-    except RuntimeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}; try cpu, cuda, cuda:1 or mps") from exc
+        return torch.device(resolve_device(text))
+    except LoadOptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_keyword_cost(text: str) -> KeywordCost:
@@ -98,14 +104,6 @@ def finite_float(text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -327,27 +325,88 @@ def read_prompt_file(path: Path) -> list[PromptInput]:
     """The prompts of a JSONL file: one object with a `"prompt"` per line; blank lines skipped.
 
     Raises:
-        CommandLineError: a line that is not such an object, or a file with no prompts.
+        CommandLineError: a file that is not UTF-8, a line that is not such an object,
+            or a file with no prompts.
         OSError: the file cannot be read.
     """
     prompts: list[PromptInput] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CommandLineError(
-                    f'{path}:{number}: not JSON ({exc.msg}); write {{"prompt": "..."}} per line'
-                ) from exc
-            prompt = record.get("prompt") if isinstance(record, dict) else None
-            if not isinstance(prompt, (str, list)):
-                raise CommandLineError(
-                    f'{path}:{number}: needs a "prompt" that is a string or a list of '
-                    '{"role", "content"} messages'
-                )
-            prompts.append(prompt)
+    for number, line in enumerate(_utf8_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CommandLineError(
+                f'{path}:{number}: not JSON ({exc.msg}); write {{"prompt": "..."}} per line'
+            ) from exc
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, (str, list)):
+            raise CommandLineError(
+                f'{path}:{number}: needs a "prompt" that is a string or a list of '
+                '{"role", "content"} messages'
+            )
+        prompts.append(prompt)
     if not prompts:
         raise CommandLineError(f"{path} holds no prompts; write one JSON object per line")
     return prompts
+
+
+def _utf8_text(path: Path) -> str:
+    """The text of `path`, which must be UTF-8 (the encoding JSON Lines files use)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise CommandLineError(
+            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+            f"{exc.start}); a prompt file is UTF-8 JSON Lines: save it as UTF-8"
+        ) from exc
+
+
+def read_stdin_text() -> str:
+    """Standard input as text, decoded as UTF-8 whatever the locale says."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandLineError(
+            f"standard input is not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+            f"{exc.start}); pipe the prompt as UTF-8"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- output
+def check_output_dir(path: Path, flag: str, files: Sequence[str] = ()) -> None:
+    """Refuse, before a long run, an output directory the run could not write at its end.
+
+    The directory need not exist (it is created then); it must not be a file, the
+    nearest existing directory above it must be writable, and none of `files` (the
+    names the run writes into it) may be a directory.
+
+    Raises:
+        CommandLineError: saying what is in the way.
+    """
+    if path.exists() and not path.is_dir():
+        raise CommandLineError(
+            f"{flag} {path} is a file; pass a directory (created if it does not exist)"
+        )
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandLineError(
+            f"{flag} {path}: {existing} is a file, so no directory can be made under it"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandLineError(
+            f"{flag} {path}: {existing} is not writable; pass a directory you can write to"
+        )
+    taken = [name for name in files if (path / name).is_dir()]
+    if taken:
+        raise CommandLineError(
+            f"{flag} {path}: {', '.join(taken)} would be overwritten but is a directory; "
+            "pass another directory"
+        )

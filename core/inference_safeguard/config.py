@@ -7,10 +7,19 @@ max_new_tokens=128, resample_rounds=2, budget=10`; pass them explicitly to repro
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MIN_TEMPERATURE = 1e-3
+"""Smallest positive sampling temperature; any lower is greedy in effect (use 0)."""
 
 
 class GuardConfig(BaseModel):
@@ -24,27 +33,38 @@ class GuardConfig(BaseModel):
 
     budget: float = Field(
         0.0,
+        strict=True,
+        allow_inf_nan=False,
         description="Safety budget d: a response is safe iff its cost C(x, y) <= budget. "
-        "Any finite number; with a non-negative cost model, a negative budget is unreachable.",
+        "Any finite number; a negative budget needs a cost model that can score below zero.",
     )
     num_candidates: int = Field(
         16,
+        strict=True,
         ge=1,
         le=4096,
         description="N: candidate blocks sampled and scored per search step, per prompt.",
     )
     beam_width: int = Field(
         4,
+        strict=True,
         ge=1,
         le=4096,
         description="K: beams kept after each step; num_candidates must be a multiple of it.",
     )
     block_size: int = Field(
-        8, ge=1, le=4096, description="Tokens per candidate block (scored at block ends)."
+        8,
+        strict=True,
+        ge=1,
+        le=4096,
+        description="Tokens per candidate block (scored at block ends).",
     )
-    max_new_tokens: int = Field(64, ge=1, le=65536, description="Most tokens in a response.")
+    max_new_tokens: int = Field(
+        64, strict=True, ge=1, le=65536, description="Most tokens in a response."
+    )
     resample_rounds: int = Field(
         2,
+        strict=True,
         ge=0,
         le=64,
         description="M: times a block is resampled with penalised logits when every "
@@ -52,28 +72,50 @@ class GuardConfig(BaseModel):
     )
     unsafe_penalty: float = Field(
         1e4,
+        strict=True,
+        allow_inf_nan=False,
         ge=0,
-        description="n: an over-budget candidate scores -n + z (z < 0), below any safe one.",
+        le=1e15,
+        description="n: an over-budget candidate scores -n + z (z < 0), below any safe one; "
+        "in [0, 1e15].",
     )
     unsafe_logit_penalty: float = Field(
         5.0,
+        strict=True,
+        allow_inf_nan=False,
         ge=0,
+        le=1e6,
         description="Subtracted, when resampling, from the logits of tokens seen in unsafe "
-        "candidates.",
+        "candidates; in [0, 1e6] (1e4 already bans them).",
     )
     safety_discount: float = Field(
         1.0,
+        strict=True,
+        allow_inf_nan=False,
         gt=0,
         le=1,
         description="gamma_c of the safety state z_{t+1} = (z_t - c_t) / gamma_c, in (0, 1].",
     )
     temperature: float = Field(
-        1.0, ge=0, le=100, description="Sampling temperature; 0 decodes greedily."
+        1.0,
+        strict=True,
+        allow_inf_nan=False,
+        ge=0,
+        le=100,
+        description=f"Sampling temperature: 0 decodes greedily, else in [{MIN_TEMPERATURE}, 100].",
     )
     top_p: float = Field(
-        1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1]; 1 disables it."
+        1.0,
+        strict=True,
+        allow_inf_nan=False,
+        gt=0,
+        le=1,
+        description="Nucleus sampling mass in (0, 1]; 1 disables it. The likeliest "
+        "token is always kept, so a tiny top_p decodes greedily.",
     )
-    top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens; 0 disables it.")
+    top_k: int = Field(
+        0, strict=True, ge=0, description="Sample from the k likeliest tokens; 0 disables it."
+    )
     scorer: Literal["auto", "models", "critic"] = Field(
         "auto",
         description="How candidates are scored: 'models' runs the cost and reward models on "
@@ -82,11 +124,14 @@ class GuardConfig(BaseModel):
     )
     cost_probe: bool = Field(
         True,
+        strict=True,
         description="Critic mode: take the search's costs from the critic's cost probe (when "
         "it has one) instead of the cost model; the final check always uses the cost model.",
     )
     critic_risk_weight: float = Field(
         3.0,
+        strict=True,
+        allow_inf_nan=False,
         ge=0,
         description="Critic mode: lambda of a candidate's value r_hat - lambda * sd_R * "
         "(1 - p_safe), sd_R being the spread of the critic's training rewards; a large one "
@@ -102,7 +147,9 @@ class GuardConfig(BaseModel):
         description="Text returned instead of an over-budget response when on_unsafe='refuse'.",
     )
     stop: tuple[str, ...] = Field(
-        (), description="Stop strings: a response ends before the first one it contains."
+        (),
+        description="Stop strings: a response ends before the first one it contains, at "
+        "the token boundary before it (a token the stop string starts inside goes too).",
     )
     stream_commit: Literal["agreement", "block"] = Field(
         "agreement",
@@ -111,16 +158,26 @@ class GuardConfig(BaseModel):
     )
     seed: int | None = Field(
         None,
+        strict=True,
         ge=0,
         description="Seed of the samplers; each prompt's seed derives from it and the prompt, "
         "so a prompt decodes the same alone or in a batch. None draws fresh seeds per call.",
     )
 
-    @field_validator("budget")
+    @field_validator("*", mode="before")
     @classmethod
-    def _budget_is_finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"budget must be a finite number, got {value}")
+    def _numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        return reject_bool_number(info.field_name, value)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_is_greedy_or_sampleable(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {value!r} is too small to sample with (logits / temperature "
+                f"overflow); use temperature=0 for greedy decoding, or at least "
+                f"{MIN_TEMPERATURE}"
+            )
         return value
 
     @field_validator("stop", mode="before")
@@ -160,3 +217,24 @@ class GuardConfig(BaseModel):
         if not overrides:
             return self
         return type(self).model_validate({**self.model_dump(), **overrides})
+
+
+def reject_bool_number(name: str, value: Any) -> Any:
+    """`value` as given, unless it is a bool given for the number field `name` of `GuardConfig`.
+
+    A bool is an int to Python, so pydantic would read `budget=True` as a budget of 1;
+    it is always a mistake. Frameworks that carry `GuardConfig` fields as their own
+    settings call this before their own coercion.
+
+    Raises:
+        ValueError: `value` is a bool and `name` is a field that takes a number.
+    """
+    field = GuardConfig.model_fields.get(name)
+    numeric = field is not None and field.annotation in (int, float, int | None, float | None)
+    if isinstance(value, bool) and numeric:
+        example = field.default if field.default is not None else 0
+        raise ValueError(
+            f"{name} must be a number, got the bool {value}; pass a number such as "
+            f"{name}={example!r}"
+        )
+    return value

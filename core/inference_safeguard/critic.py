@@ -18,8 +18,10 @@ target, see `inference_safeguard.training`).
 
 Saved as a directory with `critic.safetensors` (tensors only: nothing is unpickled)
 and `critic.json` (`CriticConfig`: sizes, budget, block size, base-model fingerprint,
-target statistics, training report, and the weights' SHA-256, so that a corrupted
-file is rejected instead of loaded).
+target statistics, training report, the weights' SHA-256 and the SHA-256 of the config
+itself), so that a corrupted file of either kind is rejected instead of loaded. Loading
+checks the sizes against sane bounds and against the tensors in the file before
+allocating anything, and rejects non-finite weights.
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from inference_safeguard.errors import CriticFileError, CriticMismatchError
+from inference_safeguard.loading import resolve_device
 
 WEIGHTS_FILE = "critic.safetensors"
 CONFIG_FILE = "critic.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added `config_sha256`, the checksum of `critic.json` itself."""
+MAX_SIZE = 1 << 20
+"""Largest hidden size or width a critic file may declare (the largest LLMs have hidden
+sizes near 2**14); anything larger is a corrupted file, not a model."""
 
 # Config entries that say how a model was loaded or run, not what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -109,13 +116,14 @@ class CriticConfig(BaseModel):
         fingerprint: the base model it was trained on.
         training: training statistics and held-out metrics (see `inference_safeguard.training`).
         weights_sha256: SHA-256 of `critic.safetensors`.
+        config_sha256: SHA-256 of the other entries of this config (see `config_sha256`).
         format_version: version of this file format.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    hidden_size: int = Field(ge=1)
-    width: int = Field(256, ge=1)
+    hidden_size: int = Field(ge=1, le=MAX_SIZE)
+    width: int = Field(256, ge=1, le=MAX_SIZE)
     cost_probe: bool = True
     budget: float
     budget_range: tuple[float, float]
@@ -128,6 +136,7 @@ class CriticConfig(BaseModel):
     fingerprint: ModelFingerprint
     training: dict[str, Any] = Field(default_factory=dict)
     weights_sha256: str = ""
+    config_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
 
@@ -298,10 +307,12 @@ class LatentCritic(nn.Module):
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         weights = directory / WEIGHTS_FILE
         save_file(tensors, weights, metadata={"format": "pt"})
-        update: dict[str, Any] = {"weights_sha256": _sha256(weights)}
+        update: dict[str, Any] = {"weights_sha256": _sha256(weights), "config_sha256": ""}
         if training is not None:
             update["training"] = training
-        self.config = self.config.model_copy(update=update)
+        config = self.config.model_copy(update=update)
+        checksum = config_sha256(json.loads(config.model_dump_json()))
+        self.config = config.model_copy(update={"config_sha256": checksum})
         (directory / CONFIG_FILE).write_text(self.config.model_dump_json(indent=1) + "\n")
         return directory
 
@@ -309,9 +320,13 @@ class LatentCritic(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> LatentCritic:
         """Load a critic saved by `save`.
 
+        Nothing is allocated before the file's tensors are known to fit the config: the
+        critic is built on the meta device and takes the loaded tensors as its own.
+
         Raises:
             CriticFileError: a file is missing, not valid JSON or safetensors, fails its
-                checksum, or holds tensors that do not fit the config.
+                checksum, declares sizes beyond `MAX_SIZE`, or holds tensors that do not
+                fit the config or are not finite.
         """
         directory = Path(directory)
         config = _read_config(directory)
@@ -321,7 +336,7 @@ class LatentCritic(nn.Module):
                 f"no {WEIGHTS_FILE} in {directory}; a critic directory holds {WEIGHTS_FILE} "
                 f"and {CONFIG_FILE} as written by LatentCritic.save or `safeguard train-critic`"
             )
-        if config.weights_sha256 and _sha256(weights) != config.weights_sha256:
+        if _sha256(weights) != config.weights_sha256:
             raise CriticFileError(
                 f"{weights} is corrupted: its SHA-256 does not match the one recorded in "
                 f"{CONFIG_FILE}; copy the critic again or retrain it"
@@ -333,16 +348,52 @@ class LatentCritic(nn.Module):
                 f"{weights} is not a readable safetensors file ({error}); copy the critic "
                 "again or retrain it"
             ) from error
-        critic = cls(config)
+        _check_tensors(tensors, weights)
+        tensors = {name: tensor.float() for name, tensor in tensors.items()}
+        with torch.device("meta"):
+            critic = cls(config)
         try:
-            critic.load_state_dict(tensors, strict=True)
+            critic.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as error:
             raise CriticFileError(
                 f"the tensors in {weights} do not fit {CONFIG_FILE} (hidden_size "
                 f"{config.hidden_size}, width {config.width}, cost_probe {config.cost_probe}): "
                 f"{_first_line(error)}; the two files come from different critics"
             ) from error
-        return critic.to(device or "cpu").eval()
+        if not bool((critic.hidden_std > 0).all()):
+            raise CriticFileError(
+                f"{weights} holds a hidden_std that is not positive, so the critic would "
+                "divide by zero; the file is corrupted: copy the critic again or retrain it"
+            )
+        return critic.to(resolve_device(device) or "cpu").eval()
+
+
+def config_sha256(entries: dict[str, Any]) -> str:
+    """SHA-256 of a critic config's JSON entries, its own `config_sha256` left out.
+
+    The entries are hashed as canonical JSON (sorted keys, no spaces), so the checksum
+    does not depend on how the file is indented.
+    """
+    rest = {key: value for key, value in entries.items() if key != "config_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Reject tensors that are not floating point or hold NaN or inf values."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CriticFileError(
+                f"{path} holds {name} as {tensor.dtype}, not floating point; the file is "
+                "corrupted or not a critic: copy the critic again or retrain it"
+            )
+    bad = sorted(name for name, tensor in tensors.items() if not torch.isfinite(tensor).all())
+    if bad:
+        raise CriticFileError(
+            f"{path} holds non-finite values (NaN or inf) in {', '.join(bad)}; a critic "
+            "with them would score every candidate NaN. Retrain the critic (a diverged fit "
+            "writes them) or copy an intact one"
+        )
 
 
 def _read_config(directory: Path) -> CriticConfig:
@@ -353,13 +404,25 @@ def _read_config(directory: Path) -> CriticConfig:
             "LatentCritic.save or `safeguard train-critic --out DIR`"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CriticFileError(f"{path} is not valid JSON ({error}); it is corrupted") from error
-    if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+    if not isinstance(data, dict):
         raise CriticFileError(
-            f"{path} has format version {data['format_version']}, this version of the "
-            f"package reads version {FORMAT_VERSION}; retrain the critic"
+            f"{path} holds a JSON {type(data).__name__}, not a critic config object; it is "
+            "corrupted or was not written by LatentCritic.save"
+        )
+    version = data.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CriticFileError(
+            f"{path} has format version {version}, this version of the package reads "
+            f"version {FORMAT_VERSION} (whose {CONFIG_FILE} carries its own checksum); "
+            "retrain the critic"
+        )
+    if data.get("config_sha256") != config_sha256(data):
+        raise CriticFileError(
+            f"{path} is corrupted: its SHA-256 does not match the config_sha256 recorded "
+            "in it; copy the critic again or retrain it"
         )
     try:
         return CriticConfig.model_validate(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -47,8 +48,9 @@ class Response:
     text: str
     finish_reason: FinishReason
     reward: float | None = None
-    prefix_cost: float = 0.0
-    """Highest cost the search's cost model gave a block-end prefix of the response."""
+    prefix_cost: float = -math.inf
+    """Highest cost the search's cost model gave a block-end prefix of the response; -inf
+    when none was scored (negative costs are kept: nothing is clamped to 0)."""
     cost_checked: bool = False
     """Whether `prefix_cost` already covers the response's own text (no need to score it)."""
     blocks: int = 0

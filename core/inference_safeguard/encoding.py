@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -122,8 +122,11 @@ def encode_chat(
     if not allow_control_tokens:
         messages = mark_control_tokens(list(messages), tokens_re)
         tool_kwargs = mark_control_tokens(tool_kwargs, tokens_re)
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, **tool_kwargs
+    text = cast(
+        str,
+        tokenizer.apply_chat_template(
+            cast(Any, messages), add_generation_prompt=True, tokenize=False, **tool_kwargs
+        ),
     )
     check_text(text, "the conversation (a message, tool call or tool description)")
     if allow_control_tokens or (_START not in text and _END not in text):
@@ -156,7 +159,7 @@ def _encode_marked(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     so that the two sides cannot join into a control token."""
     tokens = control_tokens(tokenizer)
     _, marked_re = _patterns(tokens)
-    control_ids = set(tokenizer.convert_tokens_to_ids(list(tokens)))
+    control_ids = set(cast(list[int], tokenizer.convert_tokens_to_ids(list(tokens))))
     # [text, marked token or None, text, marked token or None, ..., text]
     pieces = marked_re.split(text)
     ids = list(tokenizer(pieces[0], add_special_tokens=False)["input_ids"])

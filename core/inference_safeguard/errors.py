@@ -41,6 +41,25 @@ class MissingCostModelError(SafeguardError, ValueError):
         )
 
 
+class ModelLoadError(SafeguardError, OSError):
+    """A model or tokenizer cannot be loaded from what was named: no such local directory
+    or hub name, a directory without a checkpoint, or incomplete or corrupted files."""
+
+
+class CheckpointKindError(SafeguardError, ValueError):
+    """A checkpoint is of another kind than the one asked for (a causal LM where a
+    sequence classifier is needed, or the reverse): loading it would leave randomly
+    initialised weights in the model."""
+
+
+class LoadOptionError(SafeguardError, ValueError):
+    """A device or dtype that torch or this machine cannot provide."""
+
+
+class DemoWorldError(SafeguardError, ValueError):
+    """A demo world's `prompts.json` or `manifest.json` is malformed."""
+
+
 class ScorerOutputError(SafeguardError, ValueError):
     """A scorer returned the wrong number of scores or non-finite values."""
 

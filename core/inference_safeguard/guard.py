@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from typing import Any, TypeAlias
 
 import torch
@@ -31,6 +31,7 @@ from inference_safeguard.search import (
     CandidateEvaluator,
     CriticEvaluator,
     ModelsEvaluator,
+    settled_prefix,
 )
 
 CriticInput: TypeAlias = "LatentCritic | str | os.PathLike[str] | None"
@@ -223,7 +224,7 @@ class InferenceGuard(Decoder):
                 break
             if prefix is None or len(prefix) <= accepted_tokens:
                 continue
-            text = _settled_text(self.lm.decode([prefix])[0], config.stop)
+            text = settled_prefix(self.lm, prefix, config.stop)
             if len(text) <= len(emitted) or not text.startswith(emitted):
                 continue
             if float(self.cost([encoded.text], [text])[0]) > config.budget:
@@ -287,15 +288,3 @@ class InferenceGuard(Decoder):
             )
             for result in results
         ]
-
-
-def _settled_text(text: str, stops: Sequence[str]) -> str:
-    """`text` without what may still change: a trailing partial character or the start
-    of a stop string."""
-    text = text.rstrip("\ufffd")
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                text = text[:-size]
-                break
-    return text

@@ -117,7 +117,7 @@ def _cached(key: Any, compute: Callable[[Any], dict[str, Any]]) -> dict[str, Any
 
 def _model_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
     config = getattr(module, "config", None)
-    if hasattr(config, "to_dict"):
+    if config is not None and hasattr(config, "to_dict"):
         config_data: Any = config.to_dict()
     elif isinstance(config, BaseModel):
         config_data = config.model_dump(mode="json")

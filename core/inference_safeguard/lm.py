@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.encoding import check_text, encode_chat, encode_text
-from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, PromptTooLongError
+from inference_safeguard.errors import (
+    ChatTemplateError,
+    CheckpointKindError,
+    InvalidPromptError,
+    PromptTooLongError,
+)
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from inference_safeguard.tools import (
     ToolSpec,
     inline_tool_messages,
@@ -120,6 +126,13 @@ class CausalLM:
                 f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
                 "one by name or path use from_pretrained(...)"
             )
+        output_embeddings = getattr(model, "get_output_embeddings", None)
+        if callable(output_embeddings) and output_embeddings() is None:
+            raise CheckpointKindError(
+                f"model is a {type(model).__name__}, which has no LM head; the base model "
+                "must be a causal LM (AutoModelForCausalLM), and a sequence classifier "
+                "belongs in ClassifierScorer, as a reward or cost model"
+            )
         if not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}"
@@ -163,15 +176,25 @@ class CausalLM:
             device_map: passed to transformers (e.g. "auto") to shard a large model.
             trust_remote_code: run code shipped with the checkpoint; off unless you
                 trust its author.
+
+        Raises:
+            LoadOptionError: a device this machine lacks, or not a floating dtype.
+            ModelLoadError: no such directory or hub name, or incomplete or corrupted files.
+            CheckpointKindError: not a causal LM (e.g. a sequence classifier), so its LM
+                head would be randomly initialised.
         """
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         if device_map is None:
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             on_cuda = device_map is not None or (device is not None and device.type == "cuda")
             dtype = torch.bfloat16 if on_cuda else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        model = load_model(
+            AutoModelForCausalLM,
             name_or_path,
+            kind="causal-lm",
+            owner="the base model",
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,

@@ -4,7 +4,9 @@ The safety state follows the Sauté augmentation of the paper: `z_0 = d` (budget
 `z_{t+1} = (z_t - c_t) / gamma_c`. Costs are only observed at block ends, so a
 block's cost increment is applied at once and then discounted once per token of the
 block: `z' = (z - (C_new - C_old)) / gamma_c ** tokens`. With `gamma_c = 1` this is
-exactly `z = d - C(x, y)`. No function here modifies its inputs.
+exactly `z = d - C(x, y)`. The cost of the empty response is 0, so `z_0 = d`; costs may
+be negative (a cost model that rewards some text), and a negative budget can then be met.
+No function here modifies its inputs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import torch
 def initial_safety_state(
     budget: float, rows: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """`(rows,)` float tensor of `z_0 = budget`."""
-    return torch.full((rows,), float(budget), device=device)
+    """`(rows,)` float64 tensor of `z_0 = budget`.
+
+    Float64, like the scorers' costs, so that a cost equal to the budget leaves `z == 0`
+    (within budget) instead of a float32 rounding error either way.
+    """
+    return torch.full((rows,), float(budget), dtype=torch.float64, device=device)
 
 
 def update_safety_state(

@@ -18,7 +18,8 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         logits: `(rows, vocab)` next-token logits.
         temperature: > 0 (greedy decoding does not warp).
         top_k: keep the k likeliest tokens; 0 keeps all.
-        top_p: keep the smallest set of likeliest tokens with mass >= top_p; 1 keeps all.
+        top_p: keep the smallest set of likeliest tokens with mass >= top_p (at least the
+            likeliest token); 1 keeps all.
 
     Returns:
         `(rows, vocab)` float logits with filtered tokens at `-inf`.
@@ -30,9 +31,11 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         warped = warped.masked_fill(warped < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(warped, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token once the mass before it already reaches top_p; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p. The likeliest token
+        # always stays: a top_p that rounds to 0 in float32 must not drop every token.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         warped = warped.masked_fill(drop, float("-inf"))
     return warped
@@ -46,7 +49,8 @@ def penalize_tokens(logits: torch.Tensor, token_mask: torch.Tensor, penalty: flo
         token_mask: `(rows, vocab)` bool, True where a token is penalised.
         penalty: non-negative amount subtracted.
     """
-    return logits - penalty * token_mask.to(logits.dtype)
+    # `where`, not `penalty * mask`: a huge penalty times 0 must not turn other logits NaN.
+    return torch.where(token_mask, logits - penalty, logits)
 
 
 class PromptSamplers:

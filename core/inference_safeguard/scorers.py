@@ -1,10 +1,11 @@
 """Cost and reward scorers: batched `(prompts, responses) -> scores` for the safe-decoding search.
 
 A scorer maps a batch of `(prompt, response)` pairs to one float per pair: a tensor of
-shape `(batch,)`, float32, on the CPU. `prompts` are the user's prompts as plain text (a
-message list is flattened to a `role: content` transcript by the caller, never rendered
-with the base model's chat template); `responses` are possibly partial responses. Each
-scorer applies its own model's format, and none modifies its inputs.
+shape `(batch,)`, float64, on the CPU (float64 so that a cost meets the budget as the
+scorer computed it, not rounded to float32). `prompts` are the user's prompts as plain
+text (a message list is flattened to a `role: content` transcript by the caller, never
+rendered with the base model's chat template); `responses` are possibly partial
+responses. Each scorer applies its own model's format, and none modifies its inputs.
 
 - `KeywordCost`, `RegexCost`: programmatic costs counted in the response (DeAL-style).
 - `CallableScorer`: any Python function, batched or per pair.
@@ -28,13 +29,24 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, ScorerOutputError
+from inference_safeguard.errors import (
+    ChatTemplateError,
+    CheckpointKindError,
+    InvalidPromptError,
+    ScorerOutputError,
+)
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.loading import (
+    CheckpointKind,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 __all__ = [
     "BEAVER_TEMPLATE",
@@ -55,7 +67,7 @@ _Pattern = str | re.Pattern[str]
 
 
 class Scorer(ABC):
-    """Batched scorer: `(prompts, responses) -> tensor (batch,)` float32 on CPU.
+    """Batched scorer: `(prompts, responses) -> tensor (batch,)` float64 on CPU.
 
     Subclasses implement `_score`; `__call__` validates the inputs and the output, so
     every scorer fails the same clear way.
@@ -69,7 +81,7 @@ class Scorer(ABC):
             responses: `batch` (possibly partial) responses.
 
         Returns:
-            Scores of shape `(batch,)`, float32, on the CPU; `torch.empty(0)` for an
+            Scores of shape `(batch,)`, float64, on the CPU; `torch.empty(0)` for an
             empty batch.
 
         Raises:
@@ -85,7 +97,7 @@ class Scorer(ABC):
                 "prompt for each of its candidate responses)."
             )
         if not prompt_list:
-            return torch.empty(0)
+            return torch.empty(0, dtype=torch.float64)
         scores = self._score(prompt_list, response_list)
         return _check_scores(scores, len(prompt_list), type(self).__name__)
 
@@ -120,7 +132,7 @@ def _check_scores(scores: object, batch: int, owner: str) -> torch.Tensor:
             f"{owner} returned scores of shape {tuple(scores.shape)} for a batch of {batch}; "
             f"expected shape ({batch},): one score per (prompt, response) pair."
         )
-    scores = scores.detach().to(device="cpu", dtype=torch.float32)
+    scores = scores.detach().to(device="cpu", dtype=torch.float64)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         raise ScorerOutputError(
@@ -181,7 +193,7 @@ class KeywordCost(Scorer):
     def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Returns `(batch,)` costs."""
         counts = [len(self._regex.findall(response)) for response in responses]
-        return torch.tensor(counts, dtype=torch.float32) * self.weight
+        return torch.tensor(counts, dtype=torch.float64) * self.weight
 
 
 class RegexCost(Scorer):
@@ -227,7 +239,7 @@ class RegexCost(Scorer):
             sum(w * len(regex.findall(response)) for regex, w in self.patterns)
             for response in responses
         ]
-        return torch.tensor(costs, dtype=torch.float32)
+        return torch.tensor(costs, dtype=torch.float64)
 
 
 def _compile(pattern: str | re.Pattern[str], flags: int) -> re.Pattern[str]:
@@ -284,8 +296,8 @@ class CallableScorer(Scorer):
             output = self.fn(list(prompts), list(responses))
             try:
                 if isinstance(output, torch.Tensor):
-                    return output.detach().to(device="cpu", dtype=torch.float32)
-                return torch.as_tensor(output, dtype=torch.float32)
+                    return output.detach().to(device="cpu", dtype=torch.float64)
+                return torch.as_tensor(output, dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise ScorerOutputError(
                     f"CallableScorer: {self._name} returned {type(output).__name__} that is "
@@ -301,7 +313,7 @@ class CallableScorer(Scorer):
                     f"CallableScorer: {self._name} returned {value!r} for pair {index}; it "
                     "must return a float."
                 ) from exc
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(values, dtype=torch.float64)
 
 
 def _check_template(template: str, owner: str) -> str:
@@ -344,6 +356,8 @@ class _ModelScorer(Scorer):
 
     _auto_class: ClassVar[type]
     """The transformers auto class `from_pretrained` loads the model with."""
+    _checkpoint_kind: ClassVar[CheckpointKind]
+    """The kind of checkpoint `from_pretrained` accepts."""
 
     @classmethod
     def from_pretrained(
@@ -359,11 +373,23 @@ class _ModelScorer(Scorer):
 
         `kwargs` are the scorer's own options (see the class). Code shipped with the
         checkpoint runs only if you pass `trust_remote_code` as True.
+
+        Raises:
+            LoadOptionError: a device this machine lacks, or not a floating dtype.
+            ModelLoadError: no such directory or hub name, or incomplete or corrupted files.
+            CheckpointKindError: the checkpoint is of another kind (see the class), so
+                part of the model would be randomly initialised.
         """
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         load_kwargs = {} if dtype is None else {"dtype": dtype}
-        model = cls._auto_class.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **load_kwargs
+        model = load_model(
+            cls._auto_class,
+            name_or_path,
+            kind=cls._checkpoint_kind,
+            owner=cls.__name__,
+            trust_remote_code=trust_remote_code,
+            **load_kwargs,
         )
         return cls(model.eval(), tokenizer, device=device, **kwargs)
 
@@ -387,6 +413,7 @@ class _ModelScorer(Scorer):
         return cache
 
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:
+        device = resolve_device(device)
         if device is not None:
             model.to(device)
         self.model = model
@@ -463,11 +490,12 @@ class _ModelScorer(Scorer):
         runs = [(whole, [self._truncate(encoded[i], limit) for i in whole], ())]
         for prefix, group in splits.items():
             runs.append(([row for row, _ in group], [suffix for _, suffix in group], prefix))
-        scores = torch.empty(len(encoded), dtype=torch.float32)
+        scores = torch.empty(len(encoded), dtype=torch.float64)
         with torch.inference_mode():
             for rows, sequences, prefix in runs:
                 for chunk in self._batches(sequences):
-                    scores[[rows[i] for i in chunk]] = run([sequences[i] for i in chunk], prefix)
+                    chunk_scores = run([sequences[i] for i in chunk], prefix)
+                    scores[[rows[i] for i in chunk]] = chunk_scores.to(torch.float64)
         return scores
 
     def _batches(self, sequences: list[list[int]]) -> list[list[int]]:
@@ -520,6 +548,7 @@ class ClassifierScorer(_ModelScorer):
     """
 
     _auto_class = AutoModelForSequenceClassification
+    _checkpoint_kind = "sequence-classification"
 
     def __init__(
         self,
@@ -534,6 +563,12 @@ class ClassifierScorer(_ModelScorer):
         device: str | torch.device | None = None,
         share_prompt_cache: bool = True,
     ) -> None:
+        if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            raise CheckpointKindError(
+                f"model is a {type(model).__name__}, a causal LM; ClassifierScorer needs a "
+                "sequence classifier (AutoModelForSequenceClassification) with a trained "
+                "score head. Use a causal LM as the base model or with GuardModelCost"
+            )
         num_labels = model.config.num_labels
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
             raise ValueError(
@@ -658,6 +693,7 @@ class GuardModelCost(_ModelScorer):
     """
 
     _auto_class = AutoModelForCausalLM
+    _checkpoint_kind = "causal-lm"
 
     def __init__(
         self,

@@ -17,8 +17,14 @@ Choices where the paper is silent:
 - without a reward model, the reward is the response's mean token log-likelihood
   under the base model, which ranks fluent responses first;
 - the cumulative cost of a prefix is the highest cost the model gave any of its
-  block-end prefixes, so per-block costs are never negative (a cost model that scores
-  a longer text lower cannot wash out an unsafe prefix);
+  block-end prefixes, so per-block costs are never negative after the first block (a
+  cost model that scores a longer text lower cannot wash out an unsafe prefix); the
+  first block's cost stands as the model gave it, negative included, so a negative
+  budget can be met by a cost model that scores below zero;
+- costs, safety states and scores are float64 on the CPU: a cost is compared with the
+  budget as the cost model returned it (a cost equal to the budget is within it); with
+  gamma_c = 1 the safety state is `d - C` in one subtraction, not a sum of per-block
+  increments that could round across 0;
 - where costs are estimates (the critic's cost probe), the cost model replaces them
   for every candidate the search would keep before it keeps any, so beams and
   finished responses always carry the cost model's own costs.
@@ -230,7 +236,14 @@ class PromptSearch:
 
 @dataclass
 class _Rows:
-    """Per-row search state aligned with the decode state's rows."""
+    """Per-row search state aligned with the decode state's rows.
+
+    Attributes:
+        cost: `(rows,)` float64 on the CPU: the running max of the costs of the row's
+            block ends; -inf before its first block is scored (nothing said yet).
+        z: `(rows,)` float64 on the CPU: the safety state.
+        logprob, length: `(rows,)` on the model's device.
+    """
 
     token_ids: list[list[int]]
     cost: torch.Tensor
@@ -239,12 +252,13 @@ class _Rows:
     length: torch.Tensor
 
     def select(self, index: torch.Tensor) -> _Rows:
+        on_cpu, on_device = index.cpu(), index.to(self.logprob.device)
         return _Rows(
-            token_ids=[self.token_ids[i] for i in index.tolist()],
-            cost=self.cost[index],
-            z=self.z[index],
-            logprob=self.logprob[index],
-            length=self.length[index],
+            token_ids=[self.token_ids[i] for i in on_cpu.tolist()],
+            cost=self.cost[on_cpu],
+            z=self.z[on_cpu],
+            logprob=self.logprob[on_device],
+            length=self.length[on_device],
         )
 
 
@@ -270,7 +284,7 @@ class _Step:
 
         def put(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             merged = old.clone()
-            merged[index] = new
+            merged[index.to(old.device)] = new.to(old.device)
             return merged
 
         return _Step(
@@ -390,8 +404,8 @@ class BlockSearch:
         device = state.logits.device
         rows = _Rows(
             token_ids=[[] for _ in prompts],
-            cost=torch.zeros(len(prompts), device=device),
-            z=initial_safety_state(config.budget, len(prompts), device),
+            cost=torch.full((len(prompts),), -torch.inf, dtype=torch.float64),
+            z=initial_safety_state(config.budget, len(prompts)),
             logprob=torch.zeros(len(prompts), device=device),
             length=torch.zeros(len(prompts), device=device),
         )
@@ -481,7 +495,10 @@ class BlockSearch:
             if not failing:
                 break
             round_mask = unsafe_token_mask(
-                block.tokens, step.rows.z < 0, layout.group_sizes, self.lm.vocab_size
+                block.tokens,
+                (step.rows.z < 0).to(block.tokens.device),
+                layout.group_sizes,
+                self.lm.vocab_size,
             )
             penalty_mask = round_mask if penalty_mask is None else penalty_mask | round_mask
             resampled = torch.cat([layout.group_rows(g) for g in failing])
@@ -562,10 +579,9 @@ class BlockSearch:
         texts = self.lm.decode(token_ids)
         reasons: list[Literal["stop", "length"] | None] = []
         for i, ended in enumerate(block.ended[index].tolist()):
-            cut = first_stop(texts[i], config.stop)
-            if cut is not None:
-                texts[i] = texts[i][:cut]
-                token_ids[i] = self._tokens_before(token_ids[i], cut)
+            stopped = cut_before_stop(self.lm, token_ids[i], texts[i], config.stop)
+            if stopped is not None:
+                token_ids[i], texts[i] = stopped
                 reasons.append("stop")
             elif ended:
                 reasons.append("stop")
@@ -583,10 +599,10 @@ class BlockSearch:
         )
         length = parents.length[index] + candidates.new_tokens
         logprob = parents.logprob[index] + block.logprob[index]
-        if not self.scores_cost:
-            estimate = torch.zeros_like(logprob)
+        if not self.scores_cost:  # nothing scored: the final check scores the text
+            estimate = torch.full((len(texts),), -torch.inf, dtype=torch.float64)
         else:
-            estimate = evaluator.cost(candidates).to(device=device, dtype=logprob.dtype)
+            estimate = evaluator.cost(candidates).to(device="cpu", dtype=torch.float64)
         parent = parents.select(index)
         cost, z, reward, score = self._values(
             candidates, estimate, parent, logprob, length, evaluator, config
@@ -622,17 +638,32 @@ class BlockSearch:
         config: GuardConfig,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cumulative cost, safety state, reward and score of `(rows,)` candidates whose
-        cost C(x, y_<=t) is `estimate`; `parent` holds their parents' rows."""
+        cost C(x, y_<=t) is `estimate` (`(rows,)` float64 on the CPU, -inf where nothing
+        is scored); `parent` holds their parents' rows. All four are float64 on the CPU."""
         # Cumulative cost never falls: what has been said cannot be unsaid, and a
         # learned cost model that "forgets" an unsafe prefix must not be exploitable.
+        # Before the first block the parent's cost is -inf, so the first cost stands.
         cost = torch.maximum(estimate, parent.cost)
-        z = update_safety_state(
-            parent.z, parent.cost, cost, candidates.new_tokens, config.safety_discount
-        )
+        said = torch.isfinite(cost)
+        if config.safety_discount == 1.0:
+            # z = d - C(x, y) in one subtraction, whose sign is exact: a cost equal to the
+            # budget leaves z = 0, where summed increments could round below it.
+            z = torch.where(said, config.budget - cost, parent.z)
+        else:
+            # The empty response costs 0, so z_0 = d.
+            previous = torch.where(torch.isfinite(parent.cost), parent.cost, 0.0)
+            z = update_safety_state(
+                parent.z,
+                previous,
+                torch.where(said, cost, previous),
+                candidates.new_tokens.cpu(),
+                config.safety_discount,
+            )
         if evaluator.has_reward_model:
-            reward = evaluator.reward(candidates, z).to(device=cost.device, dtype=cost.dtype)
+            reward = evaluator.reward(candidates, z)
         else:
             reward = logprob / length.clamp_min(1)
+        reward = reward.to(device="cpu", dtype=torch.float64)
         return cost, z, reward, self._objective(reward, cost, z, config)
 
     def _settle(
@@ -655,7 +686,7 @@ class BlockSearch:
         of scoring about `beam_width` candidates per prompt and step instead of
         `num_candidates`. `values` (cost, z, reward, score) are updated in place.
         """
-        cost, score = values[0], values[3]
+        score = values[3]
         checked = torch.zeros(len(candidates.texts), dtype=torch.bool)
         while True:
             tops = top_k_per_group(score.cpu(), group_sizes, config.beam_width)
@@ -665,19 +696,19 @@ class BlockSearch:
                 return
             checked[pending] = True
             picked = candidates.select(pending)
-            exact = evaluator.model_cost(picked).to(device=cost.device, dtype=cost.dtype)
-            index = pending.to(cost.device)
+            exact = evaluator.model_cost(picked).to(device="cpu", dtype=torch.float64)
+            on_device = pending.to(logprob.device)
             fresh = self._values(
                 picked,
                 exact,
-                parent.select(index),
-                logprob[index],
-                length[index],
+                parent.select(pending),
+                logprob[on_device],
+                length[on_device],
                 evaluator,
                 config,
             )
             for tensor, new in zip(values, fresh, strict=True):
-                tensor[index] = new
+                tensor[pending] = new
 
     def _objective(
         self, reward: torch.Tensor, cost: torch.Tensor, z: torch.Tensor, config: GuardConfig
@@ -687,13 +718,6 @@ class BlockSearch:
         if self.scoring == "lagrangian":
             return lagrangian_score(reward, cost, self.lagrange_multiplier)
         return reward
-
-    def _tokens_before(self, token_ids: list[int], cut: int) -> list[int]:
-        """The longest prefix of `token_ids` whose text fits before character `cut`."""
-        for end in range(len(token_ids), -1, -1):
-            if len(self.lm.decode([token_ids[:end]])[0]) <= cut:
-                return token_ids[:end]
-        return []
 
     # ------------------------------------------------------------------ selection
     def _select(
@@ -761,6 +785,42 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
     text before it either way)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def cut_before_stop(
+    lm: CausalLM, token_ids: list[int], text: str, stops: Sequence[str]
+) -> tuple[list[int], str] | None:
+    """A response ended before its first stop string: `(token_ids, text)`, or None when
+    `text` (the decoding of `token_ids`) holds no stop string.
+
+    The response ends at the last token boundary before the stop string: when the stop
+    string starts inside a token, that token goes, with its characters before the stop
+    string, so that the token ids still decode to the text.
+    """
+    cut = first_stop(text, stops)
+    if cut is None:
+        return None
+    head = text[:cut]
+    for end in range(len(token_ids), 0, -1):
+        decoded = lm.decode([token_ids[:end]])[0]
+        if head.startswith(decoded):
+            return token_ids[:end], decoded
+    return [], ""
+
+
+def settled_prefix(lm: CausalLM, token_ids: list[int], stops: Sequence[str]) -> str:
+    """The text of the longest prefix of `token_ids` that can no longer change: one whose
+    text ends neither in a partial character nor in the start of a stop string (the
+    search may still cut there, at the token boundary before it; see `cut_before_stop`).
+    """
+    for end in range(len(token_ids), 0, -1):
+        text = lm.decode([token_ids[:end]])[0]
+        partial_stop = any(
+            text.endswith(stop[:size]) for stop in stops for size in range(1, len(stop))
+        )
+        if not text.endswith("\ufffd") and not partial_stop:
+            return text
+    return ""
 
 
 def _starts_with(token_ids: list[int], prefix: list[int]) -> bool:

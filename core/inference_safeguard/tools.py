@@ -345,7 +345,8 @@ def parse_tool_calls(text: str, tools: Sequence[ToolSpec] | None = None) -> Pars
 def _json_values(payload: str) -> list[Any] | None:
     """Every JSON value in `payload` (separated by whitespace, commas or semicolons)."""
     decoder = json.JSONDecoder()
-    values, position = [], 0
+    values: list[Any] = []
+    position = 0
     while True:
         while position < len(payload) and payload[position] in " \t\r\n,;":
             position += 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.cli_options import CommandLineError, non_negative_int
 from inference_safeguard.demo.build import ASSETS, build_demo_world
 from inference_safeguard.demo.world import DemoWorld, load_demo_world
 from inference_safeguard.evaluation.methods import MethodOptions
@@ -35,14 +36,14 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument(
         "--examples",
-        type=int,
+        type=non_negative_int,
         default=4,
         metavar="N",
         help="test prompts shown side by side (default: 4)",
     )
     parser.add_argument(
         "--limit",
-        type=int,
+        type=non_negative_int,
         default=16,
         metavar="N",
         help="test prompts in the summary table (default: 16; 0 skips it)",
@@ -72,6 +73,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"Rebuilt the demo world in {manifest['seconds']} s ({args.world}).\n")
     hf_logging.disable_progress_bar()  # the world's models load in milliseconds
     world = load_demo_world(args.world)
+    if "test" not in world.prompts:
+        raise CommandLineError(
+            f"the demo world in {args.world} has no test split (its splits: "
+            f"{', '.join(world.prompts) or 'none'}); rebuild it with `safeguard demo --rebuild`"
+        )
     _introduce(world)
     if args.examples > 0:
         _side_by_side(world, args.examples)

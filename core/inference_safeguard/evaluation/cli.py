@@ -26,6 +26,7 @@ from inference_safeguard.cli_options import (
     add_option_with_default,
     add_prompts_option,
     add_scorer_options,
+    check_output_dir,
     check_single_cost,
     file_prompts,
     guard_config,
@@ -52,6 +53,9 @@ from inference_safeguard.evaluation.report import (
 from inference_safeguard.evaluation.run import Oracle, evaluate
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.scorers import Scorer
+
+REPORT_FILES = ("results.json", "results.csv", "plot.png")
+"""What `--out DIR` receives (the plot only with `--plot`)."""
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -150,6 +154,8 @@ def run_eval(args: argparse.Namespace) -> int:
     options = _method_options(args)
     if args.plot and args.out is None:
         raise CommandLineError("--plot writes DIR/plot.png; add --out DIR")
+    if args.out is not None:  # checked now, not after the whole evaluation
+        check_output_dir(args.out, "--out", REPORT_FILES)
     check_single_cost(args)
     given_prompts = file_prompts(args, demo_prompts="splits")
 
@@ -181,11 +187,11 @@ def run_eval(args: argparse.Namespace) -> int:
     print_table(report)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        written = [args.out / "results.json", args.out / "results.csv"]
+        written = [args.out / name for name in REPORT_FILES[:2]]
         write_json(report, written[0])
         write_csv(report, written[1])
         if args.plot:
-            written.append(args.out / "plot.png")
+            written.append(args.out / REPORT_FILES[2])
             write_plot(report, written[2])
         print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 0

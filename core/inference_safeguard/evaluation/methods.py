@@ -122,7 +122,7 @@ METHODS: dict[str, Method] = {
     "inferenceguard-critic": Method(
         "InferenceGuard + critic",
         lambda parts, options: InferenceGuard(
-            **{**parts, "config": parts["config"].with_overrides(scorer="critic")},
+            **(parts | {"config": parts["config"].with_overrides(scorer="critic")}),
             critic=options.critic,
         ),
         needs_critic=True,

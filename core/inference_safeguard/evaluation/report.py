@@ -163,7 +163,9 @@ def write_json(report: EvaluationReport, path: PathLike) -> None:
 
 
 def _response_records(run: MethodRun) -> list[dict[str, Any]]:
-    verdicts = run.oracle_unsafe or [None] * len(run.results)
+    verdicts: list[bool | None] = [*run.oracle_unsafe] if run.oracle_unsafe else [None] * len(
+        run.results
+    )
     return [
         {
             "prompt": index,
@@ -216,11 +218,15 @@ def write_plot(report: EvaluationReport, path: PathLike) -> None:
     axes = figure.subplots()
     rewards = [row.reward_mean for row in rows]
     axes.scatter(rewards, [100 * row.safety_rate for row in rows], label="per cost model")
-    oracle_rows = [row for row in rows if row.oracle_safety_rate is not None]
-    if oracle_rows:
+    oracle_points = [
+        (row.reward_mean, 100 * row.oracle_safety_rate)
+        for row in rows
+        if row.oracle_safety_rate is not None
+    ]
+    if oracle_points:
         axes.scatter(
-            [row.reward_mean for row in oracle_rows],
-            [100 * row.oracle_safety_rate for row in oracle_rows],
+            [reward for reward, _ in oracle_points],
+            [safety for _, safety in oracle_points],
             marker="x",
             label="per oracle",
         )

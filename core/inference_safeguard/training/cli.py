@@ -22,6 +22,7 @@ from inference_safeguard.cli_options import (
     add_option_with_default,
     add_prompts_option,
     add_scorer_options,
+    check_output_dir,
     check_single_cost,
     file_prompts,
     finite_float,
@@ -29,10 +30,10 @@ from inference_safeguard.cli_options import (
     load_cost,
     load_reward,
     non_negative_int,
-    positive_float,
     positive_int,
 )
-from inference_safeguard.config import GuardConfig
+from inference_safeguard.config import MIN_TEMPERATURE, GuardConfig
+from inference_safeguard.critic import CONFIG_FILE, WEIGHTS_FILE
 from inference_safeguard.lm import CausalLM, PromptInput
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.training.fit import CriticTrainingSettings, TrainingReport, train_critic
@@ -110,9 +111,9 @@ def add_train_critic_command(subparsers: argparse._SubParsersAction) -> argparse
     add_option_with_default(
         rollouts,
         "--temperature",
-        positive_float,
+        sampling_temperature,
         1.0,
-        "sampling temperature, > 0",
+        f"sampling temperature, >= {MIN_TEMPERATURE}",
         metavar="X",
     )
     add_option_with_default(
@@ -153,6 +154,7 @@ def run_train_critic(args: argparse.Namespace) -> int:
     """`safeguard train-critic`: check the settings, load, collect, fit, report, save."""
     settings = _training_settings(args)
     check_single_cost(args)
+    check_output_dir(args.out, "--out", (WEIGHTS_FILE, CONFIG_FILE))  # before, not after, the fit
     given_prompts = file_prompts(args, demo_prompts="prompts")
 
     setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
@@ -271,3 +273,13 @@ def _training_settings(args: argparse.Namespace) -> CriticTrainingSettings:
             f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}" for error in exc.errors()
         ]
         raise CommandLineError("invalid training settings: " + "; ".join(problems)) from exc
+
+
+def sampling_temperature(text: str) -> float:
+    """A temperature rollouts can sample with: a finite number >= `MIN_TEMPERATURE`."""
+    value = finite_float(text)
+    if value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(
+            f"expected a temperature >= {MIN_TEMPERATURE} (rollouts are sampled), got {text!r}"
+        )
+    return value

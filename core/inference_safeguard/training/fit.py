@@ -365,7 +365,7 @@ def _loss(critic: LatentCritic, points: RolloutSet, budgets: torch.Tensor) -> to
 # ----------------------------------------------------------------------- metrics
 def _held_out_metrics(
     critic: LatentCritic, validation: RolloutSet, budget: float, train_safe_rate: float
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """The report's held-out metrics at the target budget (see `TrainingReport`)."""
     prediction = critic.predict(validation.hidden, budget - validation.prefix_cost)
     safe = (validation.final_cost <= budget).float()

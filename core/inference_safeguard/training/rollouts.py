@@ -7,7 +7,8 @@ cumulative cost of their text so far; when a row is finished, its final cost and
 reward model's score of its response become the targets of every point it recorded.
 
 The cumulative cost follows the search's rule: the highest cost the cost model gave any
-block-end prefix of the response, so it never falls within a rollout.
+block-end prefix of the response, so it never falls within a rollout (the first block's
+cost stands as scored, negative included).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from inference_safeguard.config import MIN_TEMPERATURE
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
 from inference_safeguard.sampling import PromptSamplers
 from inference_safeguard.scorers import Scorer
@@ -207,7 +209,8 @@ def _roll_out_batch(
     prompt_texts = [p.text for p in batch for _ in range(samples)]
     eos = torch.tensor(sorted(lm.eos_token_ids), dtype=torch.long)
     token_ids: list[list[int]] = [[] for _ in range(rows)]
-    running_cost = torch.zeros(rows)
+    # -inf until a row's first block is scored: its first cost stands, negative included.
+    running_cost = torch.full((rows,), -math.inf)
     live = torch.ones(rows, dtype=torch.bool)
     hidden, prefix_cost, point_rows, point_tokens = [], [], [], []
     generated = 0
@@ -222,7 +225,7 @@ def _roll_out_batch(
             token_ids[row] += tokens[row][kept[row]].tolist()
         texts = lm.decode([token_ids[row] for row in recorded_rows])
         block_cost = cost([prompt_texts[row] for row in recorded_rows], texts)
-        running_cost[recorded] = torch.maximum(running_cost[recorded], block_cost)
+        running_cost[recorded] = torch.maximum(running_cost[recorded], block_cost.float())
         hidden.append(state.hidden[recorded.to(state.hidden.device)].float().cpu())
         prefix_cost.append(running_cost[recorded])
         point_rows.append(recorded)
@@ -261,13 +264,14 @@ def _check_settings(
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature > 0)
+        or not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)
     ):
         raise ValueError(
-            f"temperature must be a finite number > 0, got {temperature!r}; rollouts are "
-            "sampled (greedy decoding would make every rollout of a prompt the same)"
+            f"temperature must be a finite number >= {MIN_TEMPERATURE}, got {temperature!r}; "
+            "rollouts are sampled (greedy decoding would make every rollout of a prompt the "
+            "same, and a smaller temperature overflows the logits)"
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
-    if not 0 < top_p <= 1:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
