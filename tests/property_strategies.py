@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from inference_safeguard.scorers import CallableScorer
 
 PROFILE_VARIABLE = "SAFEGUARD_HYPOTHESIS_PROFILE"
-FAST_EXAMPLES = 20
-"""Cases per property in the fast profile (the suite has 15 properties: about 300)."""
-LONG_EXAMPLES = 400
-"""Cases per property in the long profile (15 properties: about 6,000)."""
+FAST_EXAMPLES = 30
+"""Cases per property in the fast profile (10 properties: 300 cases)."""
+LONG_EXAMPLES = 520
+"""Cases per property in the long profile (10 properties: 5,200 cases)."""
 
 _COMMON: dict[str, Any] = {
     "deadline": None,
@@ -56,11 +56,11 @@ def full_range_configs(draw: st.DrawFn) -> dict[str, Any]:
         "block_size": draw(st.integers(1, 4096)),
         "max_new_tokens": draw(st.integers(1, 65536)),
         "resample_rounds": draw(st.integers(0, 64)),
-        "unsafe_penalty": draw(_floats(0.0, 1e300)),
-        "unsafe_logit_penalty": draw(_floats(0.0, 1e30)),
-        "safety_discount": draw(_floats(1e-3, 1.0)),
-        "temperature": draw(_floats(0.0, 100.0, 1e-3)),
-        "top_p": draw(_floats(1e-3, 1.0)),
+        "unsafe_penalty": draw(_floats(0.0, 1e15)),
+        "unsafe_logit_penalty": draw(_floats(0.0, 1e6)),
+        "safety_discount": draw(_floats(1e-3, 1.0, 5e-324)),
+        "temperature": draw(st.just(0.0) | _floats(1e-3, 100.0)),
+        "top_p": draw(_floats(1e-3, 1.0, 5e-324, 1e-300)),
         "top_k": draw(st.integers(0, 2**31)),
         "scorer": draw(st.sampled_from(["auto", "models", "critic"])),
         "cost_probe": draw(st.booleans()),
@@ -89,8 +89,8 @@ def search_configs(draw: st.DrawFn, *, scorer: str = "models") -> dict[str, Any]
         "unsafe_penalty": draw(_floats(0.0, 1e12, 1e4)),
         "unsafe_logit_penalty": draw(_floats(0.0, 1e6, 5.0)),
         "safety_discount": draw(_floats(1e-3, 1.0, 0.999)),
-        "temperature": draw(_floats(0.05, 100.0, 0.0, 1.0)),
-        "top_p": draw(_floats(0.05, 1.0)),
+        "temperature": draw(_floats(1e-3, 100.0, 0.0, 1.0)),
+        "top_p": draw(_floats(0.05, 1.0, 1e-300)),
         "top_k": draw(st.integers(0, 64)),
         "scorer": scorer,
         "cost_probe": draw(st.booleans()),

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from property_strategies import (
     AdversarialCost,
@@ -86,18 +86,22 @@ def run_guarded(
     try:
         value = call()
     except ScorerOutputError:
+        event("outcome: ScorerOutputError")
         assert not cost.finite and any(not math.isfinite(v) for v in cost.returned), cost
         return None
     except UnsafeGenerationError as error:
+        event("outcome: UnsafeGenerationError")
         assert config["on_unsafe"] == "raise"
         assert error.result is not None and not error.result.safe
         return None
-    except InvalidPromptError:
+    except InvalidPromptError as error:
+        event(f"outcome: {type(error).__name__}")
         assert not strict_prompt, "a valid prompt was rejected"
         return None
     except Exception as error:  # the raising cost model's own error, maybe wrapped
         chain = [error, error.__cause__, error.__context__]
         if cost.raises is not None and any(isinstance(e, cost.raises) for e in chain):
+            event("outcome: the cost model's own error")
             return None
         raise
     assert all(math.isfinite(v) for v in cost.returned), f"{cost}: NaN/inf cost accepted"
@@ -116,6 +120,10 @@ def check_result(
     assert result.budget == budget
     # Text is decoded without special tokens (a random model may sample BOS mid-text).
     assert tokenizer.decode(result.token_ids, skip_special_tokens=True) == result.text
+    event(
+        "outcome: "
+        + ("refused" if result.refused else "safe" if result.safe else "returned flagged unsafe")
+    )
     if result.refused:
         assert config["on_unsafe"] == "refuse"
         assert result.text == config["refusal_text"]
@@ -146,23 +154,26 @@ def test_config_accepts_every_value_in_its_valid_range(fields):
 
 
 INVALID = {
-    "budget": [math.nan, math.inf, -math.inf, "x"],
-    "num_candidates": [0, -1, 4097],
+    "budget": [math.nan, math.inf, -math.inf, "x", "0.5", True, False, None],
+    "num_candidates": [0, -1, 4097, True, 16.0, "16"],
     "beam_width": [0, -3, 4097],
     "block_size": [0, -1, 4097],
     "max_new_tokens": [0, 65537],
-    "resample_rounds": [-1, 65],
-    "unsafe_penalty": [-1e-9, -math.inf, math.nan],
-    "unsafe_logit_penalty": [-0.5, math.nan],
+    "resample_rounds": [-1, 65, True],
+    "cost_probe": ["yes", 1],
+    "critic_risk_weight": [-1.0, math.nan, math.inf, True],
+    "refusal_text": [None, 3],
+    "unsafe_penalty": [-1e-9, -math.inf, math.nan, math.inf, 1.1e15, True],
+    "unsafe_logit_penalty": [-0.5, math.nan, math.inf, 1.1e6, False],
     "safety_discount": [0.0, -1.0, 1.0000001, math.nan],
-    "temperature": [-1e-9, 100.5, math.nan],
-    "top_p": [0.0, -0.1, 1.5, math.nan],
-    "top_k": [-1],
+    "temperature": [-1e-9, 100.5, math.nan, 1e-300, 9.99e-4, math.inf, True],
+    "top_p": [0.0, -0.1, 1.5, math.nan, True],
+    "top_k": [-1, True, 2.5],
     "scorer": ["best", ""],
     "on_unsafe": ["ignore"],
     "stop": [[""], ["ok", ""]],
     "stream_commit": ["token"],
-    "seed": [-1],
+    "seed": [-1, True, 1.5],
     "no_such_field": [1],
 }
 
