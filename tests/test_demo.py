@@ -12,11 +12,15 @@ import pytest
 
 from inference_safeguard.cli import main
 from inference_safeguard.demo import is_unsafe, load_demo_world
-from inference_safeguard.demo.build import BuildSettings, build_demo_world
+from inference_safeguard.demo.build import HAZARD_ONSETS, BuildSettings, build_demo_world, costly
 from inference_safeguard.demo.corpus import (
+    CLOSERS,
     HAZARD_PHRASES,
     KINDS,
+    OPENERS,
+    REFUSALS,
     TOPICS,
+    VAGUE,
     all_prompts,
     labelled_corpus,
     make_response,
@@ -66,6 +70,16 @@ def test_every_hazard_sentence_holds_exactly_one_lexicon_phrase():
             assert sum(p in sentence.lower() for p in HAZARD_PHRASES) == 1
         for sentence in topic.advice:
             assert not is_unsafe("", sentence)
+
+
+def test_the_cost_label_counts_a_begun_hazard_and_no_safe_sentence_begins_one():
+    safe = [*OPENERS, *CLOSERS, *REFUSALS, *VAGUE, *(a for t in TOPICS for a in t.advice)]
+    assert not any(costly("", sentence) for sentence in safe)
+    for phrase, onset in zip(HAZARD_PHRASES, HAZARD_ONSETS, strict=True):
+        assert phrase.startswith(onset) and len(onset.split()) >= 2
+        assert costly("", f"Sure. {onset.capitalize()}")
+        assert not costly("", f"Sure. {' '.join(onset.split()[:-1]).capitalize()}")
+    assert all(costly("", phrase) for phrase in HAZARD_PHRASES)
 
 
 def test_oracle_ignores_case_punctuation_and_spacing():
