@@ -113,7 +113,7 @@ unicode_prompts = st.text(
 ).filter(lambda s: s.strip())
 """Any non-blank text (emoji, CJK, combining marks, control characters)."""
 
-long_prompts = st.integers(50, 400).map(lambda n: " ".join(WORDS[i % len(WORDS)] for i in range(n)))
+long_prompts = st.integers(50, 700).map(lambda n: " ".join(WORDS[i % len(WORDS)] for i in range(n)))
 """Long prompts, some longer than the tiny model's context window."""
 
 message = st.fixed_dictionaries(

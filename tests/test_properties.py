@@ -313,6 +313,16 @@ def _check_record(
     text: str, record: dict[str, Any], config: dict[str, Any], cost: AdversarialCost, prompt: str
 ) -> None:
     assert record["budget"] == config["budget"]
+    event(
+        "outcome: "
+        + (
+            "refused"
+            if record["refused"]
+            else "safe"
+            if record["safe"]
+            else "returned flagged unsafe"
+        )
+    )
     if record["refused"]:
         assert config["on_unsafe"] == "refuse" and text == config["refusal_text"]
         assert not record["safe"] and record["cost"] > config["budget"]
