@@ -22,8 +22,9 @@ from inference_safeguard.scorers import CallableScorer
 PROFILE_VARIABLE = "SAFEGUARD_HYPOTHESIS_PROFILE"
 FAST_EXAMPLES = 30
 """Cases per property in the fast profile (10 properties: 300 cases)."""
-LONG_EXAMPLES = 520
-"""Cases per property in the long profile (10 properties: 5,200 cases)."""
+LONG_EXAMPLES = 600
+"""Cases per property in the long profile (9 properties of unbounded space: 5,400 cases, plus
+the out-of-range values, a finite set tried in full)."""
 
 _COMMON: dict[str, Any] = {
     "deadline": None,

@@ -93,6 +93,7 @@ def run_guarded(
         event("outcome: UnsafeGenerationError")
         assert config["on_unsafe"] == "raise"
         assert error.result is not None and not error.result.safe
+        assert error.result.cost > config["budget"] and not error.result.refused
         return None
     except InvalidPromptError as error:
         event(f"outcome: {type(error).__name__}")
