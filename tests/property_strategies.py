@@ -22,8 +22,9 @@ from inference_safeguard.scorers import CallableScorer
 PROFILE_VARIABLE = "SAFEGUARD_HYPOTHESIS_PROFILE"
 FAST_EXAMPLES = 30
 """Cases per property in the fast profile (10 properties: 300 cases)."""
-LONG_EXAMPLES = 520
-"""Cases per property in the long profile (10 properties: 5,200 cases)."""
+LONG_EXAMPLES = 600
+"""Cases per property in the long profile (9 properties of unbounded space: 5,400 cases, plus
+the out-of-range values, a finite set tried in full)."""
 
 _COMMON: dict[str, Any] = {
     "deadline": None,
@@ -113,7 +114,7 @@ unicode_prompts = st.text(
 ).filter(lambda s: s.strip())
 """Any non-blank text (emoji, CJK, combining marks, control characters)."""
 
-long_prompts = st.integers(50, 400).map(lambda n: " ".join(WORDS[i % len(WORDS)] for i in range(n)))
+long_prompts = st.integers(50, 700).map(lambda n: " ".join(WORDS[i % len(WORDS)] for i in range(n)))
 """Long prompts, some longer than the tiny model's context window."""
 
 message = st.fixed_dictionaries(

@@ -93,6 +93,7 @@ def run_guarded(
         event("outcome: UnsafeGenerationError")
         assert config["on_unsafe"] == "raise"
         assert error.result is not None and not error.result.safe
+        assert error.result.cost > config["budget"] and not error.result.refused
         return None
     except InvalidPromptError as error:
         event(f"outcome: {type(error).__name__}")
@@ -313,6 +314,16 @@ def _check_record(
     text: str, record: dict[str, Any], config: dict[str, Any], cost: AdversarialCost, prompt: str
 ) -> None:
     assert record["budget"] == config["budget"]
+    event(
+        "outcome: "
+        + (
+            "refused"
+            if record["refused"]
+            else "safe"
+            if record["safe"]
+            else "returned flagged unsafe"
+        )
+    )
     if record["refused"]:
         assert config["on_unsafe"] == "refuse" and text == config["refusal_text"]
         assert not record["safe"] and record["cost"] > config["budget"]
