@@ -123,11 +123,6 @@ def test_the_shipped_evaluation_refuses_at_most_five_percent_of_test_prompts():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped world refuses 6 of 92 (seeds 0 and 1): beams one word short of a "
-    "hazard phrase pass the cost model, and every continuation of them is unsafe",
-)
 def test_models_mode_refuses_at_most_five_percent_of_test_prompts_over_two_seeds(world):
     prompts = world.prompts["test"]
     refused = sum(
