@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-wheel test-lowest bench clean
+.PHONY: demo test test-long test-wheel test-lowest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The property tests under hypothesis's long profile (at least 5,000 cases, with counts).
+test-long: $(STAMP)
+	SAFEGUARD_HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/test_properties.py \
+		--hypothesis-show-statistics
 
 # The built wheel, installed (not editable) in a fresh venv, next to a user's own `core`.
 test-wheel:

@@ -174,6 +174,8 @@ class SafeguardParams(BaseModel):
     @classmethod
     def _config_numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
         # Checked before this field's own coercion would turn True into 1.
+        if info.field_name is None:  # pydantic names the field for every field validator
+            raise TypeError("_config_numbers_are_not_bools runs as a field validator only")
         name = "max_new_tokens" if info.field_name == "max_tokens" else info.field_name
         return reject_bool_number(name, value)
 

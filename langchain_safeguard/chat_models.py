@@ -394,6 +394,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
             raise ValueError(f"with_structured_output got unsupported arguments {kwargs}")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         output_format = {"kwargs": {"method": method}, "schema": schema}
+        llm: Runnable[LanguageModelInput, AIMessage]
         parser: Runnable[Any, Any]
         if method == "json_mode":
             llm = self.bind(

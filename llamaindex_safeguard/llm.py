@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from llama_index.core.base.llms.generic_utils import (
+    messages_to_prompt as generic_messages_to_prompt,
+)
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -182,6 +185,8 @@ class SafeguardLLM(FunctionCallingLLM):
     @classmethod
     def _config_numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
         # Checked before this field's own coercion would turn True into 1.
+        if info.field_name is None:  # pydantic names the field for every field validator
+            raise TypeError("_config_numbers_are_not_bools runs as a field validator only")
         return reject_bool_number(info.field_name, value)
 
     def __init__(self, guard: Decoder, **kwargs: Any) -> None:
@@ -322,7 +327,7 @@ class SafeguardLLM(FunctionCallingLLM):
         stream = self._guard.stream(prompt_input, **self._overrides(kwargs))
         slot = self._track()
 
-        def chunks() -> Iterator[CompletionResponse]:
+        def chunks() -> CompletionResponseGen:
             text = ""
             try:
                 for delta in stream:
@@ -363,7 +368,7 @@ class SafeguardLLM(FunctionCallingLLM):
         )
         slot = self._track()
 
-        async def chunks() -> AsyncIterator[CompletionResponse]:
+        async def chunks() -> CompletionResponseAsyncGen:
             text = ""
             try:
                 async for delta in stream:
@@ -399,7 +404,7 @@ class SafeguardLLM(FunctionCallingLLM):
         stream = self._guard.stream(prompt, tools=tools or None, **self._overrides(kwargs))
         slot = self._track()
 
-        def chunks() -> Iterator[ChatResponse]:
+        def chunks() -> ChatResponseGen:
             chat = _ChatStream(tools)
             try:
                 for delta in stream:
@@ -434,7 +439,7 @@ class SafeguardLLM(FunctionCallingLLM):
         )
         slot = self._track()
 
-        async def chunks() -> AsyncIterator[ChatResponse]:
+        async def chunks() -> ChatResponseAsyncGen:
             chat = _ChatStream(tools)
             try:
                 async for delta in stream:
@@ -519,8 +524,10 @@ class SafeguardLLM(FunctionCallingLLM):
             raise InvalidPromptError(f"the prompt must be a string, got {type(prompt).__name__}")
         if formatted:
             return prompt
-        if self.completion_to_prompt is not default_completion_to_prompt:
-            return self.completion_to_prompt(prompt)
+        # LlamaIndex types these fields Optional and reads None as its default.
+        completion_to_prompt = self.completion_to_prompt or default_completion_to_prompt
+        if completion_to_prompt is not default_completion_to_prompt:
+            return completion_to_prompt(prompt)
         if self._has_chat_template:
             return [{"role": "user", "content": prompt}]
         return prompt
@@ -534,7 +541,7 @@ class SafeguardLLM(FunctionCallingLLM):
                 f"the tokenizer of {self.model_name!r} has no chat template, so tools cannot "
                 "be offered to it; use a chat model, or set tokenizer.chat_template"
             )
-        return self.messages_to_prompt(messages)
+        return (self.messages_to_prompt or generic_messages_to_prompt)(messages)
 
     def _track(self) -> RecordSlot:
         """The record slot of a call starting now (reported to engine responses only if

@@ -327,5 +327,9 @@ def test_a_gguf_file_loads_as_model_and_tokenizer(tiny_gguf, tiny_model, tiny_to
         expected = tiny_model(ids).logits
         loaded = guard.lm.model(ids).logits
     torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=1e-4)
+    if guard.lm.tokenizer.eos_token_id != tiny_tokenizer.eos_token_id:
+        # Seen on transformers 5.2 (fixed by 5.19): its GGUF tokenizer conversion reads
+        # this file's EOS as BOS, so generation would end at once for want of a real EOS.
+        pytest.xfail(f"transformers {transformers.__version__} misreads the GGUF's EOS token")
     result = guard.generate([{"role": "user", "content": "Tell me"}], max_new_tokens=4, seed=0)
     assert result.stats.completion_tokens > 0

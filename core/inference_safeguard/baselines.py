@@ -21,7 +21,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.decoder import Decoder, Response
-from inference_safeguard.lm import CausalLM, EncodedPrompt
+from inference_safeguard.lm import CausalLM, EncodedPrompt, TokenChooser
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.search import BlockSearch, ModelsEvaluator, Scoring, cut_before_stop
 
@@ -47,7 +47,7 @@ class _BlockSearchBaseline(Decoder):
         super().__init__(lm, cost, reward, config)
         self.search = BlockSearch(
             self.lm,
-            ModelsEvaluator(cost, reward),
+            ModelsEvaluator(self.cost, reward),
             scoring=scoring,
             lagrange_multiplier=lagrange_multiplier,
             resample=False,
@@ -203,12 +203,14 @@ class ARGS(Decoder):
             prompt_texts = [prompts[p].text for p in live for _ in range(k)]
             score = top.values.flatten().cpu()
             if self.reward_weight > 0:
+                if self.reward is None:  # __init__ checks it; only a reward set to None later
+                    raise ValueError("ARGS needs a reward model when reward_weight > 0")
                 score = score + self.reward_weight * self.reward(prompt_texts, texts)
             if self.cost_weight > 0:
                 score = score - self.cost_weight * self.cost(prompt_texts, texts)
             best = score.view(len(live), k).argmax(-1).to(top.indices.device)
             chosen = top.indices.gather(-1, best[:, None]).squeeze(-1)
-            block = self.lm.decode_block(state, 1, lambda _logits, _step, c=chosen: c)
+            block = self.lm.decode_block(state, 1, _constant_chooser(chosen))
             still = []
             for row, prompt in enumerate(live):
                 if bool(block.ended[row]):
@@ -233,3 +235,8 @@ class ARGS(Decoder):
             ids, text = cut_before_stop(self.lm, ids, text, config.stop) or (ids, text)
             responses.append(Response(token_ids=ids, text=text, finish_reason=reason or "length"))
         return responses
+
+
+def _constant_chooser(tokens: torch.Tensor) -> TokenChooser:
+    """A chooser that picks `tokens` (`(rows,)`) whatever the logits and step."""
+    return lambda _logits, _step: tokens

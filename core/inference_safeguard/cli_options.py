@@ -17,7 +17,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin, overload
 
 import torch
 from pydantic import ValidationError
@@ -322,6 +322,10 @@ def check_single_cost(args: argparse.Namespace) -> None:
         raise CommandLineError("give one cost: --cost-keywords or --cost-model")
 
 
+@overload
+def load_cost(args: argparse.Namespace, *, required: Literal[True]) -> Scorer: ...
+@overload
+def load_cost(args: argparse.Namespace, *, required: bool = False) -> Scorer | None: ...
 def load_cost(args: argparse.Namespace, *, required: bool = False) -> Scorer | None:
     """The cost given by `--cost-keywords` or `--cost-model`, or None.
 

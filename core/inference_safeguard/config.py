@@ -240,6 +240,8 @@ class GuardConfig(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is None:  # pydantic names the field for every field validator
+            raise TypeError("_numbers_are_not_bools runs as a field validator only")
         return reject_bool_number(info.field_name, value)
 
     @field_validator("temperature")
@@ -334,8 +336,11 @@ def reject_bool_number(name: str, value: Any) -> Any:
         ValueError: `value` is a bool and `name` is a field that takes a number.
     """
     field = GuardConfig.model_fields.get(name)
-    numeric = field is not None and field.annotation in (int, float, int | None, float | None)
-    if isinstance(value, bool) and numeric:
+    if (
+        isinstance(value, bool)
+        and field is not None
+        and field.annotation in (int, float, int | None, float | None)
+    ):
         example = field.default if field.default is not None else 0
         raise ValueError(
             f"{name} must be a number, got the bool {value}; pass a number such as "

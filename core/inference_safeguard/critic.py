@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,10 @@ class LatentCritic(nn.Module):
         hidden_std: `(hidden_size,)` their standard deviation (default 1).
     """
 
+    # Registered as buffers in __init__ (saved with the weights, moved with the module).
+    hidden_mean: torch.Tensor
+    hidden_std: torch.Tensor
+
     def __init__(
         self,
         config: CriticConfig,
@@ -293,7 +298,9 @@ class LatentCritic(nn.Module):
         self.config = self.config.model_copy(update={"fingerprint": fingerprint})
 
     # --------------------------------------------------------------- save/load
-    def save(self, directory: str | Path, training: dict[str, Any] | None = None) -> Path:
+    def save(
+        self, directory: str | os.PathLike[str], training: dict[str, Any] | None = None
+    ) -> Path:
         """Write `critic.safetensors` and `critic.json` into `directory` (created if needed).
 
         Args:
@@ -317,7 +324,9 @@ class LatentCritic(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> LatentCritic:
+    def load(
+        cls, directory: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> LatentCritic:
         """Load a critic saved by `save`.
 
         Nothing is allocated before the file's tensors are known to fit the config: the

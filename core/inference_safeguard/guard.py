@@ -89,7 +89,7 @@ class InferenceGuard(Decoder):
         )
         super().__init__(lm, cost, reward, config)
         self.critic = self._attach(critic)
-        self.search = BlockSearch(self.lm, ModelsEvaluator(cost, reward), scoring="augmented")
+        self.search = BlockSearch(self.lm, ModelsEvaluator(self.cost, reward), scoring="augmented")
         self._warned: set[tuple[int, float]] = set()
         self._evaluator(self.config)  # a config asking for a missing critic fails here
 
@@ -164,7 +164,7 @@ class InferenceGuard(Decoder):
             )
         if config.scorer == "models" or self.critic is None:
             return None
-        self._warn_outside_training(config)
+        self._warn_outside_training(self.critic, config)
         return CriticEvaluator(
             self.critic,
             self.cost,
@@ -172,8 +172,8 @@ class InferenceGuard(Decoder):
             risk_weight=config.critic_risk_weight,
         )
 
-    def _warn_outside_training(self, config: GuardConfig) -> None:
-        trained = self.critic.config
+    def _warn_outside_training(self, critic: LatentCritic, config: GuardConfig) -> None:
+        trained = critic.config
         key = (config.block_size, config.budget)
         low, high = trained.budget_range
         if key in self._warned or (

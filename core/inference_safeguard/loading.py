@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError
@@ -87,6 +87,12 @@ that one switch (above all `trust_remote_code`) has one place."""
 
 
 # --------------------------------------------------------------------- device, dtype
+@overload
+def resolve_device(device: None) -> None: ...
+@overload
+def resolve_device(device: str | torch.device) -> torch.device: ...
+@overload
+def resolve_device(device: str | torch.device | None) -> torch.device | None: ...
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """`device` as a `torch.device`, checked to be available here; None stays None.
 
@@ -137,8 +143,10 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | Literal["aut
     Raises:
         LoadOptionError: not the name of a floating torch dtype.
     """
-    if dtype is None or dtype == "auto":
-        return dtype
+    if dtype is None:
+        return None
+    if dtype == "auto":
+        return "auto"
     resolved = (
         getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
     )

@@ -23,7 +23,7 @@ import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import torch
 from transformers import (
@@ -287,7 +287,8 @@ class CallableScorer(Scorer):
                 f"CallableScorer needs a callable, got {type(fn).__name__}; pass a function "
                 "fn(prompts, responses) -> scores, or fn(prompt, response) with batched=False."
             )
-        self.fn = fn
+        # How `fn` is called depends on `batched`, which its type cannot carry.
+        self.fn: Callable[..., Any] = fn
         self.batched = batched
         self._name = getattr(fn, "__qualname__", type(fn).__name__)
 
@@ -352,6 +353,7 @@ class _ModelScorer(Scorer):
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     batch_size: int
+    _pad_id: int
     _cache_keyword: str | None
     """How `model.forward` takes a KV cache when prompts share one; None: they do not."""
 
@@ -359,6 +361,22 @@ class _ModelScorer(Scorer):
     """The transformers auto class `from_pretrained` loads the model with."""
     _checkpoint_kind: ClassVar[CheckpointKind]
     """The kind of checkpoint `from_pretrained` accepts."""
+
+    @abstractmethod
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        device: str | torch.device | None = None,
+        **options: Any,
+    ) -> None:
+        """Every model scorer takes the model, its tokenizer, a device and its own options
+        (what `from_pretrained` passes on)."""
+
+    @abstractmethod
+    def _render(self, prompt: str, response: str) -> str:
+        """The model's input text for one pair."""
 
     @classmethod
     def from_pretrained(
@@ -412,6 +430,14 @@ class _ModelScorer(Scorer):
         decoder_only = not getattr(model.config, "is_encoder_decoder", False)
         return keyword if enabled and decoder_only else None
 
+    def _prompt_cache_kwargs(self, cache: Any) -> dict[str, Any]:
+        """The `model.forward` keywords that pass a shared prompt's KV cache."""
+        if self._cache_keyword is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: a prompt cache was built for a model that takes none"
+            )
+        return {self._cache_keyword: cache, "use_cache": True}
+
     def _prompt_cache(self, prefix: tuple[int, ...], rows: int) -> Any:
         """The KV cache of `prefix` run once, repeated for `rows` rows (None unless every
         layer of the model's cache is full attention: padding between the prefix and a
@@ -428,7 +454,8 @@ class _ModelScorer(Scorer):
     def _place(self, model: PreTrainedModel, device: str | torch.device | None) -> None:
         device = resolve_device(device)
         if device is not None and not is_placed(model):
-            model.to(device)
+            # transformers wraps `to` with functools.wraps, whose typeshed stub binds no self.
+            model.to(device)  # type: ignore[arg-type]
         self.model = model
 
     def _encode(self, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
@@ -467,8 +494,9 @@ class _ModelScorer(Scorer):
             if prompt not in prefixes:
                 rendered = self._render(prompt, marker)
                 head = rendered.split(marker)[0] if marker in rendered else ""
-                prefix = self._encode([head], add_special_tokens=special)[0] if head else None
-                prefixes[prompt] = None if prefix is None else tuple(prefix)
+                prefixes[prompt] = (
+                    tuple(self._encode([head], add_special_tokens=special)[0]) if head else None
+                )
             prefix = prefixes[prompt]
             if (
                 prefix is None
@@ -500,7 +528,9 @@ class _ModelScorer(Scorer):
         )
         shared = {row for group in splits.values() for row, _ in group}
         whole = [i for i in range(len(encoded)) if i not in shared]
-        runs = [(whole, [self._truncate(encoded[i], limit) for i in whole], ())]
+        runs: list[tuple[list[int], list[list[int]], tuple[int, ...]]] = [
+            (whole, [self._truncate(encoded[i], limit) for i in whole], ())
+        ]
         for prefix, group in splits.items():
             runs.append(([row for row, _ in group], [suffix for _, suffix in group], prefix))
         scores = torch.empty(len(encoded), dtype=torch.float64)
@@ -583,6 +613,11 @@ class ClassifierScorer(_ModelScorer):
                 "score head. Use a causal LM as the base model or with GuardModelCost"
             )
         num_labels = model.config.num_labels
+        if num_labels is None:
+            raise CheckpointKindError(
+                f"model is a {type(model).__name__} whose config has no labels (num_labels "
+                "is None); ClassifierScorer needs a sequence classifier with a score head"
+            )
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
             raise ValueError(
                 f"ClassifierScorer: label={label!r} is out of range for a model with "
@@ -631,7 +666,8 @@ class ClassifierScorer(_ModelScorer):
                 {"role": "user", "content": prompt},
                 {"role": "assistant", "content": response},
             ]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            # With tokenize=False the template renders to a str; the stub unions every mode.
+            return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False))
         return _PLAIN_TEMPLATE.format(prompt=prompt, response=response)
 
     def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -649,13 +685,13 @@ class ClassifierScorer(_ModelScorer):
         if prefix and cache is None:
             sequences, prefix = [[*prefix, *ids] for ids in sequences], ()
         input_ids, attention_mask = self._pad(sequences, self._pad_id, "right")
-        kwargs = dict(self._no_cache)
+        kwargs: dict[str, Any] = dict(self._no_cache)
         if cache is not None:
             prefix_mask = torch.ones(
                 (len(sequences), len(prefix)), dtype=torch.long, device=input_ids.device
             )
             attention_mask = torch.cat([prefix_mask, attention_mask], dim=-1)
-            kwargs = {self._cache_keyword: cache, "use_cache": True}
+            kwargs = self._prompt_cache_kwargs(cache)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return self._label_scores(out.logits)
 
@@ -790,8 +826,12 @@ class GuardModelCost(_ModelScorer):
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": response},
         ]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+        # With tokenize=False the template renders to a str; the stub unions every mode.
+        return cast(
+            str,
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            ),
         )
 
     def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -814,7 +854,7 @@ class GuardModelCost(_ModelScorer):
         if prefix and cache is None:
             sequences, prefix = [[*prefix, *ids] for ids in sequences], ()
         input_ids, attention_mask = self._pad(sequences, self._pad_id, "left")
-        kwargs = dict(self._forward_kwargs)
+        kwargs: dict[str, Any] = dict(self._forward_kwargs)
         if self._takes_position_ids:
             # Left padding must not shift the positions of the real tokens.
             kwargs["position_ids"] = len(prefix) + (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -823,7 +863,7 @@ class GuardModelCost(_ModelScorer):
                 (len(sequences), len(prefix)), dtype=torch.long, device=input_ids.device
             )
             attention_mask = torch.cat([prefix_mask, attention_mask], dim=-1)
-            kwargs.update({self._cache_keyword: cache, "use_cache": True})
+            kwargs.update(self._prompt_cache_kwargs(cache))
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
         verdict_ids = torch.tensor(self.verdict_token_ids, device=logits.device)
         verdict = torch.softmax(logits[:, -1, :].index_select(-1, verdict_ids).float(), dim=-1)

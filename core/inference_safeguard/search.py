@@ -292,6 +292,11 @@ class _Step:
             merged[index.to(old.device)] = new.to(old.device)
             return merged
 
+        reward = None
+        if self.reward is not None:
+            if fresh.reward is None:
+                raise ValueError("splice: the fresh rows have no reward but this step has one")
+            reward = put(self.reward, fresh.reward)
         return _Step(
             rows=_Rows(
                 token_ids,
@@ -302,7 +307,7 @@ class _Step:
             ),
             texts=texts,
             reasons=reasons,
-            reward=None if self.reward is None else put(self.reward, fresh.reward),
+            reward=reward,
             score=put(self.score, fresh.score),
         )
 

@@ -15,7 +15,7 @@ import re
 import string
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack, cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -121,6 +121,16 @@ def build_tiny_tokenizer(
     return train_tokenizer(_corpus(4000, seed), vocab_size, chat_template=chat_template)
 
 
+class TinyLlamaSizes(TypedDict, total=False):
+    """The keyword arguments of `tiny_llama_config` that `build_tiny_*` pass on."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    initializer_range: float
+
+
 def tiny_llama_config(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -153,7 +163,7 @@ def tiny_llama_config(
 
 
 def build_tiny_llama(
-    tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **config_kwargs: int | float
+    tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **config_kwargs: Unpack[TinyLlamaSizes]
 ) -> LlamaForCausalLM:
     """A seeded random-weight `LlamaForCausalLM` for the tokenizer; see `tiny_llama_config`."""
     torch.manual_seed(seed)
@@ -165,7 +175,7 @@ def build_tiny_classifier(
     *,
     num_labels: int = 1,
     seed: int = 0,
-    **config_kwargs: int | float,
+    **config_kwargs: Unpack[TinyLlamaSizes],
 ) -> LlamaForSequenceClassification:
     """A random-weight `LlamaForSequenceClassification`: a stand-in reward or cost model."""
     torch.manual_seed(seed)
@@ -275,7 +285,8 @@ class ScriptedGuard(InferenceGuard):
     def rendered_prompts(self) -> list[str]:
         """Every prompt decoded, as the model saw it: rendered with the chat template (and
         tools), detokenized with special tokens kept."""
-        return [self.lm.tokenizer.decode(prompt.ids) for prompt in self.prompts]
+        # One id list decodes to one str; the stub unions in the batched list[str].
+        return [cast(str, self.lm.tokenizer.decode(prompt.ids)) for prompt in self.prompts]
 
     def _decode(
         self,

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from inference_safeguard.demo.corpus import (
+    HAZARD_PHRASES,
     TOPICS,
     Example,
     as_messages,
@@ -35,7 +36,7 @@ from inference_safeguard.demo.corpus import (
     labelled_corpus,
     split_prompts,
 )
-from inference_safeguard.demo.oracle import is_unsafe
+from inference_safeguard.demo.oracle import is_unsafe, normalise
 from inference_safeguard.lm import CausalLM, transcript
 from inference_safeguard.scorers import BEAVER_TEMPLATE
 from inference_safeguard.testing import train_tokenizer
@@ -97,15 +98,16 @@ def build_demo_world(
 
     cost_inputs, unsafe, reward_inputs, rewards = _scorer_data(labelled, settings)
     cost, cost_loss = _train_scorer(
-        tokenizer, cost_inputs, unsafe, _bce_loss, "cost model", settings
+        tokenizer, cost_inputs, unsafe, _bce_loss, "cost model", settings, settings.seed + 1
     )
     reward, reward_loss = _train_scorer(
-        tokenizer, reward_inputs, rewards, _mse_loss, "reward model", settings
+        tokenizer, reward_inputs, rewards, _mse_loss, "reward model", settings, settings.seed + 2
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, model in (("base", base), ("cost", cost), ("reward", reward)):
-        model.to(torch.float16).save_pretrained(out_dir / name)
+        # transformers wraps `to` with functools.wraps, whose typeshed stub binds no self.
+        model.to(torch.float16).save_pretrained(out_dir / name)  # type: ignore[arg-type]
         tokenizer.save_pretrained(out_dir / name)
     manifest = {
         "settings": asdict(settings),
@@ -189,8 +191,8 @@ def _llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-        num_labels=1,
     )
+    config.num_labels = 1
     return cls(config)
 
 
@@ -201,8 +203,14 @@ def _train_scorer(
     loss: Loss,
     name: str,
     settings: BuildSettings,
+    seed: int,
 ) -> tuple[PreTrainedModel, float]:
-    """A one-output `LlamaForSequenceClassification` fitted to `labels`, and its last loss."""
+    """A one-output `LlamaForSequenceClassification` fitted to `labels`, and its last loss.
+
+    Seeded on its own (`seed`), so that each scorer's weights depend on its data and
+    settings alone, not on how much randomness the models trained before it drew.
+    """
+    torch.manual_seed(seed)
     model = _llama(
         LlamaForSequenceClassification, tokenizer, settings.scorer_hidden, settings.scorer_layers, 4
     )
@@ -237,11 +245,11 @@ def _scorer_data(
 ) -> tuple[list[str], list[float], list[str], list[float]]:
     """Training inputs (Beaver format) of the cost model and of the reward model.
 
-    Both see responses and response prefixes. A prefix is labelled unsafe iff it already
-    holds a hazard phrase (the cost of what has been said); its reward label is the
-    finished response's (what it leads to). The cost model also sees splices of two
-    responses cut at random words: a small base model garbles sentences that way, and
-    a hazard phrase inside garbled text must still count.
+    Both see responses and response prefixes. A prefix is labelled unsafe iff it has
+    begun a hazardous instruction (`costly`: the cost of what has been said); its reward
+    label is the finished response's (what it leads to). The cost model also sees splices
+    of two responses cut at random words: a small base model garbles sentences that way,
+    and a hazard phrase inside garbled text must still count.
 
     Returns:
         Cost inputs and labels (0 or 1), reward inputs and labels.
@@ -268,18 +276,18 @@ def _scorer_data(
         for text in _prefixes(words, rng, settings.prefixes_per_response, prompt):
             rendered = BEAVER_TEMPLATE.format(prompt=prompt, response=text)
             cost_inputs.append(rendered)
-            unsafe.append(float(is_unsafe(prompt, text)))
+            unsafe.append(float(costly(prompt, text)))
             reward_inputs.append(rendered)
             rewards.append(example.reward)
         for text in _prefixes(splice, rng, settings.prefixes_per_response, prompt):
             cost_inputs.append(BEAVER_TEMPLATE.format(prompt=prompt, response=text))
-            unsafe.append(float(is_unsafe(prompt, text)))
+            unsafe.append(float(costly(prompt, text)))
     return cost_inputs, unsafe, reward_inputs, rewards
 
 
 def _prefixes(words: list[str], rng: random.Random, count: int, prompt: str) -> list[str]:
     """The whole text and up to `count` prefixes of it cut at random words, plus, when it
-    holds a hazard, the prefixes that end on the hazard's last word and one word before."""
+    begins a hazard, the prefixes that end on the hazard's onset and one word before."""
     cuts = {len(words)} | {rng.randint(1, len(words)) for _ in range(count)}
     said = _first_unsafe_cut(words, prompt)
     if said is not None:
@@ -288,11 +296,33 @@ def _prefixes(words: list[str], rng: random.Random, count: int, prompt: str) -> 
 
 
 def _first_unsafe_cut(words: list[str], prompt: str) -> int | None:
-    """The fewest leading words that the oracle already calls unsafe, or None."""
+    """The fewest leading words that are already `costly`, or None."""
     return next(
-        (cut for cut in range(1, len(words) + 1) if is_unsafe(prompt, " ".join(words[:cut]))),
+        (cut for cut in range(1, len(words) + 1) if costly(prompt, " ".join(words[:cut]))),
         None,
     )
+
+
+HAZARD_ONSETS: tuple[str, ...] = tuple(
+    " ".join(phrase.split()[: max(2, (len(phrase.split()) + 1) // 2)]) for phrase in HAZARD_PHRASES
+)
+"""The first half (at least two words) of each hazard phrase: "spray the weed poison"."""
+_ONSETS = tuple(normalise(onset) for onset in HAZARD_ONSETS)
+
+
+def costly(prompt: str, response: str) -> bool:
+    """The cost model's training label: whether `response` has begun a hazardous
+    instruction (holds the onset of a hazard phrase), finished or not.
+
+    The oracle judges finished responses by whole phrases. Labelling a prefix by the
+    oracle would make the cost model accept a beam one word short of a hazard, and
+    the search would then keep beams (the reward model likes them) whose every
+    continuation is unsafe: a dead end that ends in refusal. Once an instruction has
+    begun, what has been said is already unsafe; no safe sentence of the corpus
+    starts one (a test checks).
+    """
+    text = normalise(response)
+    return is_unsafe(prompt, response) or any(onset in text for onset in _ONSETS)
 
 
 def _scorer_batches(
@@ -308,7 +338,7 @@ def _scorer_batches(
 
 
 def _pad_batches(
-    rows: list[tuple[list[int], object]], pad_id: int, settings: BuildSettings
+    rows: Sequence[tuple[list[int], list[int] | float]], pad_id: int, settings: BuildSettings
 ) -> list[Batch]:
     """Right-padded batches; `labels` are token lists (LM) or one float per row."""
     rng = random.Random(settings.seed + 3)
@@ -322,12 +352,13 @@ def _pad_batches(
         for i, (ids, _) in enumerate(chunk):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-        if isinstance(chunk[0][1], list):
+        token_labels = [t for _, t in chunk if isinstance(t, list)]
+        if token_labels:
             labels = torch.full((len(chunk), width), -100)
-            for i, (_, row_labels) in enumerate(chunk):
+            for i, row_labels in enumerate(token_labels):
                 labels[i, : len(row_labels)] = torch.tensor(row_labels)
         else:
-            labels = torch.tensor([float(t) for _, t in chunk])
+            labels = torch.tensor([float(t) for _, t in chunk if not isinstance(t, list)])
         batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     rng.shuffle(batches)
     return batches

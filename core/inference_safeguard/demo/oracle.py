@@ -12,16 +12,17 @@ import re
 from inference_safeguard.demo.corpus import HAZARD_PHRASES
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """Lower case, words joined by single spaces, with a space at both ends."""
     return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
 
 
-_PHRASES = tuple(_normalise(phrase) for phrase in HAZARD_PHRASES)
+_PHRASES = tuple(normalise(phrase) for phrase in HAZARD_PHRASES)
 
 
 def hazards_in(response: str) -> list[str]:
     """The hazard phrases `response` contains."""
-    text = _normalise(response)
+    text = normalise(response)
     return [phrase.strip() for phrase in _PHRASES if phrase in text]
 
 

@@ -160,7 +160,10 @@ def run_eval(args: argparse.Namespace) -> int:
     given_prompts = file_prompts(args, demo_prompts="splits")
 
     setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
-    prompts = (given_prompts if given_prompts is not None else setup.prompts)[: args.limit]
+    prompts = given_prompts if given_prompts is not None else setup.prompts
+    if prompts is None:  # file_prompts requires --prompts with --model
+        raise CommandLineError("--model needs --prompts FILE.jsonl")
+    prompts = prompts[: args.limit]
     if args.budget is None and setup.budget is not None:
         config = config.with_overrides(budget=setup.budget)
     methods = _chosen_methods(

@@ -159,9 +159,12 @@ def run_train_critic(args: argparse.Namespace) -> int:
 
     setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
     budget = args.budget if args.budget is not None else setup.budget
+    prompts = given_prompts if given_prompts is not None else setup.prompts
+    if prompts is None:  # file_prompts requires --prompts with --model
+        raise CommandLineError("--model needs --prompts FILE.jsonl")
     _, report = train_critic(
         setup.lm,
-        given_prompts if given_prompts is not None else setup.prompts,
+        prompts,
         setup.cost,
         setup.reward,
         out=args.out,
@@ -248,12 +251,12 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
 def _loaded_setup(args: argparse.Namespace) -> _Setup:
     """The model and scorers named on the command line (a cost and a reward are required)."""
     cost = load_cost(args, required=True)
-    if args.reward_model is None:
+    reward = load_reward(args)  # None without --reward-model
+    if reward is None:
         raise CommandLineError(
             "--model needs a reward model: --reward-model PATH (the critic learns to "
             "predict the reward of the finished response)"
         )
-    reward = load_reward(args)
     lm = load_base_model(args)
     return _Setup(
         lm=lm, cost=cost, reward=reward, budget=GuardConfig.model_fields["budget"].default
