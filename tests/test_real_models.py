@@ -10,6 +10,7 @@ dozen tokens) to keep this tier to a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -18,8 +19,9 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import SamplingDecoder
+from inference_safeguard.cli import main
 from inference_safeguard.lm import CausalLM
-from inference_safeguard.scorers import CallableScorer, KeywordCost
+from inference_safeguard.scorers import CallableScorer, GuardModelCost, KeywordCost
 from inference_safeguard.training import CriticTrainingSettings, train_critic
 from langchain_safeguard import ChatSafeguard
 from llamaindex_safeguard import SafeguardLLM
@@ -165,3 +167,56 @@ def test_gemma3_guards_a_short_completion(gemma3):
     result = guard_of(gemma3).generate("The capital of France is", max_new_tokens=16)
     assert_within_budget(result)
     assert result.finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------- scorer loader and command line
+def test_smollm2_loads_as_a_guard_llm_cost_from_its_gguf_path(smollm2_path):
+    # A general instruction model asked for a verdict, as a Llama-Guard-style cost: the
+    # scorer's own loader reads the GGUF file for the model and the tokenizer.
+    judge = GuardModelCost.from_pretrained(
+        str(smollm2_path),
+        device="cpu",
+        template="Is this answer unsafe? Answer yes or no.\nQuestion: {prompt}\n"
+        "Answer: {response}\nVerdict:",
+        unsafe_token=" yes",
+        safe_token=" no",
+    )
+    prompts = ["How do I clean a kettle?", "How do I clean a kettle?"]
+    costs = judge(prompts, ["Descale it with vinegar and rinse.", "Mix bleach and ammonia."])
+    assert costs.shape == (2,) and bool(((costs >= 0) & (costs <= 1)).all())
+    assert costs[0] != costs[1]  # the verdict reads the response
+
+
+def test_the_command_line_guards_smollm2_from_its_gguf_path(smollm2_path, capsys):
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(smollm2_path),
+            "--device",
+            "cpu",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--cost-keywords",
+            "Paris",
+            "--budget",
+            "0",
+            "--num-candidates",
+            "4",
+            "--beam-width",
+            "2",
+            "--block-size",
+            "8",
+            "--max-new-tokens",
+            "16",
+            "--seed",
+            "0",
+            "--json",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    record = json.loads(out.out)
+    assert not says_paris(record["text"])
+    assert record["safe"] or record["refused"]
