@@ -442,11 +442,14 @@ class _ModelScorer(Scorer):
         """The KV cache of `prefix` run once, repeated for `rows` rows (None unless every
         layer of the model's cache is full attention: padding between the prefix and a
         sequence would take a sliding window's places, or run on through a recurrent
-        state, so those models score whole sequences)."""
+        state, so those models score whole sequences). The layout is the model's, so
+        the first cache that is not full attention turns prompt sharing off for good:
+        no later call runs a prefix only to throw its cache away."""
         prefix_ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=prefix_ids, use_cache=True)
         cache = output_cache(out)
         if not is_full_attention_cache(cache):
+            self._cache_keyword = None
             return None
         repeat_rows(cache, rows, 1)
         return cache
