@@ -35,14 +35,16 @@ from inference_safeguard import (
     InvalidPromptError,
     MissingCostModelError,
 )
-from inference_safeguard.config import reject_bool_number
+from inference_safeguard.config import CALL_SHAPE_FIELDS, reject_bool_number
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.identity import digest
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.tools import read_tool_call
 from langchain_safeguard._loading import ModelSource, load_model
 
-CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)
+CONFIG_FIELDS: tuple[str, ...] = tuple(
+    name for name in GuardConfig.model_fields if name not in CALL_SHAPE_FIELDS
+)
 """`GuardConfig` fields: each is also a field of the models and a per-call keyword."""
 
 MODEL_CONFIG = ConfigDict(

@@ -34,7 +34,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
-from inference_safeguard.config import GuardConfig, reject_bool_number
+from inference_safeguard.config import CALL_SHAPE_FIELDS, GuardConfig, reject_bool_number
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
 from inference_safeguard.guard import CriticInput, InferenceGuard
@@ -58,7 +58,9 @@ from llamaindex_safeguard.messages import (
 )
 from llamaindex_safeguard.records import RecordSlot, install_safety_record_handler, track_call
 
-CONFIG_FIELDS: tuple[str, ...] = tuple(GuardConfig.model_fields)
+CONFIG_FIELDS: tuple[str, ...] = tuple(
+    name for name in GuardConfig.model_fields if name not in CALL_SHAPE_FIELDS
+)
 """`GuardConfig` fields: each is also a field of `SafeguardLLM` and a per-call keyword."""
 
 

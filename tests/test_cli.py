@@ -12,6 +12,7 @@ import pytest
 
 from inference_safeguard import GuardConfig
 from inference_safeguard.cli import build_parser, main
+from inference_safeguard.config import TOOL_CALL_FIELDS
 from inference_safeguard.scorers import KeywordCost, RegexCost
 from inference_safeguard.testing import build_random_critic, build_tiny_llama
 
@@ -87,7 +88,10 @@ def test_config_flags_reach_guard_config(tiny_model_dir, capsys):
 def test_every_guard_config_field_is_a_flag_that_defaults_to_not_given():
     parser = build_parser()
     bare = parser.parse_args(["generate", "--model", "m", "--prompt", "p"])
-    assert all(getattr(bare, name) is None for name in GuardConfig.model_fields)
+    flagged = [name for name in GuardConfig.model_fields if name not in TOOL_CALL_FIELDS]
+    assert all(getattr(bare, name) is None for name in flagged)
+    # Tool choice needs tools, which the command line does not take.
+    assert not any(hasattr(bare, name) for name in TOOL_CALL_FIELDS)
     flags = "--budget 0.5 --num-candidates 12 --on-unsafe return --stop . --stop ! --seed 3"
     given = parser.parse_args(["generate", "--model", "m", "--prompt", "p", *flags.split()])
     assert (given.budget, given.num_candidates, given.on_unsafe) == (0.5, 12, "return")

@@ -66,7 +66,7 @@ def test_version_comes_from_the_installed_metadata():
 
 def test_a_missing_optional_dependency_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "rich", None)  # `import rich` now fails as if absent
-    with pytest.raises(MissingExtraError, match=r'inference-safeguard\[eval\]'):
+    with pytest.raises(MissingExtraError, match=r"inference-safeguard\[eval\]"):
         import_extra("rich", extra="eval", needed_by="the evaluation table")
 
 
@@ -86,11 +86,7 @@ def test_an_error_inside_an_installed_optional_dependency_is_not_hidden(tmp_path
     ],
 )
 def test_importing_an_integration_without_its_extra_says_which_extra(package, dependency, extra):
-    code = (
-        "import sys\n"
-        f"sys.modules[{dependency!r}] = None\n"
-        f"import {package}\n"
-    )
+    code = f"import sys\nsys.modules[{dependency!r}] = None\nimport {package}\n"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
     assert f'pip install "inference-safeguard[{extra}]"' in run.stderr

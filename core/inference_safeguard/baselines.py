@@ -12,6 +12,7 @@ refused). Each takes `allow_special_tokens_in_content` like `InferenceGuard`. Th
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,8 +21,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
-from inference_safeguard.decoder import Decoder, Response
-from inference_safeguard.lm import CausalLM, EncodedPrompt, TokenChooser
+from inference_safeguard.decoder import Decoder, Response, ToolsInput
+from inference_safeguard.errors import OutputFormatError
+from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput, TokenChooser
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.search import BlockSearch, ModelsEvaluator, Scoring, cut_before_stop
 
@@ -178,6 +180,21 @@ class ARGS(Decoder):
         }
 
     @torch.inference_mode()
+    def encode_prompts(
+        self, prompts: Sequence[PromptInput], config: GuardConfig, tools: ToolsInput = None
+    ) -> list[EncodedPrompt]:
+        """As `Decoder.encode_prompts`; a grammar is refused (ARGS picks every token by its
+        own reward-guided scores, which have no place for a token mask)."""
+        encoded = super().encode_prompts(prompts, config, tools)
+        constrained = next((p.constraint for p in encoded if p.constraint is not None), None)
+        if constrained is not None:
+            raise OutputFormatError(
+                f"ARGS cannot enforce {constrained.description}: it has no grammar-constrained "
+                "sampling; use InferenceGuard or a block-search baseline (BestOfN, "
+                "BlockBeamSearch, SamplingDecoder), or leave response_format and tools unset"
+            )
+        return encoded
+
     def _decode(
         self,
         prompts: list[EncodedPrompt],

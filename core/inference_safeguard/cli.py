@@ -35,7 +35,7 @@ from inference_safeguard.cli_options import (
     parse_regex_cost,
     read_stdin_text,
 )
-from inference_safeguard.config import GuardConfig
+from inference_safeguard.config import TOOL_CALL_FIELDS, GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.demo.command import add_demo_command
 from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
@@ -176,6 +176,8 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
 
     search = parser.add_argument_group("search settings (default: GuardConfig's)")
     for name, field in GuardConfig.model_fields.items():
+        if name in TOOL_CALL_FIELDS:
+            continue
         add_config_option(search, name, field)
 
     output = parser.add_argument_group("output")

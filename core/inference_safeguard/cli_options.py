@@ -207,7 +207,7 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
     given = {
         name: getattr(args, name)
         for name in GuardConfig.model_fields
-        if getattr(args, name) is not None
+        if getattr(args, name, None) is not None
     }
     try:
         return GuardConfig(**given)

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from inference_safeguard.output_format import check_response_format
+
 MIN_TEMPERATURE = 1e-3
 """Smallest positive sampling temperature; any lower is greedy in effect (use 0)."""
 
@@ -55,6 +57,16 @@ _RENDERING_ARGUMENTS = frozenset(
     }
 )
 """Arguments of `apply_chat_template` that are not template variables."""
+
+
+TOOL_CALL_FIELDS = ("tool_choice", "parallel_tool_calls")
+"""`GuardConfig` fields that only mean something with tools, which a call passes (so the
+command line, which takes no tools, has no flag for them)."""
+
+CALL_SHAPE_FIELDS = ("response_format", *TOOL_CALL_FIELDS)
+"""`GuardConfig` fields the frameworks set per call through their own tool-calling and
+structured-output APIs (`bind_tools`, `with_structured_output`, `structured_predict`),
+rather than as settings of a model object."""
 
 
 class GuardConfig(BaseModel):
@@ -229,6 +241,23 @@ class GuardConfig(BaseModel):
         description="Variables of the chat template for message prompts, e.g. "
         "{'enable_thinking': False}; plain-text prompts do not use the template.",
     )
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="Shape every response must have, enforced by grammar while sampling: "
+        "{'type': 'json_object'}, {'type': 'json_schema', 'json_schema': {'name': ..., "
+        "'schema': {...}, 'strict': bool}}, {'type': 'regex', 'pattern': ...}, {'type': "
+        "'grammar', 'lark': ...}, or None / {'type': 'text'} for free text.",
+    )
+    tool_choice: str | bool | dict[str, Any] | None = Field(
+        None,
+        description="With tools: None/'auto' (the model may call one; a call it starts is "
+        "held to the tool's schema), 'none' (no tools offered), 'required'/'any'/True (a "
+        "call is forced by grammar), or a tool name / {'type': 'function', 'function': "
+        "{'name': ...}} (a call of that tool is forced).",
+    )
+    parallel_tool_calls: bool = Field(
+        True, strict=True, description="Allow several tool calls in one response."
+    )
     seed: int | None = Field(
         None,
         strict=True,
@@ -287,6 +316,11 @@ class GuardConfig(BaseModel):
                 "only the template's own variables, e.g. {'enable_thinking': False}"
             )
         return value
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format_shape(cls, value: Any) -> Any:
+        return check_response_format(value)
 
     @model_validator(mode="after")
     def _candidates_fill_beams(self) -> GuardConfig:

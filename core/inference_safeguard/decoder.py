@@ -23,7 +23,7 @@ import torch
 
 from inference_safeguard.cancellation import run_in_worker
 from inference_safeguard.config import GuardConfig
-from inference_safeguard.errors import MissingCostModelError
+from inference_safeguard.errors import InvalidPromptError, MissingCostModelError
 from inference_safeguard.identity import (
     describe,
     model_fingerprint,
@@ -35,7 +35,13 @@ from inference_safeguard.results import FinishReason, GenerationStats, GuardResu
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.search import PromptSearch
 from inference_safeguard.streaming import AsyncGuardStream, GuardStream
-from inference_safeguard.tools import ToolSpec, as_tool_specs
+from inference_safeguard.tools import (
+    ToolSpec,
+    as_tool_specs,
+    call_is_required,
+    choose_tools,
+    with_system_instruction,
+)
 
 ToolsInput = Sequence[ToolSpec | Mapping[str, Any]] | None
 
@@ -242,10 +248,35 @@ class Decoder(ABC):
     def encode_prompts(
         self, prompts: Sequence[PromptInput], config: GuardConfig, tools: ToolsInput = None
     ) -> list[EncodedPrompt]:
-        """Validate and tokenize prompts (with `tools` offered), checking they fit the
-        context window."""
-        return self.lm.encode_batch(
-            prompts, config.max_new_tokens, as_tool_specs(tools), config.chat_template_kwargs
+        """Validate and tokenize prompts, checking they fit the context window, with the
+        tools `config.tool_choice` offers (a chat prompt is told when a call is required)
+        and the grammar of `config.response_format` and the tool calls attached.
+
+        Raises:
+            InvalidPromptError: a bad prompt, or a tool choice that needs tools but got none.
+            OutputFormatError: a response format or tool schema that cannot be enforced.
+        """
+        specs = as_tool_specs(tools)
+        if call_is_required(config.tool_choice) and not specs:
+            raise InvalidPromptError(
+                f"tool_choice={config.tool_choice!r} requires a tool call, but no tools were "
+                "given; pass tools=[...] or leave tool_choice unset"
+            )
+        try:
+            offered, instruction = choose_tools(specs, config.tool_choice)
+        except ValueError as error:
+            raise InvalidPromptError(str(error)) from None
+        if instruction is not None:
+            prompts = [with_system_instruction(p, instruction) for p in prompts]
+        encoded = self.lm.encode_batch(
+            prompts, config.max_new_tokens, offered, config.chat_template_kwargs
+        )
+        return self.lm.constrain(
+            encoded,
+            config.response_format,
+            offered,
+            config.tool_choice,
+            config.parallel_tool_calls,
         )
 
     @staticmethod

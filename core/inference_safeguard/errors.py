@@ -60,6 +60,10 @@ class DemoWorldError(SafeguardError, ValueError):
     """A demo world's `prompts.json` or `manifest.json` is malformed."""
 
 
+class OutputFormatError(SafeguardError, ValueError):
+    """A response format, tool schema or grammar that cannot be enforced as given."""
+
+
 class ScorerOutputError(SafeguardError, ValueError):
     """A scorer returned the wrong number of scores or non-finite values."""
 

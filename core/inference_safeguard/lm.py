@@ -8,6 +8,8 @@ and fans rows out, prunes them and rewinds blocks through the transformers Cache
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +23,10 @@ from inference_safeguard.errors import (
     ChatTemplateError,
     CheckpointKindError,
     InvalidPromptError,
+    OutputFormatError,
     PromptTooLongError,
 )
+from inference_safeguard.grammar import GrammarCompiler, RowGrammars
 from inference_safeguard.hf_compat import cache_keyword, output_cache
 from inference_safeguard.kv_cache import (
     CacheCheckpoint,
@@ -37,10 +41,13 @@ from inference_safeguard.loading import (
     resolve_device,
     resolve_dtype,
 )
+from inference_safeguard.output_format import OutputConstraint, ToolCallFormat, output_constraint
 from inference_safeguard.reasoning import ReasoningMarkers
 from inference_safeguard.sampling import model_sampling_defaults
 from inference_safeguard.tools import (
+    ToolChoice,
     ToolSpec,
+    call_is_required,
     inline_tool_messages,
     native_tool_messages,
     read_tool_call,
@@ -64,11 +71,14 @@ class EncodedPrompt:
             list flattened to a `role: content` transcript.
         opens_reasoning: the prompt ends by opening a reasoning section (a chat
             template that starts the model's thinking), so the response starts in it.
+        constraint: the grammar the response must follow, or None (see
+            `inference_safeguard.output_format`).
     """
 
     ids: list[int]
     text: str
     opens_reasoning: bool = False
+    constraint: OutputConstraint | None = None
 
 
 @dataclass
@@ -176,6 +186,7 @@ class CausalLM:
         )
         self.pad_token_id: int = next((i for i in candidates if isinstance(i, int)), 0)
         self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
+        self._grammar_compiler: GrammarCompiler | None = None
 
     @classmethod
     def from_pretrained(
@@ -388,6 +399,70 @@ class CausalLM:
                 )
             encoded.append(item)
         return encoded
+
+    def constrain(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        response_format: Mapping[str, Any] | None,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: ToolChoice = None,
+        parallel_tool_calls: bool = True,
+    ) -> list[EncodedPrompt]:
+        """`prompts` with the grammar their responses must follow (see
+        `inference_safeguard.output_format`): `response_format`, and calls of `tools` (the
+        ones offered) in this model's tool-call format under `tool_choice`. A prompt that
+        opens a reasoning section gets the grammar after the section ends.
+
+        Raises:
+            OutputFormatError: a format, schema or grammar that cannot be enforced.
+        """
+        constrained = []
+        for prompt in prompts:
+            markers = self.reasoning_markers if prompt.opens_reasoning else None
+            constraint = output_constraint(
+                response_format,
+                tools,
+                tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                call_format=self.tool_call_format,
+                reasoning_close=None if markers is None else markers.close,
+            )
+            if constraint is not None:
+                try:
+                    self.grammar_compiler.matcher(constraint)  # fails now, not mid-search
+                except OutputFormatError:
+                    if response_format or call_is_required(tool_choice):
+                        raise
+                    # Text or a call, and this tokenizer cannot be constrained: the
+                    # model writes its calls unaided, as it would without a grammar.
+                    warnings.warn(
+                        "tool calls are not grammar-constrained for this tokenizer (llguidance "
+                        "cannot read it); calls are parsed from the text as written",
+                        stacklevel=4,
+                    )
+                    constraint = None
+            constrained.append(dataclasses.replace(prompt, constraint=constraint))
+        return constrained
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat:
+        """How this model writes tool calls (from its chat template)."""
+        return ToolCallFormat.of(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles output grammars for this model's tokenizer (built on first use)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.vocab_size, self.eos_token_ids
+            )
+        return self._grammar_compiler
+
+    def row_grammars(self, constraints: Sequence[OutputConstraint | None]) -> RowGrammars | None:
+        """One grammar state per prompt, or None when no prompt is constrained."""
+        if all(c is None for c in constraints):
+            return None
+        return RowGrammars.start(self.grammar_compiler, constraints)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of token id lists, special tokens skipped."""

@@ -278,6 +278,7 @@ def is_placed(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     return getattr(config, "quantization_config", None) is not None
 
+
 # ---------------------------------------------------------------------- checkpoints
 def load_model(
     auto_class: Any,

@@ -45,6 +45,7 @@ import torch
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.critic import LatentCritic
+from inference_safeguard.grammar import RowGrammars
 from inference_safeguard.lm import (
     BlockCheckpoint,
     CausalLM,
@@ -222,6 +223,8 @@ class Finished:
     score: float
     finish_reason: Literal["stop", "length"]
     cost_checked: bool = False
+    complete: bool = True
+    """Whether the text is a whole sentence of the call's grammar (always without one)."""
 
 
 @dataclass
@@ -235,8 +238,9 @@ class PromptSearch:
     resample_rounds: int = 0
 
     def best(self) -> Finished:
-        """The finished response with the highest score (the earliest on ties)."""
-        return max(self.finished, key=lambda f: f.score)
+        """The finished response with the highest score (the earliest on ties); under a
+        grammar, one that completes it before any that does not (cut by the token limit)."""
+        return max(self.finished, key=lambda f: (f.complete, f.score))
 
 
 @dataclass
@@ -248,6 +252,7 @@ class _Rows:
             block ends; -inf before its first block is scored (nothing said yet).
         z: `(rows,)` float64 on the CPU: the safety state.
         logprob, length: `(rows,)` on the model's device.
+        grammar: each row's grammar state, or None when no prompt has a grammar.
     """
 
     token_ids: list[list[int]]
@@ -255,15 +260,18 @@ class _Rows:
     z: torch.Tensor
     logprob: torch.Tensor
     length: torch.Tensor
+    grammar: RowGrammars | None = None
 
     def select(self, index: torch.Tensor) -> _Rows:
         on_cpu, on_device = index.cpu(), index.to(self.logprob.device)
+        rows = on_cpu.tolist()
         return _Rows(
-            token_ids=[self.token_ids[i] for i in on_cpu.tolist()],
+            token_ids=[self.token_ids[i] for i in rows],
             cost=self.cost[on_cpu],
             z=self.z[on_cpu],
             logprob=self.logprob[on_device],
             length=self.length[on_device],
+            grammar=None if self.grammar is None else self.grammar.select(rows),
         )
 
 
@@ -297,6 +305,9 @@ class _Step:
             if fresh.reward is None:
                 raise ValueError("splice: the fresh rows have no reward but this step has one")
             reward = put(self.reward, fresh.reward)
+        grammar = None
+        if self.rows.grammar is not None and fresh.rows.grammar is not None:
+            grammar = self.rows.grammar.splice(index.tolist(), fresh.rows.grammar)
         return _Step(
             rows=_Rows(
                 token_ids,
@@ -304,6 +315,7 @@ class _Step:
                 put(self.rows.z, fresh.rows.z),
                 put(self.rows.logprob, fresh.rows.logprob),
                 put(self.rows.length, fresh.rows.length),
+                grammar,
             ),
             texts=texts,
             reasons=reasons,
@@ -419,6 +431,7 @@ class BlockSearch:
             z=initial_safety_state(config.budget, len(prompts)),
             logprob=torch.zeros(len(prompts), device=device),
             length=torch.zeros(len(prompts), device=device),
+            grammar=self.lm.row_grammars([p.constraint for p in prompts]),
         )
         live = list(range(len(prompts)))
         beams = [1] * len(prompts)  # live beams of each live prompt
@@ -488,6 +501,7 @@ class BlockSearch:
         # linear-attention layers it copies part of the cache).
         checkpoint = BlockCheckpoint.of(state, layout.block_len) if rounds else None
         all_rows = torch.arange(state.rows)
+        grammar = _block_grammar(parents, all_rows)
         block = self.lm.decode_block(
             state,
             layout.block_len,
@@ -499,11 +513,12 @@ class BlockSearch:
                 None,
                 None,
                 self._repetition_penalty(config, searches, layout, parents, all_rows),
+                grammar,
                 config,
                 cancel,
             ),
         )
-        step = self._score(block, state, parents, layout, all_rows, config, evaluator)
+        step = self._score(block, state, parents, layout, all_rows, grammar, config, evaluator)
         for group, size in enumerate(layout.group_sizes):
             searches[layout.live[group]].blocks += 1
             searches[layout.live[group]].candidates_scored += size
@@ -526,6 +541,7 @@ class BlockSearch:
             resampled = torch.cat([layout.group_rows(g) for g in failing])
             if checkpoint is not None:
                 checkpoint.rewind(state)
+            grammar = _block_grammar(parents, resampled)
             block = self.lm.decode_block(
                 state,
                 layout.block_len,
@@ -537,13 +553,14 @@ class BlockSearch:
                     block.tokens,
                     penalty_mask[layout.group_of_row[resampled].to(penalty_mask.device)],
                     self._repetition_penalty(config, searches, layout, parents, resampled),
+                    grammar,
                     config,
                     cancel,
                 ),
             )
             step = step.splice(
                 resampled,
-                self._score(block, state, parents, layout, resampled, config, evaluator),
+                self._score(block, state, parents, layout, resampled, grammar, config, evaluator),
             )
             for g in failing:
                 searches[layout.live[g]].resample_rounds += 1
@@ -581,11 +598,13 @@ class BlockSearch:
         replay: torch.Tensor | None,
         penalty_mask: torch.Tensor | None,
         repetition: RepetitionPenalty | None,
+        grammar: RowGrammars | None,
         config: GuardConfig,
         cancel: threading.Event | None,
     ):
         """Token chooser: sample `sampled_rows` (repetition penalty, then the unsafe-token
-        penalty), replay the other rows' tokens; raises `GenerationCancelledError` once
+        penalty, then the grammar's mask, which `grammar`, one state per sampled row,
+        follows), replay the other rows' tokens; raises `GenerationCancelledError` once
         `cancel` is set, before the token's forward."""
 
         sampling = SamplingSettings.of(config)
@@ -597,6 +616,8 @@ class BlockSearch:
                 picked = repetition(picked)
             if penalty_mask is not None:
                 picked = penalize_tokens(picked, penalty_mask, config.unsafe_logit_penalty)
+            if grammar is not None:
+                picked = picked.masked_fill(~grammar.allowed(picked.device), float("-inf"))
             sampled = samplers.sample(
                 picked,
                 group_sizes,
@@ -608,6 +629,8 @@ class BlockSearch:
             )
             if repetition is not None:
                 repetition.observe(sampled)
+            if grammar is not None:
+                grammar.advance(sampled)
             if replay is None:
                 return sampled
             tokens = replay[:, step].clamp_min(0)
@@ -623,10 +646,12 @@ class BlockSearch:
         parents: _Rows,
         layout: _Layout,
         rows: torch.Tensor,
+        grammar: RowGrammars | None,
         config: GuardConfig,
         evaluator: CandidateEvaluator,
     ) -> _Step:
-        """Build and score the candidates of `rows` (a `(n,)` index into the step's rows)."""
+        """Build and score the candidates of `rows` (a `(n,)` index into the step's rows),
+        whose grammar states after the block are `grammar`."""
         device = block.tokens.device
         index = rows.to(device)
         tokens = block.tokens[index]
@@ -680,7 +705,7 @@ class BlockSearch:
                 config,
             )
         return _Step(
-            rows=_Rows(token_ids, cost, z, logprob, length),
+            rows=_Rows(token_ids, cost, z, logprob, length, grammar),
             texts=texts,
             reasons=reasons,
             reward=reward if evaluator.has_reward_model and evaluator.exact_reward else None,
@@ -821,6 +846,7 @@ class BlockSearch:
                         score=float(score[row]),
                         finish_reason=reason,
                         cost_checked=self.scores_cost,
+                        complete=step.rows.grammar is None or step.rows.grammar.complete(row),
                     )
                 )
             if commit == "block" and float(step.rows.z[top[0]]) >= 0:
@@ -838,6 +864,11 @@ class BlockSearch:
                 beams.append(len(kept))
                 live.append(prompt)
         return torch.tensor(keep, dtype=torch.long), beams, live
+
+
+def _block_grammar(parents: _Rows, rows: torch.Tensor) -> RowGrammars | None:
+    """Grammar states to decode `rows`' block from: copies of their parents'."""
+    return None if parents.grammar is None else parents.grammar.for_rows(rows.tolist())
 
 
 def first_stop(text: str, stops: Sequence[str]) -> int | None:

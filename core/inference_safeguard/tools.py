@@ -49,11 +49,15 @@ class ToolSpec:
         name: the name the model calls it by.
         description: what it does, for the model.
         parameters: JSON Schema of its arguments object.
+        strict: hold the arguments to the schema under OpenAI's strict rules (no property
+            the schema does not list; schema keywords the grammar cannot enforce are an
+            error instead of being ignored).
     """
 
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -78,18 +82,19 @@ class ToolSpec:
             name=function["name"],
             description=function.get("description") or "",
             parameters=dict(function.get("parameters") or {"type": "object", "properties": {}}),
+            strict=bool(function.get("strict") or tool.get("strict") or False),
         )
 
     def to_openai(self) -> dict[str, Any]:
-        """`{"type": "function", "function": {name, description, parameters}}`."""
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description,
-                "parameters": self.parameters,
-            },
+        """`{"type": "function", "function": {name, description, parameters[, strict]}}`."""
+        function: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
         }
+        if self.strict:
+            function["strict"] = True
+        return {"type": "function", "function": function}
 
 
 @dataclass(frozen=True)
@@ -416,9 +421,9 @@ def choose_tools(
     """The tools to offer under an OpenAI-style `tool_choice`, and the instruction that asks
     the model for a call (None when the model may answer in text).
 
-    A local model cannot be forced to call a tool without constrained decoding, so a
-    required call can only be asked for (the caller puts the instruction in the system
-    message, if it wants to), and a named tool is the only one offered (and parsed):
+    The decoder forces a required call by grammar (see `inference_safeguard.output_format`);
+    the instruction tells the model why, so that it picks its arguments with care (the
+    caller puts it in the system message), and a named tool is the only one offered:
 
     - `None`, `"auto"`, `False`: the tools as given; the model decides.
     - `"none"`: no tools offered.
@@ -445,6 +450,26 @@ def choose_tools(
             f"bound tools {[spec.name for spec in tools]}"
         )
     return chosen, f"Answer by calling the tool {name}."
+
+
+def with_system_instruction(prompt: Any, instruction: str) -> Any:
+    """A chat prompt (message list) with `instruction` appended to its system message (one
+    added first when there is none); any other prompt (plain text) as it is."""
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+        return prompt
+    messages = [dict(m) if isinstance(m, Mapping) else m for m in prompt]
+    first = messages[0] if messages else None
+    if isinstance(first, dict) and first.get("role") == "system":
+        content = first.get("content") or ""
+        if isinstance(content, str):
+            joined = f"{content}\n\n{instruction}" if content else instruction
+            return [{**first, "content": joined}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def call_is_required(tool_choice: ToolChoice) -> bool:
+    """Whether `tool_choice` requires a tool call (`"any"`, `"required"`, `True`, a name)."""
+    return tool_choice not in _OPEN_CHOICES and tool_choice != "none"
 
 
 def _chosen_tool_name(tool_choice: ToolChoice) -> str:

@@ -35,7 +35,7 @@ from inference_safeguard.cli_options import (
     load_reward,
     positive_int,
 )
-from inference_safeguard.config import GuardConfig
+from inference_safeguard.config import TOOL_CALL_FIELDS, GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.evaluation.methods import (
     METHODS,
@@ -132,6 +132,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "defaults to the demo world's)"
     )
     for name, field in GuardConfig.model_fields.items():
+        if name in TOOL_CALL_FIELDS:
+            continue
         add_config_option(search, name, field)
 
     output = parser.add_argument_group("run and output")

@@ -163,8 +163,8 @@ def write_json(report: EvaluationReport, path: PathLike) -> None:
 
 
 def _response_records(run: MethodRun) -> list[dict[str, Any]]:
-    verdicts: list[bool | None] = [*run.oracle_unsafe] if run.oracle_unsafe else [None] * len(
-        run.results
+    verdicts: list[bool | None] = (
+        [*run.oracle_unsafe] if run.oracle_unsafe else [None] * len(run.results)
     )
     return [
         {
