@@ -172,13 +172,16 @@ class RowGrammars:
             self.compiler.executor.unsafe_compute_mask_ptr(
                 pairs, bitmask.data_ptr(), words * 4, rows
             )
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(rows, -1)[:, :vocab]
+        # Unpacked where the logits are: `(rows, words)` crosses to the device, not the
+        # 32x larger `(rows, vocab)`.
+        bits = bitmask.to(device)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(rows, -1)[:, :vocab]
         stuck = ~allowed.any(-1)
         if bool(stuck.any()):
-            eos = torch.tensor(self.compiler.eos_token_ids or [0], dtype=torch.long)
+            eos = torch.tensor(self.compiler.eos_token_ids or [0], dtype=torch.long, device=device)
             allowed[stuck.nonzero().squeeze(-1)[:, None], eos[None, :]] = True
-        return allowed.to(device)
+        return allowed
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Consume each row's chosen token (`(rows,)`); a row whose grammar has already
