@@ -107,15 +107,26 @@ class SafeguardLLM(FunctionCallingLLM):
     on its last chunk. Query and chat engine responses get it in
     `response.metadata["safety"]` (see `llamaindex_safeguard.records`).
 
-    Function calling: `chat_with_tools`, `predict_and_call`, `FunctionAgent`,
-    `ReActAgent` and `structured_predict` work through `inference_safeguard.tools`: the chat
-    template renders the tools (or a system message describes them) and the response is parsed
-    into `ToolCallBlock`s. A stream with tools passes on only text that cannot turn out
-    to be part of a call; its last chunk carries the calls.
+    Function calling: `chat_with_tools`, `predict_and_call`, `FunctionAgent` and
+    `ReActAgent` work through `inference_safeguard.tools`: the chat template renders the
+    tools (or a system message describes them) and the response is parsed into
+    `ToolCallBlock`s. The call shape LlamaIndex asks for is enforced by grammar during the
+    search, not asked of the model: `tool_required=True` or a `tool_choice` that requires a
+    call (`"required"`, a tool name) makes the response a call, `allow_parallel_tool_calls=False`
+    allows one, and every call's arguments fit its tool's schema. A stream with tools
+    passes on only text that cannot turn out to be part of a call; its last chunk carries
+    the calls.
+
+    Structured output: `structured_predict`, its async and streaming forms and
+    `as_structured_llm` decode under the output class's JSON Schema as a grammar (see
+    `llamaindex_safeguard.structured`), so the object validates whatever the model; a
+    refusal raises `StructuredOutputRefusedError` rather than being returned in its place.
 
     Settings: every `GuardConfig` field is also a field here (None: the guard's own
     setting) and a per-call keyword (`llm.complete(prompt, max_new_tokens=32, seed=0)`);
-    a call's keywords override the fields, which override the guard's config.
+    a call's keywords override the fields, which override the guard's config. The fields
+    that shape one call (`response_format`, `tool_choice`, `parallel_tool_calls`) are
+    per-call keywords only.
 
     Bad input raises `inference_safeguard`'s typed errors (`InvalidPromptError`,
     `PromptTooLongError`, `ChatTemplateError`). These are `ValueError`s, and LlamaIndex's
