@@ -6,6 +6,7 @@ error instead of standing in for the object."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -171,3 +172,12 @@ def test_another_program_mode_takes_llamaindex_programs(long_model, tiny_tokeniz
     assert llm.structured_predict(Song, PROMPT, topic="rain") == Song(title="Rain", year=2001)
     prompt = guard.rendered_prompts[-1]  # offered as a tool, the call required
     assert '"name": "Song"' in prompt and "Answer by calling one of the tools" in prompt
+
+
+def test_complete_and_chat_take_a_response_format_per_call(searching):
+    llm = searching()
+    year = llm.complete("The year is", response_format={"type": "regex", "pattern": "[0-9]{4}"})
+    assert re.fullmatch("[0-9]{4}", year.text)
+    message = ChatMessage(role=MessageRole.USER, content="Yes or no?")
+    reply = llm.chat([message], response_format={"type": "regex", "pattern": "(yes|no)"})
+    assert reply.message.content in ("yes", "no")
