@@ -515,10 +515,12 @@ class SafeguardLLM(FunctionCallingLLM):
             messages.append(user_msg)
         if tool_required and tool_choice in (None, "auto"):
             tool_choice = "required"
+        # An unset choice is left out, so that the guard config's own applies.
+        choice = {} if tool_choice is None else {"tool_choice": tool_choice}
         return {
             "messages": messages,
             "tools": tools,
-            "tool_choice": tool_choice,
+            **choice,
             "parallel_tool_calls": allow_parallel_tool_calls,
             **kwargs,
         }

@@ -338,6 +338,12 @@ def test_a_named_tool_choice_forces_a_call_of_that_tool(searching, choice):
     assert len(assert_valid_calls(llm, response, {"multiply"})) == 1
 
 
+def test_the_guard_configs_tool_choice_applies_when_the_call_sets_none(searching):
+    llm = searching(tool_choice="multiply")
+    response = llm.chat_with_tools([SMALL_ADD, SMALL_MULTIPLY], user_msg=QUESTION)
+    assert len(assert_valid_calls(llm, response, {"multiply"})) == 1
+
+
 def test_a_required_call_without_tools_is_rejected_with_the_fix(searching):
     with pytest.raises(InvalidPromptError, match="pass tools"):
         searching().chat_with_tools([], user_msg=QUESTION, tool_required=True)
