@@ -4,7 +4,8 @@ chat engines and agents.
 `SafeguardLLM` implements LlamaIndex's function-calling LLM interface on top of a
 `inference_safeguard` decoder (`InferenceGuard` or a baseline): completion and chat, streaming and
 real async (the search runs in a worker thread, deltas arrive as they are committed),
-tool calling with the tool rendering and parsing of `inference_safeguard.tools`, and the safety
+tool calling with the tool rendering and parsing of `inference_safeguard.tools` (a required
+call and structured output enforced by grammar), and the safety
 record of every response in `raw["safety"]` and `additional_kwargs["safety"]`.
 Query and chat engine responses carry it in `response.metadata["safety"]` (see
 `SafetyRecordHandler`).
@@ -25,10 +26,13 @@ from llamaindex_safeguard.messages import (
     to_tool_specs,
 )
 from llamaindex_safeguard.records import SafetyRecordHandler, install_safety_record_handler
+from llamaindex_safeguard.structured import StructuredOutputError, StructuredOutputRefusedError
 
 __all__ = [
     "SafeguardLLM",
     "SafetyRecordHandler",
+    "StructuredOutputError",
+    "StructuredOutputRefusedError",
     "install_safety_record_handler",
     "to_guard_messages",
     "to_tool_selections",

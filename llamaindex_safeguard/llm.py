@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any, Literal
 
+import llama_index.core.instrumentation as instrument
 from llama_index.core.base.llms.generic_utils import (
     messages_to_prompt as generic_messages_to_prompt,
 )
@@ -20,7 +21,6 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
-    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import (
     ConfigDict,
@@ -30,9 +30,17 @@ from llama_index.core.bridge.pydantic import (
     field_validator,
 )
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.instrumentation.events.llm import (
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictInProgressEvent,
+    LLMStructuredPredictStartEvent,
+)
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
+from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
+from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.types import PydanticProgramMode
 
 from inference_safeguard.config import CALL_SHAPE_FIELDS, GuardConfig, reject_bool_number
 from inference_safeguard.decoder import Decoder
@@ -45,6 +53,7 @@ from inference_safeguard.streaming import AsyncGuardStream, GuardStream
 from inference_safeguard.tools import (
     ParsedResponse,
     ToolCallHoldback,
+    ToolChoice,
     ToolSpec,
     choose_tools,
     parse_tool_calls,
@@ -57,6 +66,14 @@ from llamaindex_safeguard.messages import (
     to_tool_specs,
 )
 from llamaindex_safeguard.records import RecordSlot, install_safety_record_handler, track_call
+from llamaindex_safeguard.structured import (
+    Model,
+    json_schema_format,
+    parse_object,
+    with_schema_instruction,
+)
+
+dispatcher = instrument.get_dispatcher(__name__)
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(
     name for name in GuardConfig.model_fields if name not in CALL_SHAPE_FIELDS
@@ -90,15 +107,26 @@ class SafeguardLLM(FunctionCallingLLM):
     on its last chunk. Query and chat engine responses get it in
     `response.metadata["safety"]` (see `llamaindex_safeguard.records`).
 
-    Function calling: `chat_with_tools`, `predict_and_call`, `FunctionAgent`,
-    `ReActAgent` and `structured_predict` work through `inference_safeguard.tools`: the chat
-    template renders the tools (or a system message describes them) and the response is parsed
-    into `ToolCallBlock`s. A stream with tools passes on only text that cannot turn out
-    to be part of a call; its last chunk carries the calls.
+    Function calling: `chat_with_tools`, `predict_and_call`, `FunctionAgent` and
+    `ReActAgent` work through `inference_safeguard.tools`: the chat template renders the
+    tools (or a system message describes them) and the response is parsed into
+    `ToolCallBlock`s. The call shape LlamaIndex asks for is enforced by grammar during the
+    search, not asked of the model: `tool_required=True` or a `tool_choice` that requires a
+    call (`"required"`, a tool name) makes the response a call, `allow_parallel_tool_calls=False`
+    allows one, and every call's arguments fit its tool's schema. A stream with tools
+    passes on only text that cannot turn out to be part of a call; its last chunk carries
+    the calls.
+
+    Structured output: `structured_predict`, its async and streaming forms and
+    `as_structured_llm` decode under the output class's JSON Schema as a grammar (see
+    `llamaindex_safeguard.structured`), so the object validates whatever the model; a
+    refusal raises `StructuredOutputRefusedError` rather than being returned in its place.
 
     Settings: every `GuardConfig` field is also a field here (None: the guard's own
     setting) and a per-call keyword (`llm.complete(prompt, max_new_tokens=32, seed=0)`);
-    a call's keywords override the fields, which override the guard's config.
+    a call's keywords override the fields, which override the guard's config. The fields
+    that shape one call (`response_format`, `tool_choice`, `parallel_tool_calls`) are
+    per-call keywords only.
 
     Bad input raises `inference_safeguard`'s typed errors (`InvalidPromptError`,
     `PromptTooLongError`, `ChatTemplateError`). These are `ValueError`s, and LlamaIndex's
@@ -390,10 +418,12 @@ class SafeguardLLM(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer the conversation; `tools=[...]` offers tools, the other keyword
         arguments are `GuardConfig` overrides."""
-        tools = to_tool_specs(kwargs.pop("tools", None))
+        specs = to_tool_specs(kwargs.pop("tools", None))
+        overrides = self._overrides(kwargs)
+        tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         slot = self._track()
-        result = self._guard.generate(prompt, tools=tools or None, **self._overrides(kwargs))
+        result = self._guard.generate(prompt, tools=specs or None, **overrides)
         slot.fill(result.safety_record())
         return _chat_response(result, tools)
 
@@ -401,9 +431,11 @@ class SafeguardLLM(FunctionCallingLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream the answer as the search commits it; the last chunk carries the
         parsed tool calls and the safety record."""
-        tools = to_tool_specs(kwargs.pop("tools", None))
+        specs = to_tool_specs(kwargs.pop("tools", None))
+        overrides = self._overrides(kwargs)
+        tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
-        stream = self._guard.stream(prompt, tools=tools or None, **self._overrides(kwargs))
+        stream = self._guard.stream(prompt, tools=specs or None, **overrides)
         slot = self._track()
 
         def chunks() -> ChatResponseGen:
@@ -420,10 +452,12 @@ class SafeguardLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """`chat` with the search in a worker thread."""
-        tools = to_tool_specs(kwargs.pop("tools", None))
+        specs = to_tool_specs(kwargs.pop("tools", None))
+        overrides = self._overrides(kwargs)
+        tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         slot = self._track()
-        result = await self._guard.agenerate(prompt, tools=tools or None, **self._overrides(kwargs))
+        result = await self._guard.agenerate(prompt, tools=specs or None, **overrides)
         slot.fill(result.safety_record())
         return _chat_response(result, tools)
 
@@ -433,11 +467,13 @@ class SafeguardLLM(FunctionCallingLLM):
     ) -> ChatResponseAsyncGen:
         """`stream_chat` with the search in a worker thread; deltas arrive as they are
         committed."""
-        tools = to_tool_specs(kwargs.pop("tools", None))
+        specs = to_tool_specs(kwargs.pop("tools", None))
+        overrides = self._overrides(kwargs)
+        tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         # The prompt is checked (and tokenized) as the stream starts: off the event loop.
         stream = await asyncio.to_thread(
-            self._guard.astream, prompt, tools=tools or None, **self._overrides(kwargs)
+            self._guard.astream, prompt, tools=specs or None, **overrides
         )
         slot = self._track()
 
@@ -461,44 +497,33 @@ class SafeguardLLM(FunctionCallingLLM):
         verbose: bool = False,
         allow_parallel_tool_calls: bool = False,
         tool_required: bool = False,
-        tool_choice: str | Mapping[str, Any] | None = None,
+        tool_choice: ToolChoice = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """The `chat` arguments of a tool call: the conversation and the offered tools.
+        """The `chat` arguments of a tool call: the conversation, the tools, and the call
+        shape the decoder enforces by grammar.
 
-        `tool_choice` naming a tool offers only that tool and `"none"` offers none (see
-        `inference_safeguard.tools.choose_tools`); a local model cannot be forced to call a tool, so
-        `tool_required` is left to the caller's check
-        (`get_tool_calls_from_response(error_on_no_tool_call=True)`).
+        `tool_required` (or a `tool_choice` that requires a call: `"required"`, a tool
+        name) makes the response a call, whatever the model would have written;
+        `allow_parallel_tool_calls=False` allows at most one. An explicit `tool_choice`
+        other than `"auto"` wins over `tool_required`.
         """
         messages = list(chat_history or [])
         if user_msg is not None:
             if isinstance(user_msg, str):
                 user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
             messages.append(user_msg)
+        if tool_required and tool_choice in (None, "auto"):
+            tool_choice = "required"
+        # An unset choice is left out, so that the guard config's own applies.
+        choice = {} if tool_choice is None else {"tool_choice": tool_choice}
         return {
             "messages": messages,
-            "tools": choose_tools(to_tool_specs(tools), tool_choice)[0],
+            "tools": tools,
+            **choice,
+            "parallel_tool_calls": allow_parallel_tool_calls,
             **kwargs,
         }
-
-    def _validate_chat_with_tools_response(
-        self,
-        response: ChatResponse,
-        tools: Sequence[ToolLike],
-        allow_parallel_tool_calls: bool = False,
-        **kwargs: Any,
-    ) -> ChatResponse:
-        """Keep only the first tool call unless parallel calls are allowed."""
-        if not allow_parallel_tool_calls:
-            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
-            if len(calls) > 1:
-                response.message.blocks = [
-                    b
-                    for b in response.message.blocks
-                    if not isinstance(b, ToolCallBlock) or b is calls[0]
-                ]
-        return response
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
@@ -515,6 +540,125 @@ class SafeguardLLM(FunctionCallingLLM):
                 f"Expected at least one tool call, but the model answered with text: {text!r}"
             )
         return selections
+
+    # ---------------------------------------------------------- structured output
+    @dispatcher.span
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """An object of `output_cls`, decoded under the class's JSON Schema as a grammar
+        (see `llamaindex_safeguard.structured`), so that the response is one whatever the
+        model; `llm_kwargs` are `GuardConfig` overrides. A `pydantic_program_mode` other
+        than the default takes LlamaIndex's program of that mode instead.
+
+        Raises:
+            StructuredOutputRefusedError: the search refused (over the safety budget).
+            StructuredOutputError: the JSON did not close within `max_new_tokens`, or a
+                validator of the class rejected it.
+        """
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        self._structured_start(output_cls, prompt, prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        output = parse_object(self.chat(messages, **kwargs), output_cls)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=output))
+        return output
+
+    @dispatcher.span
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """`structured_predict` with the search in a worker thread."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        self._structured_start(output_cls, prompt, prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        output = parse_object(await self.achat(messages, **kwargs), output_cls)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=output))
+        return output
+
+    @dispatcher.span
+    def stream_structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Generator[Model | FlexibleModel, None, None]:
+        """`structured_predict` as the search commits the JSON: partial objects (fields
+        not yet written are None), then the object itself.
+
+        The partial objects are provisional: a response the search refuses in the end
+        ends the stream with `StructuredOutputRefusedError` instead of an object.
+        """
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            yield from super().stream_structured_predict(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+            return
+        self._structured_start(output_cls, prompt, prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        partial = _PartialObjects(self, output_cls)
+        for chunk in self.stream_chat(messages, **kwargs):
+            yield partial.push(chunk)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=partial.last))
+
+    @dispatcher.span
+    async def astream_structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncGenerator[Model | FlexibleModel, None]:
+        """`stream_structured_predict` with the search in a worker thread."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astream_structured_predict(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+        self._structured_start(output_cls, prompt, prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        stream = await self.astream_chat(messages, **kwargs)
+        partial = _PartialObjects(self, output_cls)
+
+        async def objects() -> AsyncGenerator[Model | FlexibleModel, None]:
+            async for chunk in stream:
+                yield partial.push(chunk)
+            dispatcher.event(LLMStructuredPredictEndEvent(output=partial.last))
+
+        return objects()
+
+    def _structured_start(
+        self, output_cls: type[Model], prompt: BasePromptTemplate, prompt_args: dict[str, Any]
+    ) -> None:
+        """The start event LlamaIndex's own structured prediction sends, for its
+        instrumentation handlers."""
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
+            )
+        )
+
+    def _structured_call(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None,
+        prompt_args: dict[str, Any],
+    ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The chat messages (with the schema in the system message) and keywords (the
+        schema as the response format) of a structured prediction."""
+        messages = self._extend_messages(prompt.format_messages(llm=self, **prompt_args))
+        kwargs = {**(llm_kwargs or {}), "response_format": json_schema_format(output_cls)}
+        return with_schema_instruction(messages, output_cls), kwargs
 
     # ------------------------------------------------------------------ internals
     @property
@@ -556,14 +700,30 @@ class SafeguardLLM(FunctionCallingLLM):
         }
 
     def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A call's `GuardConfig` overrides: the fields set on this LLM, then its keywords."""
-        unknown = sorted(set(kwargs) - set(CONFIG_FIELDS))
+        """A call's `GuardConfig` overrides: the fields set on this LLM, then its keywords
+        (which may also shape the call: `response_format`, `tool_choice`,
+        `parallel_tool_calls`)."""
+        unknown = sorted(set(kwargs) - set(GuardConfig.model_fields))
         if unknown:
             raise TypeError(
                 f"SafeguardLLM got unexpected keyword arguments {unknown}; per-call options "
-                f"are GuardConfig fields: {', '.join(CONFIG_FIELDS)}"
+                f"are GuardConfig fields: {', '.join(GuardConfig.model_fields)}"
             )
         return {**self._field_overrides(), **kwargs}
+
+    def _offered(self, specs: list[ToolSpec], overrides: dict[str, Any]) -> list[ToolSpec]:
+        """The tools the decoder offers under the call's `tool_choice`: the only ones a
+        response's calls are read against, so that a call of a tool not offered stays
+        text.
+
+        Raises:
+            InvalidPromptError: a `tool_choice` that names no given tool.
+        """
+        tool_choice = self._guard.call_config(overrides).tool_choice
+        try:
+            return choose_tools(specs, tool_choice)[0]
+        except ValueError as error:
+            raise InvalidPromptError(str(error)) from None
 
 
 def _finished(stream: GuardStream | AsyncGuardStream, slot: RecordSlot) -> GuardResult:
@@ -614,6 +774,34 @@ class _ChatStream:
             raw=_raw(result, parsed),
             additional_kwargs=_extra(result),
         )
+
+
+class _PartialObjects:
+    """Objects from the chunks of a structured stream: a partial object per chunk (read
+    the way LlamaIndex's programs read partial JSON), and the checked object at the end."""
+
+    def __init__(self, llm: SafeguardLLM, output_cls: type[Model]) -> None:
+        self.llm = llm
+        self.output_cls = output_cls
+        self.objects: list[Any] | None = None
+        self.last: Any = None
+
+    def push(self, chunk: ChatResponse) -> Any:
+        """The object of `chunk`: partial, or (on the last chunk, which carries the safety
+        record) the object itself.
+
+        Raises:
+            StructuredOutputError: the last chunk is a refusal or does not validate.
+        """
+        if "safety" in chunk.additional_kwargs:
+            self.last = parse_object(chunk, self.output_cls)
+        else:
+            self.last = process_streaming_objects(
+                chunk, self.output_cls, cur_objects=self.objects, llm=self.llm
+            )
+            self.objects = [self.last]
+        dispatcher.event(LLMStructuredPredictInProgressEvent(output=self.last))
+        return self.last
 
 
 def _parsed_result(result: GuardResult, text: str, tools: list[ToolSpec]) -> ParsedResponse:

@@ -1,20 +1,24 @@
-"""Function calling through SafeguardLLM with a scripted decoder: tool rendering and
-parsing, predict_and_call, structured_predict, FunctionAgent and ReActAgent."""
+"""Function calling through SafeguardLLM: tool rendering and parsing, predict_and_call,
+FunctionAgent and ReActAgent with a scripted decoder, and the call shapes LlamaIndex asks
+for (`tool_required`, `tool_choice`, `allow_parallel_tool_calls`) enforced by grammar on
+a real search over the random tiny model, whose calls are valid only by grammar."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 from llama_index.core.agent.workflow import AgentStream, FunctionAgent, ReActAgent
 from llama_index.core.base.llms.types import ToolCallBlock
 from llama_index.core.llms import ChatMessage, MessageRole
-from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard.errors import InvalidPromptError
 from inference_safeguard.scorers import KeywordCost
-from inference_safeguard.testing import ScriptedGuard, build_tiny_llama, build_tiny_tokenizer
+from inference_safeguard.testing import ScriptedGuard, build_tiny_llama
 from llamaindex_safeguard import SafeguardLLM, to_guard_messages, to_tool_specs
 
 
@@ -28,15 +32,17 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-class Song(BaseModel):
-    """A song and the year it came out."""
+class SmallInts(BaseModel):
+    """Two integers below 100: bounded, so that a random model's digits end."""
 
-    title: str
-    year: int
+    a: int = Field(ge=0, le=99)
+    b: int = Field(ge=0, le=99)
 
 
 ADD = FunctionTool.from_defaults(add)
 MULTIPLY = FunctionTool.from_defaults(multiply)
+SMALL_ADD = FunctionTool.from_defaults(add, fn_schema=SmallInts)
+SMALL_MULTIPLY = FunctionTool.from_defaults(multiply, fn_schema=SmallInts)
 QUESTION = "What is 2 + 3?"
 
 
@@ -61,6 +67,32 @@ def scripted(long_model, tiny_tokenizer):
     return build
 
 
+@pytest.fixture()
+def searching(long_model, tiny_tokenizer):
+    """`searching(**config)`: a SafeguardLLM over a real search on the random tiny model."""
+
+    def build(cost: KeywordCost | None = None, **config: object) -> SafeguardLLM:
+        settings = {"num_candidates": 4, "beam_width": 2, "block_size": 8, "max_new_tokens": 96}
+        guard = InferenceGuard(
+            long_model,
+            tiny_tokenizer,
+            cost=cost or KeywordCost(["bomb"]),
+            config=GuardConfig(**{**settings, "seed": 0, **config}),
+        )
+        return SafeguardLLM(guard=guard)
+
+    return build
+
+
+def assert_valid_calls(llm, response, tool_names) -> list:
+    """The response's calls, each of one of `tool_names` with arguments that validate."""
+    selections = llm.get_tool_calls_from_response(response)
+    for selection in selections:
+        assert selection.tool_name in tool_names
+        jsonschema.validate(selection.tool_kwargs, SmallInts.model_json_schema())
+    return selections
+
+
 # ------------------------------------------------------------------- tool calls
 def test_chat_with_tools_offers_the_tools_and_parses_the_call(scripted):
     llm = scripted("I will add them. " + call("add", a=2, b=3))
@@ -82,20 +114,6 @@ def test_missing_tool_call_raises_only_when_one_is_required(scripted):
     with pytest.raises(ValueError, match="Expected at least one tool call"):
         llm.get_tool_calls_from_response(response)
     assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
-
-
-def test_only_the_first_call_is_kept_unless_parallel_calls_are_allowed(scripted):
-    both = call("add", a=1, b=2) + "\n" + call("multiply", a=3, b=4)
-    llm = scripted(both, both)
-    single = llm.chat_with_tools([ADD, MULTIPLY], user_msg=QUESTION)
-    assert [s.tool_name for s in llm.get_tool_calls_from_response(single)] == ["add"]
-    parallel = llm.chat_with_tools(
-        [ADD, MULTIPLY], user_msg=QUESTION, allow_parallel_tool_calls=True
-    )
-    assert [s.tool_name for s in llm.get_tool_calls_from_response(parallel)] == [
-        "add",
-        "multiply",
-    ]
 
 
 def test_tool_choice_offers_only_the_named_tool(scripted):
@@ -250,30 +268,6 @@ def test_a_stream_refused_after_committing_a_tool_call_calls_no_tool(long_model,
     assert last.message.content == guard.config.refusal_text
 
 
-# ----------------------------------------------------------- structured output
-def test_structured_predict_reads_the_output_class_as_a_tool_call(scripted):
-    llm = scripted(call("Song", title="Blue Sky", year=1999))
-    song = llm.structured_predict(Song, PromptTemplate("Name a song about {topic}."), topic="sky")
-    assert song == Song(title="Blue Sky", year=1999)
-    assert "Name a song about sky." in llm.guard.rendered_prompts[-1]
-
-
-async def test_astructured_predict_works_too(scripted):
-    llm = scripted(call("Song", title="Rain", year=2001))
-    song = await llm.astructured_predict(
-        Song, PromptTemplate("A song about {topic}."), topic="rain"
-    )
-    assert song == Song(title="Rain", year=2001)
-
-
-def test_structured_predict_on_a_base_model_parses_json_text(long_model):
-    tokenizer = build_tiny_tokenizer(chat_template=False)
-    decoder = ScriptedGuard(long_model, tokenizer, ['{"title": "Blue Sky", "year": 1999}'])
-    llm = SafeguardLLM(guard=decoder)
-    song = llm.structured_predict(Song, PromptTemplate("Name a song about {topic}."), topic="sky")
-    assert song == Song(title="Blue Sky", year=1999)
-
-
 # ----------------------------------------------------------------------- agents
 async def test_function_agent_calls_the_tool_and_answers(scripted):
     llm = scripted(call("add", a=2, b=3), "The answer is 5.")
@@ -305,3 +299,103 @@ async def test_react_agent_calls_the_tool_and_answers(scripted):
     assert [r.tool_output.raw_output for r in output.tool_calls] == [5]
     assert "Observation: 5" in llm.guard.rendered_prompts[-1]
     assert output.raw["safety"]["safe"]
+
+
+# ------------------------------------------------------- call shapes by grammar
+def test_tool_required_makes_a_random_model_answer_with_one_valid_call(searching):
+    llm = searching()
+    response = llm.chat_with_tools(
+        [SMALL_ADD, SMALL_MULTIPLY], user_msg=QUESTION, tool_required=True
+    )
+    assert len(assert_valid_calls(llm, response, {"add", "multiply"})) == 1
+    assert response.raw["text"].startswith("<tool_call>")
+    assert response.raw["finish_reason"] == "stop"
+
+
+def test_parallel_tool_calls_allow_several_calls_each_valid(searching):
+    llm = searching()
+    response = llm.chat_with_tools(
+        [SMALL_ADD, SMALL_MULTIPLY],
+        user_msg=QUESTION,
+        tool_required=True,
+        allow_parallel_tool_calls=True,
+    )
+    # The random model keeps calling until max_new_tokens cuts a call short; the cut
+    # call is reported invalid, never returned.
+    assert assert_valid_calls(llm, response, {"add", "multiply"})
+    for invalid in response.raw.get("invalid_tool_calls", []):
+        assert response.raw["finish_reason"] == "length" and invalid["error"] == "not valid JSON"
+
+
+@pytest.mark.parametrize(
+    "choice", ["multiply", {"type": "function", "function": {"name": "multiply"}}]
+)
+def test_a_named_tool_choice_forces_a_call_of_that_tool(searching, choice):
+    llm = searching()
+    response = llm.chat_with_tools(
+        [SMALL_ADD, SMALL_MULTIPLY], user_msg=QUESTION, tool_choice=choice
+    )
+    assert len(assert_valid_calls(llm, response, {"multiply"})) == 1
+
+
+def test_the_guard_configs_tool_choice_applies_when_the_call_sets_none(searching):
+    llm = searching(tool_choice="multiply")
+    response = llm.chat_with_tools([SMALL_ADD, SMALL_MULTIPLY], user_msg=QUESTION)
+    assert len(assert_valid_calls(llm, response, {"multiply"})) == 1
+
+
+def test_a_required_call_without_tools_is_rejected_with_the_fix(searching):
+    with pytest.raises(InvalidPromptError, match="pass tools"):
+        searching().chat_with_tools([], user_msg=QUESTION, tool_required=True)
+
+
+def test_predict_and_call_runs_the_forced_call(searching):
+    output = searching().predict_and_call([SMALL_ADD], user_msg=QUESTION, tool_choice="required")
+    [source] = output.sources
+    kwargs = source.raw_input["kwargs"]
+    assert source.raw_output == kwargs["a"] + kwargs["b"]
+    assert output.response == str(source.raw_output)
+
+
+def test_a_streamed_forced_call_is_valid(searching):
+    llm = searching()
+    chunks = list(
+        llm.stream_chat_with_tools(
+            [SMALL_ADD, SMALL_MULTIPLY], user_msg=QUESTION, tool_required=True
+        )
+    )
+    assert "".join(c.delta for c in chunks) == ""  # a forced call has no text to stream
+    assert len(assert_valid_calls(llm, chunks[-1], {"add", "multiply"})) == 1
+
+
+async def test_an_async_forced_call_is_valid_streamed_or_not(searching):
+    llm = searching()
+    response = await llm.achat_with_tools([SMALL_ADD], user_msg=QUESTION, tool_required=True)
+    assert len(assert_valid_calls(llm, response, {"add"})) == 1
+    stream = await llm.astream_chat_with_tools([SMALL_ADD], user_msg=QUESTION, tool_required=True)
+    chunks = [c async for c in stream]
+    assert len(assert_valid_calls(llm, chunks[-1], {"add"})) == 1
+
+
+def test_an_over_budget_forced_call_is_refused_not_called(searching):
+    llm = searching(cost=KeywordCost(["tool_call"]))  # every forced response is over budget
+    response = llm.chat_with_tools([SMALL_ADD], user_msg=QUESTION, tool_required=True)
+    assert response.additional_kwargs["safety"]["refused"]
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    assert response.message.content == llm.guard.config.refusal_text
+
+
+async def test_function_agent_on_a_random_model_makes_valid_calls_that_run(searching):
+    """Grammar guarantees the forced first call and any call the model starts later; the
+    random model's final answer is noise, so only the calls are checked."""
+    llm = searching()
+    agent = FunctionAgent(
+        tools=[SMALL_ADD, SMALL_MULTIPLY], llm=llm, initial_tool_choice="required"
+    )
+    output = await agent.run(QUESTION)
+    assert output.tool_calls
+    for result in output.tool_calls:
+        jsonschema.validate(result.tool_kwargs, SmallInts.model_json_schema())
+        assert not result.tool_output.is_error
+        fn = add if result.tool_name == "add" else multiply
+        assert result.tool_output.raw_output == fn(**result.tool_kwargs)
