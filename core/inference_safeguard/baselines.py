@@ -11,6 +11,7 @@ refused). Each takes `allow_special_tokens_in_content` like `InferenceGuard`. Th
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from inference_safeguard.errors import OutputFormatError
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput, TokenChooser
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.search import BlockSearch, ModelsEvaluator, Scoring, cut_before_stop
+from inference_safeguard.tools import call_is_required
 
 
 class _BlockSearchBaseline(Decoder):
@@ -183,17 +185,21 @@ class ARGS(Decoder):
     def encode_prompts(
         self, prompts: Sequence[PromptInput], config: GuardConfig, tools: ToolsInput = None
     ) -> list[EncodedPrompt]:
-        """As `Decoder.encode_prompts`; a grammar is refused (ARGS picks every token by its
-        own reward-guided scores, which have no place for a token mask)."""
+        """As `Decoder.encode_prompts`, without a grammar: ARGS picks every token by its own
+        reward-guided scores, which have no place for a token mask. Tools the model may
+        call or not ("auto") are offered as text, their calls parsed as written; a
+        response format or a required call, which only a grammar guarantees, is refused."""
         encoded = super().encode_prompts(prompts, config, tools)
         constrained = next((p.constraint for p in encoded if p.constraint is not None), None)
-        if constrained is not None:
-            raise OutputFormatError(
-                f"ARGS cannot enforce {constrained.description}: it has no grammar-constrained "
-                "sampling; use InferenceGuard or a block-search baseline (BestOfN, "
-                "BlockBeamSearch, SamplingDecoder), or leave response_format and tools unset"
-            )
-        return encoded
+        if constrained is None:
+            return encoded
+        if config.response_format is None and not call_is_required(config.tool_choice):
+            return [dataclasses.replace(p, constraint=None) for p in encoded]
+        raise OutputFormatError(
+            f"ARGS cannot enforce {constrained.description}: it has no grammar-constrained "
+            "sampling; use InferenceGuard or a block-search baseline (BestOfN, "
+            "BlockBeamSearch, SamplingDecoder), or leave response_format and tool_choice unset"
+        )
 
     def _decode(
         self,
