@@ -10,6 +10,7 @@ tiny tokenizer has every printable ASCII character as a token, and "▁" for a s
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from typing import Any
 
@@ -416,3 +417,22 @@ def test_the_grammar_holds_after_the_reasoning_a_prompt_opens(
     assert not accepts(prompt.constraint, 'Think {"a": 1}</think>Sure.')
     (plain,) = guard.encode_prompts(["hi"], config)  # a plain prompt opens no reasoning
     assert not plain.opens_reasoning and accepts(plain.constraint, '{"a": 1}')
+
+
+# ------------------------------------------------------------------- known limitations
+@pytest.mark.xfail(
+    strict=True,
+    reason="a sentencepiece tokenizer decodes a response's first space away ('▁t' alone "
+    "decodes to 't'), while the grammar counted it: a format that requires a leading "
+    "space is followed by the tokens and not by the returned text",
+)
+def test_a_format_that_starts_with_a_space_is_followed_by_the_text(tiny_model, tiny_tokenizer):
+    guard = InferenceGuard(
+        tiny_model,
+        tiny_tokenizer,
+        cost=KeywordCost(["unused"]),
+        config=GuardConfig(num_candidates=2, beam_width=1, max_new_tokens=8, seed=0),
+    )
+    result = guard.generate("hi", response_format={"type": "regex", "pattern": " [a-z]{3}"})
+    assert result.finish_reason == "stop"
+    assert re.fullmatch(" [a-z]{3}", result.text), result.text
