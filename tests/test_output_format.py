@@ -415,8 +415,12 @@ def test_the_grammar_holds_after_the_reasoning_a_prompt_opens(
     assert accepts(prompt.constraint, '</think>{"a": 1}')  # no reasoning at all
     assert not accepts(prompt.constraint, '{"a": 1}')  # the reasoning is still open
     assert not accepts(prompt.constraint, 'Think {"a": 1}</think>Sure.')
+    assert accepts(prompt.constraint, 'Fine.</think>\n\n{"a": 1}')  # as models space it
     (plain,) = guard.encode_prompts(["hi"], config)  # a plain prompt opens no reasoning
     assert not plain.opens_reasoning and accepts(plain.constraint, '{"a": 1}')
+    # ... but the model may open one itself (Qwen3-style), and answer after it.
+    assert accepts(plain.constraint, '<think>A number.</think>\n{"a": 1}')
+    assert not accepts(plain.constraint, '<think>A number. {"a": 1}')
 
 
 # ------------------------------------------------------------------- known limitations

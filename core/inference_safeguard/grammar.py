@@ -15,6 +15,7 @@ become that candidate's state.
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -48,7 +49,9 @@ class GrammarCompiler:
         self.eos_token_ids = sorted(eos_token_ids)
         self._llg_tokenizer: LLTokenizer | None = None
         self._matchers: OrderedDict[str, LLMatcher] = OrderedDict()
-        self.executor = LLExecutor()
+        # llguidance's threads compete with torch's for the cores: one per two cores
+        # (measured: the default pool doubled the mask's cost on a busy 2-core machine).
+        self.executor = LLExecutor(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
 
     def matcher(self, constraint: OutputConstraint) -> LLMatcher:
         """A matcher at the start of `constraint`'s grammar.

@@ -411,21 +411,22 @@ class CausalLM:
         """`prompts` with the grammar their responses must follow (see
         `inference_safeguard.output_format`): `response_format`, and calls of `tools` (the
         ones offered) in this model's tool-call format under `tool_choice`. A prompt that
-        opens a reasoning section gets the grammar after the section ends.
+        may hold a reasoning section (a thinking model's), and the grammar holds after it.
 
         Raises:
             OutputFormatError: a format, schema or grammar that cannot be enforced.
         """
         constrained = []
         for prompt in prompts:
-            markers = self.reasoning_markers if prompt.opens_reasoning else None
+            markers = self.reasoning_markers
             constraint = output_constraint(
                 response_format,
                 tools,
                 tool_choice,
                 parallel_tool_calls=parallel_tool_calls,
                 call_format=self.tool_call_format,
-                reasoning_close=None if markers is None else markers.close,
+                reasoning=None if markers is None else (markers.open, markers.close),
+                reasoning_opened=prompt.opens_reasoning,
             )
             if constraint is not None:
                 try:

@@ -104,7 +104,8 @@ def output_constraint(
     *,
     parallel_tool_calls: bool = True,
     call_format: ToolCallFormat | None = None,
-    reasoning_close: str | None = None,
+    reasoning: tuple[str, str] | None = None,
+    reasoning_opened: bool = False,
 ) -> OutputConstraint | None:
     """The grammar of a call, or None when its output is free.
 
@@ -114,8 +115,11 @@ def output_constraint(
         tool_choice: OpenAI-style; a call is forced unless it is None/"auto"/False.
         parallel_tool_calls: False allows at most one call per response.
         call_format: the model's tool-call format (default: `<tool_call>` tags).
-        reasoning_close: when the response starts inside a reasoning section, the text
-            that closes it; the grammar then holds from after it.
+        reasoning: the model's reasoning markers `(open, close)`, if it has any: the
+            response may start with a reasoning section (free text), and the grammar holds
+            from after it.
+        reasoning_opened: the prompt already opened the reasoning section, so the
+            response starts inside it and must close it before its answer.
 
     Raises:
         OutputFormatError: a malformed response format, or a schema or pattern that
@@ -145,12 +149,16 @@ def output_constraint(
         rules, description = answer[1], _describe(response_format)
     else:
         rules, description = f"start: answer\nanswer: {answer[1]}", _describe(response_format)
-    if reasoning_close:
-        rules = _after_reasoning(rules, reasoning_close)
+    if reasoning is not None:
+        rules = _after_reasoning(rules, reasoning, opened=reasoning_opened)
     grammar = LLMatcher.grammar_from_lark("%llguidance {}\n" + rules)
     error = LLMatcher.validate_grammar(grammar)
     if error:
-        raise OutputFormatError(f"cannot build a grammar for {description}: {error}")
+        raise OutputFormatError(
+            f"cannot build a grammar for {description}: {error.splitlines()[0]}; remove or "
+            "rewrite that part of the schema or pattern (a JSON Schema keyword the grammar "
+            "cannot enforce is ignored without strict=True)"
+        )
     return OutputConstraint(grammar=grammar, description=description)
 
 
@@ -322,12 +330,19 @@ def _rest_of_call(call_format: ToolCallFormat, calls: str) -> str:
     return f'rest_of_call: "\\n"? call_body{close}\n{calls}'
 
 
-def _after_reasoning(rules: str, close: str) -> str:
-    """`rules` preceded by the rest of a reasoning section that ends with `close`."""
+def _after_reasoning(rules: str, markers: tuple[str, str], *, opened: bool) -> str:
+    """`rules` after a reasoning section (`markers` around free text) and the whitespace
+    that follows it: one the prompt opened (`opened`) must close first; otherwise the
+    response may open one, or start with its answer."""
+    start, close = markers
     renamed = rules.replace("start:", "answer_start:", 1)
+    head = "reasoning AFTER_REASONING?"
+    if not opened:
+        head = f"({_text(start)} {head})?"
     return (
-        "start: reasoning answer_start\n"
+        f"start: {head} answer_start\n"
         "REASONING_TEXT: /(.|\\n)*/\n"
+        "AFTER_REASONING: /[ \\t\\r\\n]+/\n"
         f"reasoning[lazy]: REASONING_TEXT {_text(close)}\n{renamed}"
     )
 
