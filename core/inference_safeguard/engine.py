@@ -81,6 +81,8 @@ class EngineStats:
         queued: requests waiting to join a search.
         rows_in_flight: rows of the running searches' decode states.
         requests_running: requests in a running search.
+        groups: running searches (requests of different search shapes, or that could
+            not join a running search, take turns in separate ones).
         tokens_generated: response tokens of the finished prompts.
         responses: finished prompts.
         refusals: responses replaced by the refusal text.
@@ -91,6 +93,7 @@ class EngineStats:
     queued: int
     rows_in_flight: int
     requests_running: int
+    groups: int
     tokens_generated: int
     responses: int
     refusals: int
@@ -176,6 +179,7 @@ class GuardEngine:
         self._reserved = 0
         self._running = 0
         self._rows_in_flight = 0
+        self._group_count = 0
         self._totals = {"tokens": 0, "responses": 0, "refusals": 0, "resample_rounds": 0}
         self._busy = 0.0
         self._closed = False
@@ -292,6 +296,7 @@ class GuardEngine:
                 queued=len(self._queue),
                 rows_in_flight=self._rows_in_flight,
                 requests_running=self._running,
+                groups=self._group_count,
                 tokens_generated=self._totals["tokens"],
                 responses=self._totals["responses"],
                 refusals=self._totals["refusals"],
@@ -371,9 +376,6 @@ class GuardEngine:
                     f"the engine's queue is full ({self.max_queued} requests waiting); "
                     "retry later, or raise max_queued (or max_rows, so that more run at once)"
                 )
-            if not encoded:
-                request.outcome.set_result([])
-                return request
             self._queue.append(request)
             self._lock.notify_all()
         return request
@@ -433,29 +435,29 @@ class GuardEngine:
             for request in admitted:
                 self._join(request)
             self._reap()
+            self._publish_rows()
             if self._groups:
                 turn %= len(self._groups)
                 self._step(self._groups[turn])
                 turn += 1
-            self._publish_rows()
         self._fail_all(EngineClosedError("the engine was closed before this request finished"))
 
     def _admit(self) -> list[_Request]:
-        """Queued requests that fit the row cap, first come first served (one that does
-        not fit holds back the ones behind it, so that a large request is not starved).
-        Called with the lock held."""
+        """Take from the queue every cancelled or timed-out request (to fail them) and the
+        requests that fit the row cap, first come first served: one that does not fit
+        holds back the ones behind it, so that a large request is not starved. Called
+        with the lock held."""
+        stopped = [r for r in self._queue if r.cancel.is_set() or _expired(r)]
+        for request in stopped:
+            self._queue.remove(request)
         admitted = []
-        while self._queue:
-            request = self._queue[0]
-            if not (request.cancel.is_set() or _expired(request)):
-                if self._reserved + request.rows > self.max_rows:
-                    break
-                self._reserved += request.rows
-                self._running += 1
-                request.admitted = True
-            self._queue.popleft()
+        while self._queue and self._reserved + self._queue[0].rows <= self.max_rows:
+            request = self._queue.popleft()
+            self._reserved += request.rows
+            self._running += 1
+            request.admitted = True
             admitted.append(request)
-        return admitted
+        return stopped + admitted
 
     def _join(self, request: _Request) -> None:
         """Prefill a request's prompts into a group of its shape that can take rows, or
@@ -534,15 +536,19 @@ class GuardEngine:
             return
         finally:
             self._add_busy(time.perf_counter() - started)
+        done = []
         for slot in ended:
             request = group.requests.pop(slot)
             request.ended[slot] = group.running.take(slot)
             if len(request.ended) == len(request.slots):
-                self._finish(request, [request.ended[s] for s in request.slots])
+                done.append(request)
         for slot, request in group.requests.items():
             if request.commit is not None:
                 request.prefixes.put(group.running.committed(slot))
         self._drop_if_idle(group)
+        self._publish_rows()  # before the callers see their results
+        for request in done:
+            self._finish(request, [request.ended[s] for s in request.slots])
 
     def _drop_if_idle(self, group: _Group) -> None:
         if not group.running.live and group in self._groups:
@@ -567,9 +573,11 @@ class GuardEngine:
         request.prefixes.put(_END)
 
     def _publish_rows(self) -> None:
+        """Make the scheduler's view of its groups visible to `stats`."""
         rows = sum(g.running.rows for g in self._groups)
         with self._lock:
             self._rows_in_flight = rows
+            self._group_count = len(self._groups)
 
     def _add_busy(self, seconds: float) -> None:
         with self._lock:
