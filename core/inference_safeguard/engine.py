@@ -19,9 +19,22 @@ one block at a time.
 A prompt decodes the same alone or joined with others: its sampler is seeded for it
 alone (see `Decoder._seeds`), its candidates are scored, resampled and pruned within
 its own group of rows, and joining left-pads the shorter KV cache with masked
-positions. Only models whose cache is full attention can merge rows; on a model with
+positions. The same, not bit for bit: as with `Decoder.generate_batch` against
+`generate`, a row's float32 logits can move by rounding (about 1e-6 on the tiny test
+Llama on CPU) when its keys gain left padding (the attention's softmax and value sums
+run over a longer key axis, in another reduction order) or when SDPA takes another
+kernel for a batch whose mask has padding; eager attention over rows whose padding is
+unchanged gives identical logits. A sampled token can change only where two tokens'
+perturbed logits lie within that rounding of each other.
+
+Only models whose cache is full attention can merge rows; on a model with
 sliding-window or linear-attention layers, requests that arrive while a search runs
 form a new group of the same shape (batched among themselves) instead.
+
+Cancellation and timeouts act at block boundaries (closing the engine stops within
+one decoded token). The scorers are called from the scheduler thread during the
+search and from the callers' threads for the final check, as when a decoder serves
+concurrent calls.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.decoder import Decoder, Response, ToolsInput
@@ -49,7 +62,12 @@ from inference_safeguard.errors import (
 from inference_safeguard.guard import InferenceGuard
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
 from inference_safeguard.results import GuardResult
-from inference_safeguard.search import CandidateEvaluator, PromptSearch, RunningSearch
+from inference_safeguard.search import (
+    BlockSearch,
+    CandidateEvaluator,
+    PromptSearch,
+    RunningSearch,
+)
 from inference_safeguard.streaming import AsyncGuardStream, GuardStream
 
 PER_REQUEST_FIELDS = frozenset(
@@ -68,6 +86,16 @@ PER_REQUEST_FIELDS = frozenset(
     }
 )
 """`GuardConfig` fields that may differ between requests of one running search."""
+
+
+class _SearchDecoder(Protocol):
+    """What the engine needs of a decoder: its block search and the plan of a call."""
+
+    search: BlockSearch
+
+    def search_plan(self, config: GuardConfig) -> tuple[GuardConfig, CandidateEvaluator | None]:
+        """The settings and evaluator (None: the search's own) of a call under `config`."""
+
 
 _END = object()
 """Put on a streaming request's queue once it has left the engine."""
@@ -171,6 +199,7 @@ class GuardEngine:
                 f"max_rows must be >= 1 and max_queued >= 0, got {max_rows} and {max_queued}"
             )
         self.guard = guard
+        self._searcher = cast(_SearchDecoder, guard)
         self.max_rows = max_rows
         self.max_queued = max_queued
         self._lock = threading.Condition()
@@ -341,7 +370,7 @@ class GuardEngine:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
         config = self.guard.call_config(overrides)
         encoded = self.guard.encode_prompts(prompts, config, tools)
-        search_config, evaluator = self.guard.search_plan(config)  # type: ignore[attr-defined]
+        search_config, evaluator = self._searcher.search_plan(config)
         shape = json.dumps(
             search_config.model_dump(mode="json", exclude=set(PER_REQUEST_FIELDS)),
             sort_keys=True,
@@ -423,14 +452,28 @@ class GuardEngine:
 
     # -------------------------------------------------------------- scheduling
     def _schedule(self) -> None:
-        """The scheduler thread: admit, reap, then step each group in turn."""
+        """The scheduler thread: serve until closed, then fail what is left (also if
+        serving itself failed, so that no caller waits forever)."""
+        reason = "the engine was closed before this request finished"
+        try:
+            self._serve()
+        except BaseException as error:
+            reason = f"the engine's scheduler stopped ({error!r}); create a new GuardEngine"
+            raise
+        finally:
+            with self._lock:
+                self._closed = True
+            self._fail_all(EngineClosedError(reason))
+
+    def _serve(self) -> None:
+        """Admit, reap, then step each group in turn, until the engine is closed."""
         turn = 0
         while True:
             with self._lock:
                 while not (self._closed or self._queue or self._groups):
                     self._lock.wait()
                 if self._closed:
-                    break
+                    return
                 admitted = self._admit()
             for request in admitted:
                 self._join(request)
@@ -440,7 +483,6 @@ class GuardEngine:
                 turn %= len(self._groups)
                 self._step(self._groups[turn])
                 turn += 1
-        self._fail_all(EngineClosedError("the engine was closed before this request finished"))
 
     def _admit(self) -> list[_Request]:
         """Take from the queue every cancelled or timed-out request (to fail them) and the
@@ -470,7 +512,7 @@ class GuardEngine:
         )
         if group is None:
             running = RunningSearch(
-                self.guard.search,  # type: ignore[attr-defined]
+                self._searcher.search,
                 request.search_config,
                 request.evaluator,
                 self._closing,

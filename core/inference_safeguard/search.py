@@ -1046,7 +1046,8 @@ class RunningSearch:
         )
         self._beam_rows, self._beams, live = self.search._select(step, layout, config, self._runs)
         self._rows = step.rows
-        ended = [slot for slot in self.live if slot not in live]
+        still_live = set(live)
+        ended = [slot for slot in self.live if slot not in still_live]
         self.live = live
         if not live:  # free the cache now, not when the next prompt joins
             self._state = self._rows = None
