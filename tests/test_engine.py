@@ -161,6 +161,27 @@ def test_a_request_joining_a_running_search_decodes_as_it_would_alone(guard, gat
         assert joiner.result().budget == 1.0 and joiner.result().text == joiner_alone.text
 
 
+@pytest.mark.filterwarnings("ignore::inference_safeguard.errors.RefusalOverBudgetWarning")
+def test_stop_strings_and_refusals_are_per_request_within_one_search(guard, gate):
+    stop = (guard.generate(PROMPT).text.split()[2],)
+    refuse = {"budget": -1.0, "on_unsafe": "refuse"}
+    expected = [guard.generate(PROMPT, stop=stop), guard.generate(LONG_PROMPT, **refuse)]
+    assert expected[1].refused
+    with GuardEngine(guard) as engine, ThreadPoolExecutor(2) as pool:
+        gate.shut()
+        stopped = pool.submit(engine.generate, PROMPT, stop=stop)
+        assert wait_until(gate.held)
+        refused = pool.submit(engine.generate, LONG_PROMPT, **refuse)
+        assert step_until(gate, lambda: engine.stats().requests_running == 2)
+        assert engine.stats().groups == 1
+        gate.open()
+        results = [stopped.result(), refused.result()]
+        assert [(r.token_ids, r.text, r.refused) for r in results] == [
+            (r.token_ids, r.text, r.refused) for r in expected
+        ]
+        assert engine.stats().refusals == 1
+
+
 def test_requests_of_different_search_shapes_run_in_separate_groups(guard, gate):
     wide = {"num_candidates": 8, "beam_width": 4}
     expected = [guard.generate(PROMPT), guard.generate(LONG_PROMPT, **wide)]
