@@ -131,7 +131,23 @@ class EngineStats:
 
 @dataclasses.dataclass(eq=False)
 class _Request:
-    """One call: its prompts, settings and where its outcome goes."""
+    """One call: its prompts, settings and where its outcome goes.
+
+    Attributes:
+        config: the call's settings (for the final check and enforcement).
+        search_config, evaluator: what the decoder's search runs the call with.
+        seeds: one sampler seed per prompt.
+        commit: what each step commits when streaming (None: not streaming).
+        shape: the search settings that requests of one group share, as a key.
+        rows: decode rows the call may hold at once (prompts x candidates).
+        deadline: `time.monotonic()` after which it times out, or None.
+        started: `time.perf_counter()` at the call, for the results' seconds.
+        cancel: set by the caller to make it leave.
+        outcome: its searches in prompt order, or the error it failed with.
+        prefixes: a streaming call's committed token ids after each step, then `_END`.
+        slots: its prompts' slots in its group's running search.
+        ended: the searches of its prompts that have ended, by slot.
+    """
 
     prompts: list[EncodedPrompt]
     config: GuardConfig
