@@ -29,6 +29,7 @@ from inference_safeguard.errors import (
     InvalidPromptError,
 )
 from inference_safeguard.scorers import KeywordCost, Scorer
+from inference_safeguard.testing import build_random_critic
 
 CONFIG = GuardConfig(
     num_candidates=4, beam_width=2, block_size=4, max_new_tokens=16, seed=7, on_unsafe="return"
@@ -180,6 +181,37 @@ def test_stop_strings_and_refusals_are_per_request_within_one_search(guard, gate
             (r.token_ids, r.text, r.refused) for r in expected
         ]
         assert engine.stats().refusals == 1
+
+
+def test_a_constrained_request_joins_an_unconstrained_search_and_keeps_its_grammar(guard, gate):
+    digits = {"response_format": {"type": "regex", "pattern": "[0-9]{3,12}"}}
+    expected = [guard.generate(PROMPT).token_ids, guard.generate(LONG_PROMPT, **digits)]
+    assert expected[1].text.isdigit()
+    with GuardEngine(guard) as engine, ThreadPoolExecutor(2) as pool:
+        gate.shut()
+        free = pool.submit(engine.generate, PROMPT)
+        assert wait_until(gate.held)
+        constrained = pool.submit(engine.generate, LONG_PROMPT, **digits)
+        assert step_until(gate, lambda: engine.stats().requests_running == 2)
+        assert engine.stats().groups == 1
+        gate.open()
+        assert free.result().token_ids == expected[0]
+        assert constrained.result().token_ids == expected[1].token_ids
+
+
+def test_critic_mode_requests_join_and_decode_as_alone(tiny_model, tiny_tokenizer, gate):
+    critic = build_random_critic(tiny_model, budget=0.0, block_size=CONFIG.block_size)
+    guard = InferenceGuard(tiny_model, tiny_tokenizer, cost=gate, critic=critic, config=CONFIG)
+    expected = [guard.generate(PROMPT).token_ids, guard.generate(LONG_PROMPT).token_ids]
+    with GuardEngine(guard) as engine, ThreadPoolExecutor(2) as pool:
+        gate.shut()
+        first = pool.submit(engine.generate, PROMPT)
+        assert wait_until(gate.held)
+        second = pool.submit(engine.generate, LONG_PROMPT)
+        assert step_until(gate, lambda: engine.stats().requests_running == 2)
+        assert engine.stats().groups == 1
+        gate.open()
+        assert [first.result().token_ids, second.result().token_ids] == expected
 
 
 def test_requests_of_different_search_shapes_run_in_separate_groups(guard, gate):
