@@ -350,8 +350,9 @@ class GuardEngine:
             )
 
     def close(self) -> None:
-        """Stop the engine: the running step stops within one decoded token, and every
-        queued or running request fails with `EngineClosedError`. Idempotent."""
+        """Stop the engine and wait for its scheduler: the running step stops before its
+        next decoded token (after a scorer call in progress), and every queued or running
+        request fails with `EngineClosedError`. Idempotent."""
         with self._lock:
             self._closed = True
             self._closing.set()
