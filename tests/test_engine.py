@@ -361,8 +361,10 @@ def test_block_search_baselines_run_through_the_engine_and_args_is_refused(
     tiny_model, tiny_tokenizer, keyword_cost, length_reward
 ):
     best_of_n = BestOfN(tiny_model, tiny_tokenizer, cost=keyword_cost, config=CONFIG)
+    expected = best_of_n.generate(PROMPT)
     with GuardEngine(best_of_n) as engine:
-        assert engine.generate(PROMPT).token_ids == best_of_n.generate(PROMPT).token_ids
+        assert engine.generate(PROMPT).token_ids == expected.token_ids
+        assert "".join(engine.stream(PROMPT)) == expected.text  # at once, at the end
     args = ARGS(tiny_model, tiny_tokenizer, cost=keyword_cost, reward=length_reward)
     with pytest.raises(TypeError, match="ARGS"):
         GuardEngine(args)
