@@ -6,7 +6,9 @@ candidates, resamples a prompt's block with penalised logits when all its candid
 are over budget, and keeps the top `beam_width` per prompt. Finished candidates
 (EOS, stop string, `max_new_tokens`) leave the beam and compete on their score at the
 end. The same engine, with other scorings and no resampling, is the block beam-search
-baseline.
+baseline. A `RunningSearch` holds one search's state between steps, so that prompts can
+join and leave it at block boundaries (`inference_safeguard.engine`); each prompt keeps
+its own budget, `max_new_tokens`, stop strings and seed.
 
 Choices where the paper is silent:
 - the first step samples `num_candidates` blocks from the prompt; later steps give
