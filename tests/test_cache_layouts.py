@@ -224,6 +224,21 @@ class ModelOwnWindowLayer(cache_utils.DynamicSlidingWindowLayer):
     """A model's own layer class: its layout is not assumed from its base class."""
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3_5_text"])
+def test_only_full_attention_caches_take_the_rows_of_another_batch(model_type, tiny_tokenizer):
+    lm = causal_lm(model_type, tiny_tokenizer)
+    running = lm.prefill([lm.encode(PROMPTS[0]).ids])
+    joining = lm.prefill([lm.encode(PROMPTS[1]).ids])
+    if model_type != "llama":
+        assert not lm.can_merge(running)
+        with pytest.raises(NotImplementedError, match="full-attention"):
+            lm.merge(running, joining)
+        return
+    assert lm.can_merge(running)
+    lm.merge(running, joining)
+    assert running.rows == 2 and running.cache.get_seq_length() == running.attention_mask.shape[1]
+
+
 def test_a_layer_class_it_does_not_know_is_rewound_from_a_copy(tiny_tokenizer):
     def own_layers(cache: Any) -> None:
         for layer in cache.layers:

@@ -91,6 +91,30 @@ def test_rows_that_emit_eos_stop_and_are_padded(lm):
     assert state.attention_mask[0, -2:].tolist() == [0, 0]
 
 
+def test_rows_past_their_limit_take_no_more_tokens_and_are_not_ended(lm):
+    state = lm.prefill([lm.encode(PROMPT).ids] * 2)
+    block = lm.decode_block(state, 4, greedy, limits=torch.tensor([4, 2]))
+    assert block.ended.tolist() == [False, False]
+    assert block.tokens[1, :2].tolist() == block.tokens[0, :2].tolist()
+    assert (block.tokens[1, 2:] == -1).all() and (block.tokens[0] >= 0).all()
+    assert state.attention_mask[1, -2:].tolist() == [0, 0]
+    assert state.next_position.tolist() == [state.next_position[1] + 2, state.next_position[1]]
+
+
+def test_merged_rows_decode_as_in_their_own_batches(lm):
+    # Rows of a running batch take a longer prompt's rows: the running cache is
+    # left-padded, and both keep decoding what they would have on their own.
+    short, long = lm.encode("Hi").ids, lm.encode(PROMPT + " " + OTHER_PROMPT).ids
+    running = lm.prefill([short])
+    first = lm.decode_block(running, 3, greedy).tokens
+    lm.merge(running, lm.prefill([long]))
+    assert running.rows == 2 and running.attention_mask.shape[1] == len(long)
+    assert running.attention_mask[0].sum() == len(short) + 3
+    after = lm.decode_block(running, 5, greedy).tokens
+    assert torch.cat([first[0], after[0]]).tolist() == greedy_without_cache(lm, short, 8)
+    assert after[1].tolist() == greedy_without_cache(lm, long, 5)
+
+
 def test_hidden_state_is_the_last_layer_state_of_the_last_token(lm):
     ids = lm.encode(PROMPT).ids
     state = lm.prefill([ids])

@@ -8,13 +8,17 @@ from importlib.metadata import PackageNotFoundError, version
 
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.critic import LatentCritic
+from inference_safeguard.engine import GuardEngine
 from inference_safeguard.errors import (
     ChatTemplateError,
     CheckpointKindError,
     CriticError,
     CriticFileError,
     CriticMismatchError,
+    EngineClosedError,
+    EngineOverloadedError,
     GenerationCancelledError,
+    GenerationTimeoutError,
     InvalidPromptError,
     LoadOptionError,
     MissingCostModelError,
@@ -41,9 +45,13 @@ __all__ = [
     "CriticError",
     "CriticFileError",
     "CriticMismatchError",
+    "EngineClosedError",
+    "EngineOverloadedError",
     "GenerationCancelledError",
     "GenerationStats",
+    "GenerationTimeoutError",
     "GuardConfig",
+    "GuardEngine",
     "GuardResult",
     "InferenceGuard",
     "InvalidPromptError",

@@ -26,7 +26,13 @@ from inference_safeguard.decoder import Decoder, Response, ToolsInput
 from inference_safeguard.errors import OutputFormatError
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput, TokenChooser
 from inference_safeguard.scorers import Scorer
-from inference_safeguard.search import BlockSearch, ModelsEvaluator, Scoring, cut_before_stop
+from inference_safeguard.search import (
+    BlockSearch,
+    CandidateEvaluator,
+    ModelsEvaluator,
+    Scoring,
+    cut_before_stop,
+)
 from inference_safeguard.tools import call_is_required
 
 
@@ -59,6 +65,11 @@ class _BlockSearchBaseline(Decoder):
 
     def _search_config(self, config: GuardConfig) -> GuardConfig:
         return config
+
+    def search_plan(self, config: GuardConfig) -> tuple[GuardConfig, CandidateEvaluator | None]:
+        """The settings and evaluator (None: the search's own) `self.search` runs a call
+        under `config` with."""
+        return self._search_config(config), None
 
     def _identity_settings(self) -> dict[str, Any]:
         return {

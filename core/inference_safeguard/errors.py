@@ -103,6 +103,19 @@ class GenerationCancelledError(SafeguardError):
     another thread, while a delta was being computed) or its caller stopped waiting."""
 
 
+class GenerationTimeoutError(SafeguardError, TimeoutError):
+    """A request to a `GuardEngine` ran past its timeout and was stopped."""
+
+
+class EngineOverloadedError(SafeguardError, RuntimeError):
+    """A `GuardEngine` cannot take a request: its queue is full, or the request needs
+    more rows than the engine may ever hold."""
+
+
+class EngineClosedError(SafeguardError, RuntimeError):
+    """A `GuardEngine` was closed before (or while) it served a request."""
+
+
 class UnsafeGenerationError(SafeguardError):
     """The search found no response within the safety budget and `on_unsafe="raise"`.
 

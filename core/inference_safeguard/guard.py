@@ -31,6 +31,7 @@ from inference_safeguard.search import (
     CandidateEvaluator,
     CriticEvaluator,
     ModelsEvaluator,
+    PromptSearch,
     settled_prefix,
 )
 
@@ -191,6 +192,11 @@ class InferenceGuard(Decoder):
         )
 
     # ------------------------------------------------------------------ decoding
+    def search_plan(self, config: GuardConfig) -> tuple[GuardConfig, CandidateEvaluator | None]:
+        """The settings and evaluator (None: the search's own) `self.search` runs a call
+        under `config` with."""
+        return config, self._evaluator(config)
+
     def _decode(
         self,
         prompts: list[EncodedPrompt],
@@ -225,6 +231,18 @@ class InferenceGuard(Decoder):
             evaluator=self._evaluator(config),
             cancel=cancel,
         )
+        return (yield from self._stream_run(encoded, config, run, started))
+
+    def _stream_run(
+        self,
+        encoded: EncodedPrompt,
+        config: GuardConfig,
+        run: Generator[list[list[int] | None], Any, list[PromptSearch]],
+        started: float,
+    ) -> Generator[str, None, GuardResult]:
+        """The deltas of `_stream` from a search of `encoded` alone that yields its
+        committed prefix after each step (see `BlockSearch.run`) and returns its search;
+        `started` is when the call began (`time.perf_counter()`)."""
         accepted, emitted, accepted_tokens = "", "", 0
         while True:
             try:

@@ -18,6 +18,9 @@ layer, only what that layer cannot get back by itself:
 - a layer class not listed here (a model's own subclass): a copy of every tensor it
   holds; exact for any layer, at the price of copying its cache once per block.
 
+Merging the rows of two full-attention caches (requests that join a running search)
+left-pads the shorter one's keys and values (`merge_rows`).
+
 Fan-out and pruning go through the Cache API: `batch_repeat_interleave` and
 `batch_select_indices`, except where a layer's versions miss part of its state
 (linear-attention layers in transformers 5.x implement neither, and hybrid layers
@@ -168,6 +171,37 @@ def select_rows(cache: Any, indices: torch.Tensor) -> None:
             layer.reorder_cache(indices)
         else:
             layer.batch_select_indices(indices)
+
+
+def merge_rows(cache: Any, other: Any) -> None:
+    """Append `other`'s rows to `cache`, in place, for full-attention caches (see
+    `is_full_attention_cache`): per layer, the shorter `(rows, heads, seq, head_dim)` keys
+    and values are left-padded with zeros along `seq` (positions the attention mask
+    hides) and the rows concatenated.
+
+    Raises:
+        NotImplementedError: either cache is not full attention. A sliding window holds a
+            suffix whose start differs between the two, and a recurrent state has no
+            sequence axis to pad; their rows are decoded in separate batches instead.
+    """
+    if not (is_full_attention_cache(cache) and is_full_attention_cache(other)):
+        raise NotImplementedError(
+            "only full-attention caches can take the rows of another batch; a "
+            "sliding-window or linear-attention model decodes each batch on its own"
+        )
+    for layer, extra in zip(cache.layers, other.layers, strict=True):
+        if _kv_length(extra) == 0:
+            continue
+        if _kv_length(layer) == 0:
+            raise ValueError("cannot merge a cache layer that holds no keys yet")
+        length = max(_kv_length(layer), _kv_length(extra))
+        layer.keys = torch.cat([_left_pad(layer.keys, length), _left_pad(extra.keys, length)])
+        layer.values = torch.cat([_left_pad(layer.values, length), _left_pad(extra.values, length)])
+
+
+def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
+    """`(rows, heads, seq, head_dim)` padded with zeros on the left of `seq` to `length`."""
+    return torch.nn.functional.pad(states, (0, 0, length - states.shape[-2], 0))
 
 
 def _overrides(cache: Any, method: str) -> bool:

@@ -31,6 +31,8 @@ from inference_safeguard.hf_compat import cache_keyword, output_cache
 from inference_safeguard.kv_cache import (
     CacheCheckpoint,
     check_cache_support,
+    is_full_attention_cache,
+    merge_rows,
     no_cache_error,
     repeat_rows,
 )
@@ -515,17 +517,25 @@ class CausalLM:
 
     @torch.inference_mode()
     def decode_block(
-        self, state: DecodeState, num_tokens: int, choose: TokenChooser
+        self,
+        state: DecodeState,
+        num_tokens: int,
+        choose: TokenChooser,
+        limits: torch.Tensor | None = None,
     ) -> DecodedBlock:
         """Decode `num_tokens` tokens for every row, advancing `state` in place.
 
         Rows that emit EOS stop: their later positions hold -1 and are fed as masked
-        padding, so every row's cache keeps the same length.
+        padding, so every row's cache keeps the same length. So do rows past their
+        limit, without being marked `ended`.
 
         Args:
             state: rows to extend; its cache grows by `num_tokens`.
             num_tokens: block length.
             choose: picks each step's tokens from the logits (sampling, teacher forcing).
+            limits: `(rows,)` long, at most `num_tokens`: tokens each row may decode
+                (None: `num_tokens` each), for rows that reach their token limit
+                before the others' block ends.
         """
         rows, device = state.rows, state.logits.device
         eos = self._eos_tensor.to(device)
@@ -533,7 +543,7 @@ class CausalLM:
         logprob = torch.zeros(rows, device=device)
         ended = torch.zeros(rows, dtype=torch.bool, device=device)
         for step in range(num_tokens):
-            live = ~ended
+            live = ~ended if limits is None else ~ended & (limits.to(device) > step)
             chosen = choose(state.logits, step)
             step_logprob = state.logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
             logprob += torch.where(live, step_logprob, 0.0)
@@ -569,6 +579,28 @@ class CausalLM:
         state.next_position = state.next_position.repeat_interleave(repeats, dim=0)
         state.logits = state.logits.repeat_interleave(repeats, dim=0)
         state.hidden = state.hidden.repeat_interleave(repeats, dim=0)
+
+    def can_merge(self, state: DecodeState) -> bool:
+        """Whether `merge` can append rows to `state` (its cache is full attention)."""
+        return is_full_attention_cache(state.cache)
+
+    @torch.inference_mode()
+    def merge(self, state: DecodeState, other: DecodeState) -> None:
+        """Append `other`'s rows to `state`, in place; the shorter of the two is
+        left-padded (masked, zero keys and values), as `prefill` pads short prompts.
+
+        Raises:
+            NotImplementedError: the cache is not full attention (a sliding window or a
+                recurrent state cannot be padded without changing what it holds).
+        """
+        merge_rows(state.cache, other.cache)
+        length = max(state.attention_mask.shape[-1], other.attention_mask.shape[-1])
+        state.attention_mask = torch.cat(
+            [_left_pad(state.attention_mask, length), _left_pad(other.attention_mask, length)]
+        )
+        state.next_position = torch.cat([state.next_position, other.next_position])
+        state.logits = torch.cat([state.logits, other.logits])
+        state.hidden = torch.cat([state.hidden, other.hidden])
 
     def select_rows(self, state: DecodeState, indices: torch.Tensor) -> None:
         """Keep rows `indices` (`(new_rows,)` long, repeats allowed: prune and fan out at once)."""
@@ -609,6 +641,11 @@ class BlockCheckpoint:
         state.next_position = self.next_position
         state.logits = self.logits
         state.hidden = self.hidden
+
+
+def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """`(rows, seq)` mask padded on the left with zeros to `(rows, length)`."""
+    return torch.nn.functional.pad(mask, (length - mask.shape[-1], 0))
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:

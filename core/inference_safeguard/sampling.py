@@ -190,11 +190,20 @@ class PromptSamplers:
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
-        self.generators = []
-        for seed in seeds:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(seed))
-            self.generators.append(generator)
+        self.device = device
+        self.generators: dict[int, torch.Generator] = {}
+        for prompt, seed in enumerate(seeds):
+            self.add(prompt, seed)
+
+    def add(self, prompt: int, seed: int) -> None:
+        """Seed a generator for prompt `prompt` (a prompt that joins a running search)."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(seed))
+        self.generators[prompt] = generator
+
+    def discard(self, prompt: int) -> None:
+        """Forget prompt `prompt`'s generator (its search is over)."""
+        self.generators.pop(prompt, None)
 
     def sample(
         self,
@@ -211,7 +220,8 @@ class PromptSamplers:
         Args:
             logits: `(rows, vocab)` next-token logits, rows grouped by prompt.
             group_sizes: rows of each group, in order; they sum to `rows`.
-            prompt_ids: the prompt (index into the seeds) that owns each group.
+            prompt_ids: the prompt (index into the seeds, or as `add`ed) that owns each
+                group.
             temperature: 0 for greedy decoding (no randomness drawn).
             top_k, top_p, min_p: filters, see `warp_logits`.
 

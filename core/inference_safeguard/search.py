@@ -6,7 +6,9 @@ candidates, resamples a prompt's block with penalised logits when all its candid
 are over budget, and keeps the top `beam_width` per prompt. Finished candidates
 (EOS, stop string, `max_new_tokens`) leave the beam and compete on their score at the
 end. The same engine, with other scorings and no resampling, is the block beam-search
-baseline.
+baseline. A `RunningSearch` holds one search's state between steps, so that prompts can
+join and leave it at block boundaries (`inference_safeguard.engine`); each prompt keeps
+its own budget, `max_new_tokens`, stop strings and seed.
 
 Choices where the paper is silent:
 - the first step samples `num_candidates` blocks from the prompt; later steps give
@@ -35,8 +37,9 @@ reward models on the text) or `CriticEvaluator` (the latent critic on the hidden
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -55,7 +58,6 @@ from inference_safeguard.lm import (
 )
 from inference_safeguard.safety import (
     augmented_score,
-    initial_safety_state,
     lagrangian_score,
     top_k_per_group,
     unsafe_token_mask,
@@ -274,6 +276,25 @@ class _Rows:
             grammar=None if self.grammar is None else self.grammar.select(rows),
         )
 
+    def concat(self, other: _Rows) -> _Rows:
+        """These rows followed by `other`'s (a row without a grammar gets a None state)."""
+        grammar = None
+        if self.grammar is not None or other.grammar is not None:
+            compiler = (self.grammar or other.grammar).compiler  # type: ignore[union-attr]
+            matchers = [
+                *(self.grammar.matchers if self.grammar else [None] * len(self.token_ids)),
+                *(other.grammar.matchers if other.grammar else [None] * len(other.token_ids)),
+            ]
+            grammar = RowGrammars(matchers, compiler)
+        return _Rows(
+            token_ids=self.token_ids + other.token_ids,
+            cost=torch.cat([self.cost, other.cost]),
+            z=torch.cat([self.z, other.z]),
+            logprob=torch.cat([self.logprob, other.logprob]),
+            length=torch.cat([self.length, other.length]),
+            grammar=grammar,
+        )
+
 
 @dataclass
 class _Step:
@@ -326,13 +347,30 @@ class _Step:
 
 @dataclass(frozen=True)
 class _Layout:
-    """How one step's rows map to prompts: groups of contiguous rows, one per live prompt."""
+    """How one step's rows map to prompts: groups of contiguous rows, one per live prompt.
+
+    Attributes:
+        live: the prompt (slot) of each group.
+        group_sizes: rows of each group.
+        prompt_texts: plain-text prompt of each group.
+        generated: tokens each group's prompt has after this step's block.
+        block_lens: tokens each group decodes in this step: the block size, less at a
+            prompt's last block (prompts that joined at other steps, or with other
+            `max_new_tokens`, reach their last block at different steps).
+        configs: each group's prompt's own settings (budget, `max_new_tokens`, stop).
+    """
 
     live: list[int]
     group_sizes: list[int]
     prompt_texts: list[str]
-    generated: int
-    block_len: int
+    generated: list[int]
+    block_lens: list[int]
+    configs: list[GuardConfig]
+
+    @property
+    def block_len(self) -> int:
+        """Tokens the step decodes: the longest of its groups' blocks."""
+        return max(self.block_lens)
 
     @property
     def group_of_row(self) -> torch.Tensor:
@@ -343,6 +381,21 @@ class _Layout:
     def group_rows(self, group: int) -> torch.Tensor:
         start = sum(self.group_sizes[:group])
         return torch.arange(start, start + self.group_sizes[group])
+
+    def row_limits(self) -> torch.Tensor | None:
+        """`(rows,)` tokens each row may decode in this step, or None when every row
+        decodes the whole block."""
+        if min(self.block_lens) == self.block_len:
+            return None
+        return torch.repeat_interleave(
+            torch.tensor(self.block_lens), torch.tensor(self.group_sizes)
+        )
+
+    def budgets(self, rows: torch.Tensor) -> torch.Tensor:
+        """`(n,)` float64 budget of the prompts of `rows` (`(n,)` index into the step's rows)."""
+        return torch.tensor(
+            [self.configs[g].budget for g in self.group_of_row[rows].tolist()], dtype=torch.float64
+        )
 
 
 class BlockSearch:
@@ -419,53 +472,12 @@ class BlockSearch:
             One `PromptSearch` per prompt with its finished responses and counts.
         """
         raise_if_cancelled(cancel)
-        config = config.with_sampling_defaults(self.lm.sampling_defaults)
-        evaluator = evaluator or self.evaluator
-        searches = [PromptSearch(prompt) for prompt in prompts]
-        samplers = PromptSamplers(seeds, self.lm.device)
-        state = self.lm.prefill([p.ids for p in prompts])
-        device = state.logits.device
-        rows = _Rows(
-            token_ids=[[] for _ in prompts],
-            cost=torch.full((len(prompts),), -torch.inf, dtype=torch.float64),
-            z=initial_safety_state(config.budget, len(prompts)),
-            logprob=torch.zeros(len(prompts), device=device),
-            length=torch.zeros(len(prompts), device=device),
-            grammar=self.lm.row_grammars([p.constraint for p in prompts]),
-        )
-        live = list(range(len(prompts)))
-        beams = [1] * len(prompts)  # live beams of each live prompt
-        beam_rows = torch.arange(len(prompts))  # their rows in `state` and `rows`
-        committed: list[list[int]] = [[] for _ in prompts]
-        generated = 0
-        while live:
-            raise_if_cancelled(cancel)
-            children = [config.num_candidates // k for k in beams]
-            per_beam = torch.tensor(
-                [c for k, c in zip(beams, children, strict=True) for _ in range(k)]
-            )
-            parent_index = beam_rows.repeat_interleave(per_beam)
-            if generated == 0:  # each prompt's single prefill row becomes N candidates
-                self.lm.fan_out(state, config.num_candidates)
-            else:  # one gather both drops the pruned rows and fans the kept beams out
-                self.lm.select_rows(state, parent_index)
-            parents = rows.select(parent_index.to(device))
-            block_len = min(config.block_size, config.max_new_tokens - generated)
-            generated += block_len
-            layout = _Layout(
-                live=live,
-                group_sizes=[k * c for k, c in zip(beams, children, strict=True)],
-                prompt_texts=[prompts[p].text for p in live],
-                generated=generated,
-                block_len=block_len,
-            )
-            step = self._decode_step(
-                state, parents, layout, config, samplers, searches, evaluator, cancel
-            )
-            beam_rows, beams, live = self._select(step, layout, config, searches, commit, committed)
-            rows = step.rows
-            yield [committed[p] if commit and p in live else None for p in range(len(prompts))]
-        return searches
+        running = RunningSearch(self, config, evaluator, cancel)
+        slots = running.add(prompts, [config] * len(prompts), seeds, commit)
+        while running.live:
+            running.step()
+            yield [running.committed(slot) for slot in slots]
+        return [running.take(slot) for slot in slots]
 
     def search(
         self,
@@ -491,7 +503,7 @@ class BlockSearch:
         layout: _Layout,
         config: GuardConfig,
         samplers: PromptSamplers,
-        searches: list[PromptSearch],
+        searches: Mapping[int, PromptSearch],
         evaluator: CandidateEvaluator,
         cancel: threading.Event | None,
     ) -> _Step:
@@ -500,6 +512,7 @@ class BlockSearch:
         # Only a search that may resample pays for a checkpoint (on sliding-window and
         # linear-attention layers it copies part of the cache).
         checkpoint = BlockCheckpoint.of(state, layout.block_len) if rounds else None
+        limits = layout.row_limits()
         all_rows = torch.arange(state.rows)
         grammar = _block_grammar(parents, all_rows)
         block = self.lm.decode_block(
@@ -517,6 +530,7 @@ class BlockSearch:
                 config,
                 cancel,
             ),
+            limits,
         )
         step = self._score(block, state, parents, layout, all_rows, grammar, config, evaluator)
         for group, size in enumerate(layout.group_sizes):
@@ -557,6 +571,7 @@ class BlockSearch:
                     config,
                     cancel,
                 ),
+                limits,
             )
             step = step.splice(
                 resampled,
@@ -570,7 +585,7 @@ class BlockSearch:
     def _repetition_penalty(
         self,
         config: GuardConfig,
-        searches: list[PromptSearch],
+        searches: Mapping[int, PromptSearch],
         layout: _Layout,
         parents: _Rows,
         rows: torch.Tensor,
@@ -663,18 +678,19 @@ class BlockSearch:
         ]
         texts = self.lm.decode(token_ids)
         reasons: list[Literal["stop", "length"] | None] = []
+        group_of_row = layout.group_of_row[rows].tolist()
         for i, ended in enumerate(block.ended[index].tolist()):
-            stopped = cut_before_stop(self.lm, token_ids[i], texts[i], config.stop)
+            own = layout.configs[group_of_row[i]]
+            stopped = cut_before_stop(self.lm, token_ids[i], texts[i], own.stop)
             if stopped is not None:
                 token_ids[i], texts[i] = stopped
                 reasons.append("stop")
             elif ended:
                 reasons.append("stop")
-            elif layout.generated >= config.max_new_tokens:
+            elif layout.generated[group_of_row[i]] >= own.max_new_tokens:
                 reasons.append("length")
             else:
                 reasons.append(None)
-        group_of_row = layout.group_of_row[rows].tolist()
         candidates = Candidates(
             prompt_texts=[layout.prompt_texts[g] for g in group_of_row],
             texts=texts,
@@ -689,8 +705,9 @@ class BlockSearch:
         else:
             estimate = evaluator.cost(candidates).to(device="cpu", dtype=torch.float64)
         parent = parents.select(index)
+        budget = layout.budgets(rows)
         cost, z, reward, score = self._values(
-            candidates, estimate, parent, logprob, length, evaluator, config
+            candidates, estimate, budget, parent, logprob, length, evaluator, config
         )
         if not evaluator.exact_cost:
             group_sizes = layout.group_of_row[rows].unique_consecutive(return_counts=True)[1]
@@ -698,6 +715,7 @@ class BlockSearch:
                 candidates,
                 group_sizes.tolist(),
                 (cost, z, reward, score),
+                budget,
                 parent,
                 logprob,
                 length,
@@ -716,6 +734,7 @@ class BlockSearch:
         self,
         candidates: Candidates,
         estimate: torch.Tensor,
+        budget: torch.Tensor,
         parent: _Rows,
         logprob: torch.Tensor,
         length: torch.Tensor,
@@ -724,7 +743,8 @@ class BlockSearch:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cumulative cost, safety state, reward and score of `(rows,)` candidates whose
         cost C(x, y_<=t) is `estimate` (`(rows,)` float64 on the CPU, -inf where nothing
-        is scored); `parent` holds their parents' rows. All four are float64 on the CPU."""
+        is scored) and whose budgets are `budget` (`(rows,)` float64 on the CPU);
+        `parent` holds their parents' rows. All four are float64 on the CPU."""
         # Cumulative cost never falls: what has been said cannot be unsaid, and a
         # learned cost model that "forgets" an unsafe prefix must not be exploitable.
         # Before the first block the parent's cost is -inf, so the first cost stands.
@@ -733,7 +753,7 @@ class BlockSearch:
         if config.safety_discount == 1.0:
             # z = d - C(x, y) in one subtraction, whose sign is exact: a cost equal to the
             # budget leaves z = 0, where summed increments could round below it.
-            z = torch.where(said, config.budget - cost, parent.z)
+            z = torch.where(said, budget - cost, parent.z)
         else:
             # The empty response costs 0, so z_0 = d.
             previous = torch.where(torch.isfinite(parent.cost), parent.cost, 0.0)
@@ -756,6 +776,7 @@ class BlockSearch:
         candidates: Candidates,
         group_sizes: list[int],
         values: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        budget: torch.Tensor,
         parent: _Rows,
         logprob: torch.Tensor,
         length: torch.Tensor,
@@ -786,6 +807,7 @@ class BlockSearch:
             fresh = self._values(
                 picked,
                 exact,
+                budget[pending],
                 parent.select(pending),
                 logprob[on_device],
                 length[on_device],
@@ -810,14 +832,12 @@ class BlockSearch:
         step: _Step,
         layout: _Layout,
         config: GuardConfig,
-        searches: list[PromptSearch],
-        commit: Literal["agreement", "block"] | None,
-        committed: list[list[int]],
+        runs: Mapping[int, _PromptRun],
     ) -> tuple[torch.Tensor, list[int], list[int]]:
         """Keep the top `beam_width` candidates per prompt.
 
         Finished ones join their prompt's finished list; the others stay live beams.
-        Updates `committed` when streaming.
+        Updates the runs' `committed` where they stream.
 
         Returns:
             Row indices of the live beams (grouped by prompt), the live beams per
@@ -829,8 +849,8 @@ class BlockSearch:
         score = step.score.cpu()
         tops = top_k_per_group(score, layout.group_sizes, config.beam_width)
         for group, top in enumerate(tops):
-            prompt = layout.live[group]
-            search = searches[prompt]
+            run = runs[layout.live[group]]
+            search = run.search
             kept = []
             for row in top.tolist():
                 reason = step.reasons[row]
@@ -849,21 +869,227 @@ class BlockSearch:
                         complete=step.rows.grammar is None or step.rows.grammar.complete(row),
                     )
                 )
-            if commit == "block" and float(step.rows.z[top[0]]) >= 0:
-                committed[prompt] = step.rows.token_ids[int(top[0])]
-                kept = [r for r in kept if _starts_with(step.rows.token_ids[r], committed[prompt])]
+            if run.commit == "block" and float(step.rows.z[top[0]]) >= 0:
+                run.committed = step.rows.token_ids[int(top[0])]
+                kept = [r for r in kept if _starts_with(step.rows.token_ids[r], run.committed)]
                 search.finished = [
-                    f for f in search.finished if _starts_with(f.token_ids, committed[prompt])
+                    f for f in search.finished if _starts_with(f.token_ids, run.committed)
                 ]
-            elif commit == "agreement":
-                committed[prompt] = _common_prefix(
+            elif run.commit == "agreement":
+                run.committed = _common_prefix(
                     [step.rows.token_ids[r] for r in kept] + [f.token_ids for f in search.finished]
                 )
             if kept:
                 keep.extend(kept)
                 beams.append(len(kept))
-                live.append(prompt)
+                live.append(layout.live[group])
         return torch.tensor(keep, dtype=torch.long), beams, live
+
+
+@dataclass
+class _PromptRun:
+    """A prompt in a running search, with its own settings and progress.
+
+    Attributes:
+        config: the prompt's settings; its budget, `max_new_tokens` and stop strings
+            are its own, the rest is the running search's.
+        commit: what each step commits for streaming (see `BlockSearch.run`), or None.
+        generated: response tokens decoded so far (its blocks' lengths).
+        committed: the committed response token ids.
+    """
+
+    search: PromptSearch
+    config: GuardConfig
+    commit: Literal["agreement", "block"] | None
+    generated: int = 0
+    committed: list[int] = field(default_factory=list)
+
+
+class RunningSearch:
+    """A block search whose prompts change between steps: they join (`add`) and leave
+    (finished, or `drop`ped) at block boundaries.
+
+    `BlockSearch.run` drives one for a fixed set of prompts; the engine
+    (`inference_safeguard.engine`) drives one per group of requests that share a search
+    shape. Every prompt shares `config`'s shape (candidates, beams, block size, resample
+    rounds, penalties, sampling); each keeps its own budget, `max_new_tokens`, stop
+    strings, seed and commit mode, and decodes exactly as it would alone: its sampler is
+    its own, and the rows of prompts that joined later are appended to the decode state
+    with the shorter KV cache left-padded (`CausalLM.merge`).
+
+    Args:
+        search: the block search whose model, scoring and steps this runs.
+        config: the shared search settings.
+        evaluator: where costs and rewards come from (default: the search's own).
+        cancel: once set, `step` raises `GenerationCancelledError` before its next
+            decoded token.
+    """
+
+    def __init__(
+        self,
+        search: BlockSearch,
+        config: GuardConfig,
+        evaluator: CandidateEvaluator | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.search = search
+        self.config = config.with_sampling_defaults(search.lm.sampling_defaults)
+        self.evaluator = evaluator or search.evaluator
+        self.cancel = cancel
+        self.live: list[int] = []
+        """The live prompts (slots), in the order of their rows."""
+        self._runs: dict[int, _PromptRun] = {}
+        self._samplers = PromptSamplers([], search.lm.device)
+        self._next_slot = 0
+        self._state: DecodeState | None = None
+        self._rows: _Rows | None = None
+        self._beams: list[int] = []  # live beams of each live prompt
+        self._beam_rows = torch.zeros(0, dtype=torch.long)  # their rows in the state
+        self._prefilled = False  # the state holds just one prefill row per live prompt
+
+    @property
+    def rows(self) -> int:
+        """Rows of the decode state (0 when no prompt is live)."""
+        return 0 if self._state is None else self._state.rows
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether prompts can join now: nothing is live, or the model's cache can take
+        left-padded rows (full attention only; see `kv_cache.merge_rows`)."""
+        return self._state is None or self.search.lm.can_merge(self._state)
+
+    def add(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        configs: Sequence[GuardConfig],
+        seeds: Sequence[int],
+        commit: Literal["agreement", "block"] | None = None,
+    ) -> list[int]:
+        """Prefill `prompts` and let them join at the next step.
+
+        Args:
+            prompts: validated prompts.
+            configs: each prompt's settings (see `_PromptRun.config`).
+            seeds: one sampler seed per prompt.
+            commit: what each step commits for these prompts when streaming.
+
+        Returns:
+            Each prompt's slot, the key of `take`, `drop` and `committed`.
+
+        Raises:
+            NotImplementedError: prompts are live and the cache cannot take more rows
+                (`can_merge` is False).
+        """
+        slots = list(range(self._next_slot, self._next_slot + len(prompts)))
+        self._next_slot += len(prompts)
+        lm = self.search.lm
+        state = lm.prefill([p.ids for p in prompts])
+        device = state.logits.device
+        rows = _Rows(
+            token_ids=[[] for _ in prompts],
+            cost=torch.full((len(prompts),), -torch.inf, dtype=torch.float64),
+            z=torch.tensor([c.budget for c in configs], dtype=torch.float64),
+            logprob=torch.zeros(len(prompts), device=device),
+            length=torch.zeros(len(prompts), device=device),
+            grammar=lm.row_grammars([p.constraint for p in prompts]),
+        )
+        joined = torch.arange(len(prompts))
+        if self._state is None or self._rows is None:
+            self._state, self._rows, self._prefilled = state, rows, True
+        else:
+            joined = joined + self._state.rows
+            lm.merge(self._state, state)
+            self._rows = self._rows.concat(rows)
+            self._prefilled = False
+        self._beam_rows = torch.cat([self._beam_rows, joined])
+        for slot, prompt, config, seed in zip(slots, prompts, configs, seeds, strict=True):
+            self._runs[slot] = _PromptRun(PromptSearch(prompt), config, commit)
+            self._samplers.add(slot, seed)
+        self.live += slots
+        self._beams += [1] * len(prompts)
+        return slots
+
+    def step(self) -> list[int]:
+        """Decode, score and select one block for every live prompt.
+
+        Returns:
+            The slots whose search ended in this step (`take` gives their results).
+        """
+        raise_if_cancelled(self.cancel)
+        if self._state is None or self._rows is None:
+            return []
+        config, state = self.config, self._state
+        children = [config.num_candidates // k for k in self._beams]
+        per_beam = torch.tensor(
+            [c for k, c in zip(self._beams, children, strict=True) for _ in range(k)]
+        )
+        parent_index = self._beam_rows.repeat_interleave(per_beam)
+        if self._prefilled:  # each prompt's single prefill row becomes N candidates
+            self.search.lm.fan_out(state, config.num_candidates)
+        else:  # one gather both drops the pruned rows and fans the kept beams out
+            self.search.lm.select_rows(state, parent_index)
+        self._prefilled = False
+        parents = self._rows.select(parent_index.to(state.logits.device))
+        runs = [self._runs[slot] for slot in self.live]
+        block_lens = [min(config.block_size, r.config.max_new_tokens - r.generated) for r in runs]
+        for run, block_len in zip(runs, block_lens, strict=True):
+            run.generated += block_len
+        layout = _Layout(
+            live=self.live,
+            group_sizes=[k * c for k, c in zip(self._beams, children, strict=True)],
+            prompt_texts=[r.search.prompt.text for r in runs],
+            generated=[r.generated for r in runs],
+            block_lens=block_lens,
+            configs=[r.config for r in runs],
+        )
+        searches = {slot: run.search for slot, run in self._runs.items()}
+        step = self.search._decode_step(
+            state, parents, layout, config, self._samplers, searches, self.evaluator, self.cancel
+        )
+        self._beam_rows, self._beams, live = self.search._select(step, layout, config, self._runs)
+        self._rows = step.rows
+        still_live = set(live)
+        ended = [slot for slot in self.live if slot not in still_live]
+        self.live = live
+        if not live:  # free the cache now, not when the next prompt joins
+            self._state = self._rows = None
+            self._beam_rows = torch.zeros(0, dtype=torch.long)
+        return ended
+
+    def committed(self, slot: int) -> list[int] | None:
+        """The response token ids committed for `slot` so far, or None when it does not
+        commit or its search is over."""
+        run = self._runs[slot]
+        return run.committed if run.commit and slot in self.live else None
+
+    def take(self, slot: int) -> PromptSearch:
+        """The search of an ended prompt, which the running search then forgets."""
+        if slot in self.live:
+            raise ValueError(f"prompt {slot} is still live; drop it or step until it ends")
+        self._samplers.discard(slot)
+        return self._runs.pop(slot).search
+
+    def drop(self, slots: Sequence[int]) -> None:
+        """Remove live prompts at once (cancelled, timed out): their rows leave the
+        decode state now and their searches are forgotten."""
+        gone = set(slots)
+        starts = [0, *itertools.accumulate(self._beams)]
+        kept = [g for g, slot in enumerate(self.live) if slot not in gone]
+        for slot in gone:
+            self._runs.pop(slot, None)
+            self._samplers.discard(slot)
+        if len(kept) == len(self.live):
+            return
+        self.live = [self.live[g] for g in kept]
+        self._beams = [self._beams[g] for g in kept]
+        if not kept or self._state is None or self._rows is None:
+            self._state = self._rows = None
+            self._beam_rows = torch.zeros(0, dtype=torch.long)
+            return
+        rows = torch.cat([self._beam_rows[starts[g] : starts[g + 1]] for g in kept])
+        self.search.lm.select_rows(self._state, rows)
+        self._rows = self._rows.select(rows.to(self._state.logits.device))
+        self._beam_rows = torch.arange(len(rows))
 
 
 def _block_grammar(parents: _Rows, rows: torch.Tensor) -> RowGrammars | None:
