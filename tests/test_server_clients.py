@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from inference_safeguard.testing import build_tiny_llama
+
 pytest.importorskip("fastapi", reason="the server needs the serve extra")
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
-
-from inference_safeguard.testing import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-guard"
@@ -235,9 +235,7 @@ def test_openai_json_schema_response_validates(client):
 
 def test_openai_errors_are_the_clients_typed_errors(client, server):
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
-        )
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1
