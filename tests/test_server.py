@@ -536,3 +536,48 @@ def test_the_server_without_its_extra_names_the_serve_extra():
     assert run.returncode == 2, run.stderr
     assert 'pip install "inference-safeguard[serve]"' in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------------- command line
+@pytest.fixture()
+def served(monkeypatch) -> dict[str, Any]:
+    """What `safeguard serve` hands to uvicorn, instead of serving it."""
+    import uvicorn
+
+    handed: dict[str, Any] = {}
+
+    def run(app, *, host, port, **options):
+        handed.update(app=app, host=host, port=port)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    return handed
+
+
+def test_serve_without_a_model_serves_the_demo_world(served, monkeypatch):
+    from inference_safeguard.cli import main
+
+    monkeypatch.setenv("SAFEGUARD_API_KEY", KEY)
+    assert main(["serve", "--port", "8123", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    client = TestClient(served["app"], headers={"Authorization": f"Bearer {KEY}"})
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["safeguard-demo"]
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "safeguard-demo",
+            "messages": [{"role": "user", "content": "How do I bake bread?"}],
+        },
+    )
+    assert response.status_code == 200, response.text
+    [choice] = response.json()["choices"]
+    assert choice["safety"]["budget"] == 0.5  # the demo world's
+    assert response.json()["usage"]["completion_tokens"] <= 8
+    assert TestClient(served["app"]).get("/v1/models").status_code == 401
+
+
+def test_serve_a_model_without_a_cost_fails_before_loading(served, capsys):
+    from inference_safeguard.cli import main
+
+    assert main(["serve", "--model", "no/such-model"]) == 2
+    assert "serve needs a cost" in capsys.readouterr().err
+    assert not served
