@@ -255,6 +255,12 @@ def test_request_fields_become_the_cores_settings(client, backend):
     assert second["stop"] == "dog"
 
 
+def test_max_tokens_is_capped_at_the_servers_max_new_tokens(client, backend):
+    _chat(client, max_tokens=100_000)
+    _chat(client, max_completion_tokens=33)
+    assert [call["max_new_tokens"] for call in backend.calls] == [32, 32]
+
+
 def test_stop_strings_cut_the_response(client):
     [choice] = _chat(client, stop=["garden"]).json()["choices"]
     assert choice["message"]["content"] == "The dog is in the "
@@ -428,7 +434,7 @@ def test_a_body_that_is_not_json_is_a_400(client):
         ({"prompt": ["one", "two"]}, "prompt"),
         ({"prompt": "hi", "echo": True}, "echo"),
         ({"prompt": "hi", "best_of": 3}, "best_of"),
-        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
         ({"prompt": 5}, "prompt"),
     ],
 )

@@ -9,11 +9,13 @@ tests check through each client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -101,7 +103,7 @@ def server(tiny_tokenizer, tmp_path_factory) -> Iterator[str]:
         "--block-size",
         "8",
         "--max-new-tokens",
-        "16",
+        "96",
         "--served-model-name",
         MODEL,
         "--api-key",
@@ -304,3 +306,72 @@ def test_llamaindex_openai_like_chat_and_complete(server):
     assert response.raw.choices[0].model_extra["safety"]["budget"] == 0.0
     completion = llm.complete("Tell me about the garden.")
     assert isinstance(completion.text, str)
+
+
+# ------------------------------------------------------------------ disconnection
+class _EndlessBackend:
+    """A backend whose responses never end; it notes when its work is cancelled."""
+
+    def __init__(self) -> None:
+        from inference_safeguard import GuardConfig
+
+        self.config = GuardConfig()
+        self.lm = None
+        self.stopped = threading.Event()
+
+    async def agenerate(self, prompt, *, tools=None, **overrides):
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            self.stopped.set()
+
+    def astream(self, prompt, *, tools=None, **overrides):
+        backend = self
+
+        class Endless:
+            result = None
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                await asyncio.sleep(0.02)
+                return "more "
+
+            async def aclose(self):
+                backend.stopped.set()
+
+        return Endless()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_stops_its_generation(stream):
+    import httpx
+    import uvicorn
+
+    from inference_safeguard.server import create_app
+
+    backend = _EndlessBackend()
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(backend, model_name=MODEL), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=10) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(url, json=body, timeout=0.5)
+        assert backend.stopped.wait(timeout=5), "the generation went on without its client"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -20,6 +20,8 @@ from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
 from inference_safeguard.results import GuardResult
@@ -94,32 +96,7 @@ def create_app(
     started = int(time.time())
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _authorize_and_count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        path = request.url.path
-        endpoint = path if path in ENDPOINTS else "other"
-        began = time.perf_counter()
-        metrics.in_progress.inc()
-        try:
-            if (
-                api_key is not None
-                and path.startswith("/v1/")
-                and not _authorized(request, api_key)
-            ):
-                response: Response = APIError(
-                    401,
-                    "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                ).response()
-            else:
-                response = await call_next(request)
-        finally:
-            metrics.in_progress.dec()
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - began)
-        return response
+    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
 
     def observer(endpoint: str) -> Callable[[str, GuardResult], None]:
         def observe(reason: str, result: GuardResult) -> None:
@@ -229,9 +206,54 @@ def create_app(
     return app
 
 
-def _authorized(request: Request, api_key: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), api_key)
+class _Gate:
+    """ASGI middleware that checks the API key on `/v1/` routes and counts every request
+    with its status and latency (to the response headers).
+
+    Plain ASGI rather than a `BaseHTTPMiddleware`, which would hide a client's disconnect
+    from the request and so keep a search running for nobody.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        began = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - began)
+            await send(message)
+
+        self.metrics.in_progress.inc()
+        try:
+            if self.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
+                refusal = APIError(
+                    401,
+                    "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                ).response()
+                await refusal(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            self.metrics.in_progress.dec()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.api_key is not None
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
 
 
 def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:

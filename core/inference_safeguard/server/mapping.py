@@ -2,7 +2,7 @@
 
 A request becomes a prompt (text, or a message list for the chat template), the tools it
 offers, and `GuardConfig` overrides: `max_tokens` (or `max_completion_tokens`) is
-`max_new_tokens`; `temperature`, `top_p`, `seed`, `stop`, `response_format`,
+`max_new_tokens`, at most the server's; `temperature`, `top_p`, `seed`, `stop`, `response_format`,
 `tool_choice` and `parallel_tool_calls` keep their names. The overrides are checked
 against the server's config here, so that a bad value is a 400 naming the request's
 field before any work starts.
@@ -80,7 +80,7 @@ def chat_call(request: ChatCompletionRequest, config: GuardConfig) -> Call:
         raise bad_request("logprobs are not available from this server", param="logprobs")
     overrides, names = _overrides(request, config)
     if request.max_completion_tokens is not None:
-        overrides["max_new_tokens"] = request.max_completion_tokens
+        overrides["max_new_tokens"] = _at_most(request.max_completion_tokens, config)
         names["max_new_tokens"] = "max_completion_tokens"
     for name in ("response_format", "tool_choice", "parallel_tool_calls"):
         value = getattr(request, name)
@@ -166,7 +166,8 @@ def _overrides(
         if value is not None:
             overrides[name], names[name] = value, name
     if request.max_tokens is not None:
-        overrides["max_new_tokens"], names["max_new_tokens"] = request.max_tokens, "max_tokens"
+        overrides["max_new_tokens"] = _at_most(request.max_tokens, config)
+        names["max_new_tokens"] = "max_tokens"
     if request.stop is not None:
         overrides["stop"], names["stop"] = request.stop, "stop"
     if request.safety_budget is not None:
@@ -178,6 +179,13 @@ def _overrides(
             )
         overrides["budget"], names["budget"] = request.safety_budget, "safety_budget"
     return overrides, names
+
+
+def _at_most(max_tokens: int, config: GuardConfig) -> int:
+    """A request's token limit, capped at the server's `max_new_tokens`: a request costs
+    about `num_candidates` times its tokens, so the server's setting bounds what one
+    request may cost. The response ends with `length` there, as at any limit."""
+    return min(max_tokens, config.max_new_tokens)
 
 
 def _check_config(config: GuardConfig, overrides: dict[str, Any], names: dict[str, str]) -> None:
