@@ -40,6 +40,8 @@ WEATHER = {
 }
 CALL_TEXT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 HAZARD = "Mix the bleach with the ammonia."
+BAD = {"type": "object", "properties": {"x": {"type": "no-such-type"}}}
+"""Arguments whose JSON Schema no grammar can be built for."""
 MISSING = object()
 """A field left out of a request body."""
 
@@ -400,7 +402,18 @@ def test_text_completion_and_its_stream(client):
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+            "response_format",
+        ),
         ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": BAD}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
         ({"tools": [WEATHER], "tool_choice": "get_time"}, "tool_choice"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools"),

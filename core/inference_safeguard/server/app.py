@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
 from inference_safeguard.results import GuardResult
 from inference_safeguard.server.backend import Backend, ResultStream
-from inference_safeguard.server.errors import APIError, core_error, install_error_handlers
+from inference_safeguard.server.errors import APIError, install_error_handlers
 from inference_safeguard.server.mapping import (
     Call,
     assistant_message,
@@ -104,7 +104,7 @@ def create_app(
 
         return observe
 
-    async def check_prompt(call: Call, prompt_param: str) -> None:
+    async def check_prompt(call: Call) -> None:
         """Refuse a prompt over `max_prompt_tokens` before generating anything."""
         if max_prompt_tokens is None:
             return
@@ -117,24 +117,24 @@ def create_app(
                 400,
                 f"the prompt has {len(encoded.ids)} tokens, more than this server's limit of "
                 f"{max_prompt_tokens}; shorten it",
-                param=prompt_param,
+                param=call.prompt_param,
                 code="context_length_exceeded",
             )
 
-    async def generate(call: Call, request: Request, prompt_param: str) -> GuardResult:
-        await _as_api_error(check_prompt(call, prompt_param), prompt_param)
+    async def generate(call: Call, request: Request) -> GuardResult:
+        await _as_api_error(check_prompt(call), call)
         work = backend.agenerate(call.prompt, tools=call.tools, **call.overrides)
         try:
-            return await _as_api_error(_unless_disconnected(request, work), prompt_param)
+            return await _as_api_error(_unless_disconnected(request, work), call)
         except UnsafeGenerationError as error:
             return withheld(error)
 
-    async def open_stream(call: Call, prompt_param: str) -> ResultStream:
-        await _as_api_error(check_prompt(call, prompt_param), prompt_param)
+    async def open_stream(call: Call) -> ResultStream:
+        await _as_api_error(check_prompt(call), call)
         try:
             return backend.astream(call.prompt, tools=call.tools, **call.overrides)
         except SafeguardError as error:
-            raise core_error(error, prompt_param=prompt_param) or error from None
+            raise call.error(error) or error from None
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
@@ -143,10 +143,10 @@ def create_app(
         check_model(body.model, model_name)
         call = chat_call(body, backend.config)
         if body.stream:
-            stream = await open_stream(call, "messages")
+            stream = await open_stream(call)
             return _event_stream(chat_events(stream, call, model_name, observer("chat")))
         try:
-            result = await generate(call, request, "messages")
+            result = await generate(call, request)
         except ClientGone:
             return Response(status_code=499)
         response = parsed(result, call)
@@ -171,12 +171,12 @@ def create_app(
         check_model(body.model, model_name)
         call = completion_call(body, backend.config)
         if body.stream:
-            stream = await open_stream(call, "prompt")
+            stream = await open_stream(call)
             return _event_stream(
                 completion_events(stream, call, model_name, observer("completion"))
             )
         try:
-            result = await generate(call, request, "prompt")
+            result = await generate(call, request)
         except ClientGone:
             return Response(status_code=499)
         reason = finish_reason(result, parsed(result, call))
@@ -264,12 +264,12 @@ def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
-async def _as_api_error(work: Awaitable[T], prompt_param: str) -> T:
+async def _as_api_error(work: Awaitable[T], call: Call) -> T:
     """`await work`, with the core's errors over bad input turned into 400s."""
     try:
         return await work
     except SafeguardError as error:
-        api_error = core_error(error, prompt_param=prompt_param)
+        api_error = call.error(error)
         if api_error is None:
             raise
         raise api_error from None

@@ -71,18 +71,22 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return APIError(400, message, param=param, code=code)
 
 
-def core_error(error: Exception, *, prompt_param: str) -> APIError | None:
+def core_error(
+    error: Exception, *, prompt_param: str, format_param: str = "response_format"
+) -> APIError | None:
     """The 400 for an error the core raised over bad input, or None for any other error.
 
     Args:
         prompt_param: the request field that holds the prompt ("messages", "prompt").
+        format_param: the request field whose grammar an `OutputFormatError` is about
+            ("response_format", or "tools" for a tool schema).
     """
     if isinstance(error, PromptTooLongError):
         return bad_request(str(error), param=prompt_param, code="context_length_exceeded")
     if isinstance(error, (InvalidPromptError, ChatTemplateError)):
         return bad_request(str(error), param=prompt_param)
     if isinstance(error, OutputFormatError):
-        return bad_request(str(error), param="response_format")
+        return bad_request(str(error), param=format_param)
     return None
 
 

@@ -26,7 +26,7 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import UnsafeGenerationError
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.results import GuardResult
-from inference_safeguard.server.errors import APIError, bad_request, validation_error
+from inference_safeguard.server.errors import APIError, bad_request, core_error, validation_error
 from inference_safeguard.server.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -63,15 +63,24 @@ class Call:
         single_call: keep only the first tool call (`parallel_tool_calls: false`).
         include_usage: a stream ends with a usage chunk.
         names: `GuardConfig` field -> the request field it came from, for errors.
+        prompt_param: the request field that holds the prompt, for errors.
     """
 
     prompt: PromptInput
     overrides: dict[str, Any]
+    prompt_param: str
     tools: list[dict[str, Any]] | None = None
     offered: list[ToolSpec] = field(default_factory=list)
     single_call: bool = False
     include_usage: bool = False
     names: dict[str, str] = field(default_factory=dict)
+
+    def error(self, error: Exception) -> APIError | None:
+        """The 400 for an error the core raised over this call's input, or None."""
+        grammar = "tools" if self.tools and "response_format" not in self.overrides else None
+        return core_error(
+            error, prompt_param=self.prompt_param, format_param=grammar or "response_format"
+        )
 
 
 def chat_call(request: ChatCompletionRequest, config: GuardConfig) -> Call:
@@ -106,6 +115,7 @@ def chat_call(request: ChatCompletionRequest, config: GuardConfig) -> Call:
     return Call(
         prompt=name_tool_results([_message(m, i) for i, m in enumerate(request.messages)]),
         overrides=overrides,
+        prompt_param="messages",
         tools=tools,
         offered=offered,
         single_call=request.parallel_tool_calls is False,
@@ -137,7 +147,11 @@ def completion_call(request: CompletionRequest, config: GuardConfig) -> Call:
     overrides, names = _overrides(request, config)
     _check_config(config, overrides, names)
     return Call(
-        prompt=prompt, overrides=overrides, include_usage=_include_usage(request), names=names
+        prompt=prompt,
+        overrides=overrides,
+        prompt_param="prompt",
+        include_usage=_include_usage(request),
+        names=names,
     )
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from inference_safeguard.errors import UnsafeGenerationError
 from inference_safeguard.results import GuardResult
 from inference_safeguard.server.backend import ResultStream
-from inference_safeguard.server.errors import APIError, core_error
+from inference_safeguard.server.errors import APIError
 from inference_safeguard.server.mapping import (
     Call,
     finish_reason,
@@ -112,7 +112,7 @@ async def chat_events(
         if call.include_usage:
             yield event(ChatCompletionChunk(**meta, choices=[], usage=usage(result)))
 
-    async for data in _guarded(body()):
+    async for data in _guarded(body(), call):
         yield data
 
 
@@ -143,17 +143,17 @@ async def completion_events(
         if call.include_usage:
             yield event(Completion(**meta, choices=[], usage=usage(result)))
 
-    async for data in _guarded(body()):
+    async for data in _guarded(body(), call):
         yield data
 
 
-async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _guarded(events: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
     """`events`, then `[DONE]`; an error on the way becomes an error event."""
     try:
         async for data in events:
             yield data
     except Exception as error:
-        api_error = core_error(error, prompt_param="messages")
+        api_error = call.error(error)
         if api_error is None:
             logger.exception("a streamed response failed", exc_info=error)
             api_error = APIError(500, "the server failed to finish this response; see its log")
