@@ -500,7 +500,12 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(client):
 # ------------------------------------------------------------------ auth and status
 def test_an_api_key_is_required_on_v1_routes_when_set(guard):
     client = TestClient(create_app(guard, model_name=MODEL, api_key=KEY))
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": KEY},
+        {"Authorization": "Bearer clé".encode()},
+    ):
         response = client.get("/v1/models", headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"

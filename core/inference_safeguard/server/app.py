@@ -237,7 +237,11 @@ class _Gate:
 
         self.metrics.in_progress.inc()
         try:
-            if self.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
+            if (
+                self.api_key is not None
+                and path.startswith("/v1/")
+                and not _authorized(scope, self.api_key)
+            ):
                 refusal = APIError(
                     401,
                     "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
@@ -250,10 +254,14 @@ class _Gate:
             self.metrics.in_progress.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.api_key is not None
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+def _authorized(scope: Scope, api_key: str) -> bool:
+    """Whether the request sends `Authorization: Bearer <api_key>` (compared in constant
+    time, as bytes: a key or header need not be ASCII)."""
+    scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )
 
 
 def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
