@@ -8,6 +8,7 @@ rendering, cost check and refusal around it are the real InferenceGuard's.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -604,4 +605,16 @@ def test_serve_a_model_without_a_cost_fails_before_loading(served, capsys):
 
     assert main(["serve", "--model", "no/such-model"]) == 2
     assert "serve needs a cost" in capsys.readouterr().err
+    assert not served
+
+
+def test_serve_on_a_port_in_use_fails_before_loading(served, capsys):
+    from inference_safeguard.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert not served

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -343,6 +344,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = guard_config(args)
     _check_costs(args, command="serve")
+    _check_address(args.host, args.port)
     guard = _load_guard(args, config) if args.model is not None else _demo_guard(args, config)
     app = create_app(
         guard,
@@ -352,6 +354,23 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse, before a long model load, an address the server could not listen on (a
+    port in use, a host that is not this machine's)."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as exc:
+        raise CommandLineError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
+            "or --host"
+        ) from exc
 
 
 def _demo_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard:

@@ -62,7 +62,6 @@ class Call:
         offered: the tools `tool_choice` leaves on offer: the calls to parse out.
         single_call: keep only the first tool call (`parallel_tool_calls: false`).
         include_usage: a stream ends with a usage chunk.
-        names: `GuardConfig` field -> the request field it came from, for errors.
         prompt_param: the request field that holds the prompt, for errors.
     """
 
@@ -73,7 +72,6 @@ class Call:
     offered: list[ToolSpec] = field(default_factory=list)
     single_call: bool = False
     include_usage: bool = False
-    names: dict[str, str] = field(default_factory=dict)
 
     def error(self, error: Exception) -> APIError | None:
         """The 400 for an error the core raised over this call's input, or None."""
@@ -120,7 +118,6 @@ def chat_call(request: ChatCompletionRequest, config: GuardConfig) -> Call:
         offered=offered,
         single_call=request.parallel_tool_calls is False,
         include_usage=_include_usage(request),
-        names=names,
     )
 
 
@@ -151,7 +148,6 @@ def completion_call(request: CompletionRequest, config: GuardConfig) -> Call:
         overrides=overrides,
         prompt_param="prompt",
         include_usage=_include_usage(request),
-        names=names,
     )
 
 
