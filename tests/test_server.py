@@ -7,6 +7,7 @@ rendering, cost check and refusal around it are the real InferenceGuard's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -618,3 +619,38 @@ def test_serve_on_a_port_in_use_fails_before_loading(served, capsys):
         assert main(["serve", "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert not served
+
+
+# ---------------------------------------------------------------------- concurrency
+async def test_concurrent_requests_decode_as_each_would_alone(tiny_model, tiny_tokenizer):
+    import httpx
+
+    from inference_safeguard import InferenceGuard
+
+    guard = InferenceGuard(
+        tiny_model,
+        tiny_tokenizer,
+        cost=KeywordCost(["garden"]),
+        config=GuardConfig(num_candidates=4, beam_width=2, block_size=4, max_new_tokens=12),
+    )
+    app = create_app(guard, model_name=MODEL)
+    questions = ["Where is the dog?", "Name a bird.", "What is in the garden?", "Say hello."]
+
+    async def ask(client: httpx.AsyncClient, question: str, seed: int) -> dict[str, Any]:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": question}],
+                "seed": seed,
+            },
+        )
+        assert response.status_code == 200, response.text
+        [choice] = response.json()["choices"]
+        return {"text": choice["message"]["content"], "safety": choice["safety"]}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+        alone = [await ask(client, q, seed) for seed, q in enumerate(questions)]
+        together = await asyncio.gather(*(ask(client, q, seed) for seed, q in enumerate(questions)))
+    assert list(together) == alone
