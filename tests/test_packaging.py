@@ -17,7 +17,7 @@ from inference_safeguard.extras import MissingExtraError, import_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-USER_EXTRAS = ("langchain", "llamaindex", "eval", "gguf")
+USER_EXTRAS = ("langchain", "llamaindex", "eval", "gguf", "serve")
 
 
 def _floors() -> dict[str, str]:

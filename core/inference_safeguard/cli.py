@@ -3,7 +3,9 @@
 `safeguard generate` loads a local (or hub) causal LM, wraps it in `InferenceGuard`
 with the cost and reward models named on the command line, and prints the response
 with its safety record. Every `GuardConfig` field is a flag, generated from the
-pydantic model so that the two never drift apart.
+pydantic model so that the two never drift apart. `safeguard serve` loads the same
+way (or, without `--model`, the demo world) and serves the guard over an
+OpenAI-compatible HTTP API (`inference_safeguard.server`).
 
 Exit codes: 0 success, 2 bad command line, bad settings or a path that cannot be
 loaded (a one-line `safeguard: error: ...` on stderr, no traceback), 3 the response
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +37,7 @@ from inference_safeguard.cli_options import (
     load_reward,
     loading,
     parse_regex_cost,
+    positive_int,
     read_stdin_text,
 )
 from inference_safeguard.config import TOOL_CALL_FIELDS, GuardConfig
@@ -40,7 +45,7 @@ from inference_safeguard.critic import LatentCritic
 from inference_safeguard.demo.command import add_demo_command
 from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
 from inference_safeguard.evaluation.cli import add_eval_command
-from inference_safeguard.extras import MissingExtraError
+from inference_safeguard.extras import MissingExtraError, import_extra
 from inference_safeguard.guard import InferenceGuard
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.results import GuardResult
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subcommands)
+    _add_serve(subcommands)
     add_eval_command(subcommands)
     add_train_critic_command(subcommands)
     add_demo_command(subcommands)
@@ -107,19 +113,10 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
         "safety record. Give at least one cost: several are added up.",
     )
     parser.set_defaults(run=run_generate)
-
-    model = parser.add_argument_group("base model")
-    model.add_argument(
-        "--model",
+    _add_model_options(
+        parser,
         required=True,
-        metavar="NAME_OR_PATH",
-        help="causal LM: hub name, local directory or path to a .gguf file",
-    )
-    add_loading_options(
-        model,
-        device_help="device of every model (default: cuda when available, else cpu)",
-        dtype_help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for "
-        "the base model; the checkpoint's own for cost and reward models)",
+        help_text="causal LM: hub name, local directory or path to a .gguf file",
     )
 
     prompt = parser.add_argument_group("prompt")
@@ -133,7 +130,32 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
         "(default: plain text, used as is)",
     )
 
-    scorers = parser.add_argument_group("cost and reward (at least one cost)")
+    _add_scorer_and_search_options(parser, costs_title="cost and reward (at least one cost)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, safety record, finish_reason, stats) instead",
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, required: bool, help_text: str) -> None:
+    """The base model and how every model loads: the options `_load_guard` reads."""
+    model = parser.add_argument_group("base model")
+    model.add_argument("--model", required=required, metavar="NAME_OR_PATH", help=help_text)
+    add_loading_options(
+        model,
+        device_help="device of every model (default: cuda when available, else cpu)",
+        dtype_help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for "
+        "the base model; the checkpoint's own for cost and reward models)",
+    )
+
+
+def _add_scorer_and_search_options(parser: argparse.ArgumentParser, *, costs_title: str) -> None:
+    """The cost, reward and critic options, and every `GuardConfig` field that a command
+    line can set, read by `_load_costs`, `_load_guard` and `guard_config`."""
+    scorers = parser.add_argument_group(costs_title)
     add_cost_keywords_option(scorers)
     scorers.add_argument(
         "--cost-regex",
@@ -180,31 +202,40 @@ def _add_generate(subcommands: argparse._SubParsersAction) -> None:
             continue
         add_config_option(search, name, field)
 
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object (text, safety record, finish_reason, stats) instead",
-    )
-
 
 def run_generate(args: argparse.Namespace) -> int:
     """`safeguard generate`: load, generate, print. Settings are checked before any load."""
     prompt = _read_prompt(args.prompt, chat=args.chat)
     config = guard_config(args)
+    _check_costs(args, command="generate")
+    guard = _load_guard(args, config)
+    result = guard.generate(prompt)
+    print(_as_json(result) if args.json else _as_text(result))
+    return 0
+
+
+def _check_costs(args: argparse.Namespace, *, command: str) -> None:
+    """Refuse, before any load, cost options that do not go together, and a `--model`
+    without a cost."""
     if args.cost_template is not None and args.cost_model is None:
         raise CommandLineError(
             "--cost-template formats the input of --cost-model; add --cost-model"
         )
-    if not (args.cost_keywords or args.cost_regex or args.cost_model or args.guard_model):
+    if args.model is not None and not _costs_given(args):
         raise CommandLineError(
-            "generate needs a cost: pass --cost-keywords, --cost-regex, --cost-model or "
+            f"{command} needs a cost: pass --cost-keywords, --cost-regex, --cost-model or "
             "--guard-model (several are added up)"
         )
 
-    critic = None if args.critic is None else LatentCritic.load(args.critic)
-    load = from_pretrained_options(args)
+
+def _costs_given(args: argparse.Namespace) -> bool:
+    return bool(args.cost_keywords or args.cost_regex or args.cost_model or args.guard_model)
+
+
+def _load_costs(args: argparse.Namespace) -> Scorer:
+    """The cost of the command line: the sum of every cost given (at least one)."""
     costs: list[Scorer | None] = [args.cost_keywords, *(args.cost_regex or [])]
+    load = from_pretrained_options(args)
     if args.cost_model is not None:
         template = {} if args.cost_template is None else {"template": args.cost_template}
         with loading("--cost-model", args.cost_model):
@@ -212,20 +243,23 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.guard_model is not None:
         with loading("--guard-model", args.guard_model):
             costs.append(GuardModelCost.from_pretrained(args.guard_model, **load))
+    return _sum_of(costs)
+
+
+def _load_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard:
+    """The `InferenceGuard` of `--model` with the costs, reward and critic given."""
+    critic = None if args.critic is None else LatentCritic.load(args.critic)
+    cost = _load_costs(args)
     reward = load_reward(args)
     with loading("--model", args.model):
-        guard = InferenceGuard.from_pretrained(
+        return InferenceGuard.from_pretrained(
             args.model,
-            cost=_sum_of(costs),
+            cost=cost,
             reward=reward,
             critic=critic,
             config=config,
             **base_model_options(args),
         )
-
-    result = guard.generate(prompt)
-    print(_as_json(result) if args.json else _as_text(result))
-    return 0
 
 
 def _read_prompt(value: str, *, chat: bool) -> PromptInput:
@@ -248,6 +282,116 @@ class _SumOfCosts(Scorer):
 def _sum_of(costs: Sequence[Scorer | None]) -> Scorer:
     given = [cost for cost in costs if cost is not None]
     return given[0] if len(given) == 1 else _SumOfCosts(given)
+
+
+# ---------------------------------------------------------------------------- serve
+API_KEY_VARIABLE = "SAFEGUARD_API_KEY"
+"""The environment variable `safeguard serve` reads its API key from (`--api-key` wins)."""
+
+DEMO_MODEL_NAME = "safeguard-demo"
+"""The model name of the demo world when served without `--served-model-name`."""
+
+
+def _add_serve(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "serve",
+        help="serve InferenceGuard over an OpenAI-compatible HTTP API",
+        description="Serve InferenceGuard over an OpenAI-compatible HTTP API (chat and text "
+        "completions, streaming, tools, structured output, Prometheus metrics at /metrics). "
+        "Without --model, serves the offline demo world. Needs the [serve] extra.",
+    )
+    parser.set_defaults(run=run_serve)
+    _add_model_options(
+        parser,
+        required=False,
+        help_text="causal LM: hub name, local directory or path to a .gguf file (default: "
+        "the demo world's model, cost and reward; a cost or reward given replaces the world's)",
+    )
+    _add_scorer_and_search_options(parser, costs_title="cost and reward (a --model needs a cost)")
+
+    http = parser.add_argument_group("HTTP")
+    http.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)",
+    )
+    http.add_argument(
+        "--port", type=positive_int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    http.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: the "
+        f"{API_KEY_VARIABLE} environment variable; none: open)",
+    )
+    http.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help=f"the model id clients send (default: --model, or {DEMO_MODEL_NAME!r})",
+    )
+    http.add_argument(
+        "--max-prompt-tokens",
+        type=positive_int,
+        metavar="N",
+        help="refuse longer prompts with a 400 (default: only the model's context window)",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`safeguard serve`: check the extra and the settings, load, then serve until stopped."""
+    uvicorn = import_extra("uvicorn", extra="serve", needed_by="safeguard serve")
+    from inference_safeguard.server import create_app  # needs the [serve] extra
+
+    config = guard_config(args)
+    _check_costs(args, command="serve")
+    _check_address(args.host, args.port)
+    guard = _load_guard(args, config) if args.model is not None else _demo_guard(args, config)
+    app = create_app(
+        guard,
+        model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
+        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse, before a long model load, an address the server could not listen on (a
+    port in use, a host that is not this machine's)."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as exc:
+        raise CommandLineError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
+            "or --host"
+        ) from exc
+
+
+def _demo_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard:
+    """InferenceGuard on the demo world, with the costs, reward and critic given in place
+    of the world's (its own critic with `--scorer critic`), and its budget by default."""
+    from inference_safeguard.demo import load_demo_world  # heavy: loads the world's models
+
+    world = load_demo_world(device=args.device or "cpu")
+    if args.budget is None:
+        config = config.with_overrides(budget=world.budget)
+    critic = None if args.critic is None else LatentCritic.load(args.critic)
+    if critic is None and config.scorer == "critic":
+        critic = world.critic
+    return InferenceGuard(
+        world.model,
+        world.tokenizer,
+        cost=_load_costs(args) if _costs_given(args) else world.cost,
+        reward=load_reward(args) or world.reward,
+        critic=critic,
+        config=config,
+    )
 
 
 # ------------------------------------------------------------------------- output
