@@ -20,6 +20,8 @@ from langchain_core.messages import AIMessage
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from inference_safeguard.output_format import strict_schema
+
 JSON_ONLY = "Answer with a single JSON object and nothing else."
 """What a json_object response format asks of the model: the grammar allows any object,
 so only the prompt can say which keys it should have."""
@@ -28,9 +30,15 @@ so only the prompt can say which keys it should have."""
 def json_schema_format(schema: dict[str, Any] | type, strict: bool | None) -> dict[str, Any]:
     """The `response_format` of `schema` (pydantic model, TypedDict, JSON Schema or OpenAI
     tool dict): `{"type": "json_schema", "json_schema": {"name", "schema"[, "strict"]}}`.
-    With `strict=True` every property is required and no other is allowed (LangChain's
-    conversion, as OpenAI's strict mode)."""
-    json_schema = convert_to_json_schema(schema, strict=strict)
+
+    Every object of the schema that lists its properties allows no others, as a tool's
+    arguments do: the answer is parsed into the schema, so extra keys would be dropped,
+    and a model free to add them can spend its tokens on keys until `max_tokens` cuts
+    the JSON short. `strict=True` also makes every property required (LangChain's
+    conversion, as OpenAI's strict mode) and a schema keyword the grammar cannot enforce
+    an error instead of being ignored.
+    """
+    json_schema = strict_schema(convert_to_json_schema(schema, strict=strict))
     spec: dict[str, Any] = {"name": json_schema.get("title") or "answer", "schema": json_schema}
     if strict is not None:
         spec["strict"] = strict

@@ -13,7 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import (
+    convert_to_openai_function,
+    convert_to_openai_tool,
+)
 
 from inference_safeguard.tools import (
     ToolChoice,
@@ -49,7 +52,15 @@ def to_openai_tools(
             "tools must be a list of tools (dicts, pydantic models, functions or LangChain "
             f"tools), got {type(tools).__name__}"
         )
-    return [convert_to_openai_tool(tool, strict=strict) for tool in tools]
+    return [_to_openai_tool(tool, strict) for tool in tools]
+
+
+def _to_openai_tool(tool: ToolLike, strict: bool | None) -> dict[str, Any]:
+    if strict is not None and isinstance(tool, Mapping) and tool.get("type") == "function":
+        # LangChain returns a tool already in OpenAI's format as it is, whatever `strict`
+        # says; its function goes through the same conversion as any other tool's.
+        return {**tool, "function": convert_to_openai_function(tool["function"], strict=strict)}
+    return convert_to_openai_tool(tool, strict=strict)
 
 
 def to_tool_specs(tools: Sequence[ToolLike] | None) -> list[ToolSpec]:

@@ -394,8 +394,9 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         Args:
             schema: a pydantic model (parsed into an instance), a TypedDict, or a JSON
                 Schema / OpenAI tool dict (parsed into a dict).
-            method: `"function_calling"`: the schema is offered as the one tool and a
-                call of it is forced (`tool_choice=<its name>`); `"json_schema"`: the
+            method: `"function_calling"`: the schema is offered as the one tool and one
+                call of it is forced (`tool_choice=<its name>`,
+                `parallel_tool_calls=False`); `"json_schema"`: the
                 response is JSON of the schema (`response_format` json_schema; the
                 system message shows the model the schema, whose field descriptions
                 the grammar cannot convey); `"json_mode"`: the response is a JSON object
@@ -403,9 +404,10 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                 so the prompt must say which keys to use).
             include_raw: return `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`
                 instead of raising on a parsing error; `raw` carries the safety record.
-            strict: True holds the output to the schema under OpenAI's strict rules
-                (every property required, no other; a schema keyword the grammar cannot
-                enforce is an error instead of being ignored).
+            strict: True holds the output to the schema under OpenAI's strict rules:
+                every property required, and a schema keyword the grammar cannot enforce
+                is an error instead of being ignored. (Properties the schema does not
+                list are never allowed, strict or not.)
 
         A response that is no answer never comes back as if it were one: parsing raises
         `OutputParserException` (with `include_raw=True`: `parsed` is None,
@@ -439,6 +441,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                 llm = self.bind_tools(
                     [schema],
                     tool_choice=tool_name,
+                    parallel_tool_calls=False,  # one object: the response ends after one call
                     strict=strict,
                     ls_structured_output_format=output_format,
                 )
