@@ -142,8 +142,9 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
     grammar-constrained: a call the model writes is held to its tool's JSON Schema, a
     required `tool_choice` forces a call, and a `response_format` (or
     `with_structured_output`) forces JSON of the schema, so even a small model answers
-    in the shape asked for. The search and the safety budget work as ever inside the
-    grammar: a forced call over budget is still refused.
+    in the shape asked for, given the tokens (a response that reaches `max_tokens` ends
+    mid-shape, with `finish_reason="length"`). The search and the safety budget work as
+    ever inside the grammar: a forced call over budget is still refused.
 
     Per-call keywords: `stop`, `max_tokens`, any `GuardConfig` field, e.g.
     `model.invoke(prompt, budget=1.0, seed=0)`, and the call-shape fields
