@@ -11,7 +11,7 @@ import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 from langchain_core.language_models.base import LangSmithParams
@@ -82,6 +82,11 @@ class SafeguardParams(BaseModel):
     """
 
     model_config = MODEL_CONFIG
+
+    call_keywords: ClassVar[tuple[str, ...]] = ()
+    """The call-shape fields (`config.CALL_SHAPE_FIELDS`) the class takes as per-call
+    keywords: they describe one call (its tools, its output format), so they are no
+    settings of the model object, and are passed to the decoder only where given."""
 
     guard: Decoder | None = Field(default=None, exclude=True)
     """A built decoder (e.g. `InferenceGuard`) to use instead of loading `model`."""
@@ -305,11 +310,12 @@ class SafeguardParams(BaseModel):
         self, stop: str | list[str] | None = None, kwargs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """`GuardConfig` overrides of one call: this model's set fields, then the call's
-        `stop` and keywords (GuardConfig fields, `max_tokens`, and `model`, which may only
-        name this model). A `stop` given as one string is one stop sequence.
+        `stop` and keywords (GuardConfig fields, `max_tokens`, the `call_keywords` that are
+        not None, and `model`, which may only name this model). A `stop` given as one
+        string is one stop sequence.
 
         Raises:
-            TypeError: a keyword that is neither a GuardConfig field nor `max_tokens`.
+            TypeError: a keyword that is none of those.
             ValueError: a `model` keyword that names another model.
         """
         overrides = {
@@ -320,6 +326,9 @@ class SafeguardParams(BaseModel):
         for name, value in (kwargs or {}).items():
             if name in CONFIG_FIELDS:
                 overrides[name] = value
+            elif name in self.call_keywords:
+                if value is not None:
+                    overrides[name] = value
             elif name == "max_tokens":
                 if value is not None:
                     overrides["max_new_tokens"] = value
@@ -328,7 +337,8 @@ class SafeguardParams(BaseModel):
             elif name not in _LANGCHAIN_KWARGS:
                 raise TypeError(
                     f"{type(self).__name__} got an unexpected keyword {name!r}; a call takes "
-                    f"max_tokens, stop and the GuardConfig fields ({', '.join(CONFIG_FIELDS)})"
+                    f"max_tokens, stop, {''.join(k + ', ' for k in self.call_keywords)}and "
+                    f"the GuardConfig fields ({', '.join(CONFIG_FIELDS)})"
                 )
         if stop is not None:
             overrides["stop"] = stop_sequences(stop)

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
     Callbacks,
 )
-from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
-from langchain_core.output_parsers.openai_tools import (
-    JsonOutputKeyToolsParser,
-    PydanticToolsParser,
-)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import (
     Runnable,
@@ -31,10 +25,9 @@ from langchain_core.runnables import (
     RunnablePassthrough,
 )
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langchain_core.utils.json import parse_json_markdown
-from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from inference_safeguard import GuardConfig, GuardResult, UnsafeGenerationError
+from inference_safeguard.config import CALL_SHAPE_FIELDS
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.tools import (
     ParsedResponse,
@@ -42,6 +35,7 @@ from inference_safeguard.tools import (
     ToolChoice,
     ToolSpec,
     parse_tool_calls,
+    with_system_instruction,
 )
 from langchain_safeguard._batching import BatchPlan, active_plan, planned
 from langchain_safeguard._messages import (
@@ -57,15 +51,12 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
-from langchain_safeguard._tools import (
-    ToolLike,
-    apply_tool_choice,
-    to_openai_tools,
-    to_tool_specs,
-    with_system_instruction,
+from langchain_safeguard._structured import (
+    format_instruction,
+    json_schema_format,
+    structured_parser,
 )
-
-_JSON_ONLY = "Answer with a single JSON object and nothing else."
+from langchain_safeguard._tools import ToolLike, offered_tools, to_openai_tools, to_tool_specs
 
 
 @dataclass(frozen=True)
@@ -74,20 +65,22 @@ class _Call:
 
     Attributes:
         guard: the decoder.
-        prompt: chat messages as the core takes them (tool choice applied).
-        tools: the tools offered (and parsed).
-        overrides: `GuardConfig` overrides of the call.
+        prompt: chat messages as the core takes them (with the response format's
+            instruction, if it has one).
+        tools: the tools bound; the decoder offers those `tool_choice` picks.
+        offered: the tools offered, the only ones whose calls are parsed.
+        overrides: `GuardConfig` overrides of the call (its tool choice and response
+            format included).
         config: the config they give.
-        single_tool_call: keep only the first tool call (`parallel_tool_calls=False`).
         key: equal for calls that decode the same way (see `BatchPlan`).
     """
 
     guard: Decoder
     prompt: list[dict[str, Any]]
     tools: list[ToolSpec]
+    offered: list[ToolSpec]
     overrides: dict[str, Any]
     config: GuardConfig
-    single_tool_call: bool = False
     key: str = field(default="", compare=False)
 
 
@@ -145,15 +138,23 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         model.with_structured_output(Person).invoke("Alice is 31.")
         ```
     The tokenizer's chat template renders the tools (or, if it cannot, a system
-    message describes them) and tool calls are parsed from the text. Without
-    constrained decoding, `tool_choice` is an instruction to the model, not a
-    guarantee; an instruction-tuned model with tool support follows it.
+    message describes them) and tool calls are parsed from the text. Decoding is
+    grammar-constrained: a call the model writes is held to its tool's JSON Schema, a
+    required `tool_choice` forces a call, and a `response_format` (or
+    `with_structured_output`) forces JSON of the schema, so even a small model answers
+    in the shape asked for, given the tokens (a response that reaches `max_tokens` ends
+    mid-shape, with `finish_reason="length"`). The search and the safety budget work as
+    ever inside the grammar: a forced call over budget is still refused.
 
-    Per-call keywords: `stop`, `max_tokens`, and any `GuardConfig` field, e.g.
-    `model.invoke(prompt, budget=1.0, seed=0)`.
+    Per-call keywords: `stop`, `max_tokens`, any `GuardConfig` field, e.g.
+    `model.invoke(prompt, budget=1.0, seed=0)`, and the call-shape fields
+    `tool_choice`, `parallel_tool_calls` (with bound tools) and `response_format`
+    (`{"type": "json_object"}`, `{"type": "json_schema", ...}`, `{"type": "regex",
+    ...}`, `{"type": "grammar", ...}`; see `GuardConfig.response_format`).
     """
 
     model_config = MODEL_CONFIG
+    call_keywords: ClassVar[tuple[str, ...]] = CALL_SHAPE_FIELDS
 
     # ------------------------------------------------------------ LangChain hooks
     @property
@@ -202,7 +203,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
             return
-        holdback = ToolCallHoldback(call.tools) if call.tools else None
+        holdback = ToolCallHoldback(call.offered) if call.offered else None
         # Leaving the stream early (LangChain closes this generator) stops the search.
         with call.guard.stream(call.prompt, tools=call.tools, **call.overrides) as stream:
             for delta in stream:
@@ -234,7 +235,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
             return
-        holdback = ToolCallHoldback(call.tools) if call.tools else None
+        holdback = ToolCallHoldback(call.offered) if call.offered else None
         async with call.guard.astream(call.prompt, tools=call.tools, **call.overrides) as stream:
             async for delta in stream:
                 text = holdback.feed(delta) if holdback is not None else delta
@@ -340,22 +341,37 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         *,
         tool_choice: ToolChoice = None,
         parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer tools to the model; its tool calls come back in `AIMessage.tool_calls`.
 
+        Every call the model writes is held by grammar to its tool's JSON Schema (no
+        argument the schema does not list), so the arguments parse and validate.
+
         Args:
             tools: dicts (OpenAI format or JSON Schema), pydantic models, TypedDicts,
                 functions or LangChain tools.
-            tool_choice: `"auto"` (default), `"none"`, `"any"`/`"required"`/`True`
-                (ask for a call), or a tool name (offer and ask for only that tool). A
-                request, not a guarantee: decoding is not constrained.
-            parallel_tool_calls: False keeps only the first tool call of a response.
+            tool_choice: `"auto"` (default: the model answers in text or calls),
+                `"none"` (no tools offered), `"any"`/`"required"`/`True` (a call is
+                forced by grammar: the response is a call and nothing else), or a tool
+                name / `{"type": "function", "function": {"name": ...}}` (a call of
+                that tool is forced; only it is offered).
+            parallel_tool_calls: False allows at most one call per response (by
+                grammar); None or True allows several.
+            strict: True marks every tool strict, as OpenAI's `function.strict`: every
+                property is required, and a schema keyword the grammar cannot enforce
+                is an error instead of being ignored. False marks none; None keeps what
+                each tool says.
             **kwargs: other keywords bound to every call (e.g. `budget`).
+
+        Raises:
+            ValueError: a `tool_choice` that names a tool not bound, or that requires a
+                call without tools. (Tools sharing a name, or a schema the grammar
+                cannot enforce, fail when called.)
         """
-        formatted = to_openai_tools(tools)
-        # A bad tool choice fails here; tools sharing a name fail when called.
-        apply_tool_choice([], [ToolSpec.from_openai(tool) for tool in formatted], tool_choice)
+        formatted = to_openai_tools(tools, strict=strict)
+        offered_tools([ToolSpec.from_openai(tool) for tool in formatted], tool_choice)
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
         if parallel_tool_calls is not None:
@@ -373,58 +389,78 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
         """A runnable that answers with an instance of `schema` (or a dict).
 
+        The output is constrained by grammar while it is sampled, so a response that
+        runs to its end parses and validates against the schema.
+
         Args:
             schema: a pydantic model (parsed into an instance), a TypedDict, or a JSON
                 Schema / OpenAI tool dict (parsed into a dict).
-            method: `"function_calling"`: the schema is offered as the one tool and the
-                model is asked to call it; `"json_schema"`: the same, but a response
-                that is plain JSON instead of a call is accepted too; `"json_mode"`:
-                the model is asked for a JSON object (`schema` optional, used only to
-                parse).
+            method: `"function_calling"`: the schema is offered as the one tool and one
+                call of it is forced (`tool_choice=<its name>`,
+                `parallel_tool_calls=False`); `"json_schema"`: the
+                response is JSON of the schema (`response_format` json_schema; the
+                system message shows the model the schema, whose field descriptions
+                the grammar cannot convey); `"json_mode"`: the response is a JSON object
+                (`response_format` json_object; `schema` optional, used only to parse,
+                so the prompt must say which keys to use).
             include_raw: return `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`
                 instead of raising on a parsing error; `raw` carries the safety record.
-            strict: accepted for compatibility; output is checked by parsing, since
-                decoding is not constrained.
+            strict: True holds the output to the schema under OpenAI's strict rules:
+                every property required, and a schema keyword the grammar cannot enforce
+                is an error instead of being ignored. (Properties the schema does not
+                list are never allowed, strict or not.)
 
-        A refused response (over budget) does not parse: with `include_raw=True` its
-        `raw` message shows the refusal and its safety record.
+        A response that is no answer never comes back as if it were one: parsing raises
+        `OutputParserException` (with `include_raw=True`: `parsed` is None,
+        `parsing_error` says why and `raw` is the message) when the response was
+        refused for going over the safety budget (`on_unsafe="refuse"`; `raw` is the
+        refusal with its safety record), or when it reached `max_tokens` before the
+        JSON was complete (`finish_reason="length"`; raise `max_tokens`). With
+        `on_unsafe="return"` an over-budget answer is parsed and returned (flagged in
+        `raw`'s safety record); with `"raise"` the model raises `UnsafeGenerationError`.
+
+        Raises:
+            ValueError: an unknown `method`, no `schema` for a method that needs one, or
+                other keyword arguments.
         """
-        del strict
         if kwargs:
             raise ValueError(f"with_structured_output got unsupported arguments {kwargs}")
-        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        output_format = {"kwargs": {"method": method}, "schema": schema}
+        output_format: dict[str, Any] = {"kwargs": {"method": method}, "schema": schema}
         llm: Runnable[LanguageModelInput, AIMessage]
-        parser: Runnable[Any, Any]
         if method == "json_mode":
             llm = self.bind(
                 response_format={"type": "json_object"},
                 **({"ls_structured_output_format": output_format} if schema is not None else {}),
             )
-            parser = (
-                PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
-            )
+            parser = structured_parser(schema)
         elif method in ("function_calling", "json_schema"):
             if schema is None:
                 raise ValueError(f"with_structured_output(method={method!r}) needs a schema")
-            tool_name = convert_to_openai_tool(schema)["function"]["name"]
-            llm = self.bind_tools(
-                [schema], tool_choice=tool_name, ls_structured_output_format=output_format
-            )
-            if method == "json_schema":
-                parser = RunnableLambda(_tool_or_json_parser(schema, tool_name, is_pydantic))
-            elif is_pydantic:
-                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)
+            output_format["kwargs"]["strict"] = strict
+            if method == "function_calling":
+                tool_name = convert_to_openai_tool(schema)["function"]["name"]
+                llm = self.bind_tools(
+                    [schema],
+                    tool_choice=tool_name,
+                    parallel_tool_calls=False,  # one object: the response ends after one call
+                    strict=strict,
+                    ls_structured_output_format=output_format,
+                )
+                parser = structured_parser(schema, tool_name=tool_name)
             else:
-                parser = JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+                llm = self.bind(
+                    response_format=json_schema_format(schema, strict),
+                    ls_structured_output_format=output_format,
+                )
+                parser = structured_parser(schema)
         else:
             raise ValueError(
                 f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}"
             )
         if not include_raw:
-            return llm | parser
+            return llm | RunnableLambda(parser)
         parse_raw = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+            parsed=itemgetter("raw") | RunnableLambda(parser), parsing_error=lambda _: None
         )
         no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parse_raw.with_fallbacks(
@@ -435,24 +471,25 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Call:
-        """Everything one call needs; raises on bad input before any decoding."""
+        """Everything one call needs; raises on bad input before any decoding.
+
+        The call's `tool_choice`, `parallel_tool_calls` and `response_format` go to the
+        decoder as overrides: it picks the tools to offer, tells the model when a call is
+        required, and builds the grammar that forces the call or the format.
+        """
         kwargs = dict(kwargs)
         tools = to_tool_specs(kwargs.pop("tools", None) or [])
-        tool_choice = kwargs.pop("tool_choice", None)
-        parallel = kwargs.pop("parallel_tool_calls", None)
-        response_format = kwargs.pop("response_format", None)
-        prompt, tools = apply_tool_choice(to_chat_messages(messages), tools, tool_choice)
-        if response_format is not None:
-            prompt = _apply_response_format(prompt, response_format)
         overrides = self.config_overrides(stop, kwargs)
         config = self.call_config(overrides)
-        single = parallel is False
+        offered = offered_tools(tools, config.tool_choice)
+        prompt = to_chat_messages(messages)
+        instruction = format_instruction(config.response_format)
+        if instruction is not None:
+            prompt = with_system_instruction(prompt, instruction)
         key = json.dumps(
-            [prompt, [t.to_openai() for t in tools], overrides, single],
-            sort_keys=True,
-            default=repr,
+            [prompt, [t.to_openai() for t in tools], overrides], sort_keys=True, default=repr
         )
-        return _Call(self.load_guard(), prompt, tools, overrides, config, single, key)
+        return _Call(self.load_guard(), prompt, tools, offered, overrides, config, key)
 
     def _plan_inputs(
         self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]
@@ -510,10 +547,13 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         return None if result is None else _enforce(result, call)
 
     def _parsed(self, result: GuardResult, call: _Call) -> ParsedResponse:
-        if not call.tools or result.refused:
+        """The response's text and tool calls: only calls of the offered tools count, and
+        only the first under `parallel_tool_calls=False` (which the grammar enforces for
+        a constrained model; this holds for any decoder)."""
+        if not call.offered or result.refused:
             return ParsedResponse(content=result.text, tool_calls=[])
-        parsed = parse_tool_calls(result.text, call.tools)
-        if call.single_tool_call and len(parsed.tool_calls) > 1:
+        parsed = parse_tool_calls(result.text, call.offered)
+        if not call.config.parallel_tool_calls and len(parsed.tool_calls) > 1:
             parsed = ParsedResponse(
                 parsed.content, parsed.tool_calls[:1], parsed.invalid_tool_calls
             )
@@ -570,47 +610,3 @@ def _enforce(result: GuardResult, call: _Call) -> GuardResult:
             results=[result],
         )
     return result
-
-
-def _apply_response_format(
-    messages: list[dict[str, Any]], response_format: Any
-) -> list[dict[str, Any]]:
-    """Ask for JSON (`{"type": "json_object"}`); `{"type": "text"}` changes nothing."""
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return messages
-    if kind == "json_object":
-        return with_system_instruction(messages, _JSON_ONLY)
-    raise ValueError(
-        f"response_format {response_format!r} is not supported; use {{'type': 'json_object'}}, "
-        "or with_structured_output(schema, method='json_schema') for a schema"
-    )
-
-
-def _tool_or_json_parser(
-    schema: Any, tool_name: str, is_pydantic: bool
-) -> Callable[[AIMessage], Any]:
-    """Parse the arguments of the first call of `tool_name`, else the message's JSON text."""
-
-    def parse(message: AIMessage) -> Any:
-        data = next((c["args"] for c in message.tool_calls if c["name"] == tool_name), None)
-        if data is None:
-            try:
-                data = parse_json_markdown(message.text)
-            except ValueError as error:
-                raise OutputParserException(
-                    f"the response is neither a call of {tool_name} nor JSON: {error}",
-                    llm_output=message.text,
-                ) from error
-        if not is_pydantic:
-            return data
-        validate = getattr(schema, "model_validate", None) or schema.parse_obj
-        try:
-            return validate(data)
-        except Exception as error:
-            raise OutputParserException(
-                f"the response does not fit {schema.__name__}: {error}",
-                llm_output=message.text,
-            ) from error
-
-    return parse

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -33,6 +33,13 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     `safety` record, `stats` and `usage`, and over-budget responses are refused,
     returned flagged, or raised (`on_unsafe`).
 
+    A per-call `response_format` holds the completion to a shape by grammar while it is
+    sampled: `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}}}`, `{"type": "regex", "pattern": ...}` or `{"type": "grammar",
+    "lark": ...}` (see `GuardConfig.response_format`), e.g.
+    `llm.invoke("The year is ", response_format={"type": "regex", "pattern": "[0-9]{4}"})`.
+    A completion cut by `max_tokens` can still end mid-shape (`finish_reason="length"`).
+
     Example:
         ```python
         from inference_safeguard.scorers import KeywordCost
@@ -46,6 +53,7 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     """
 
     model_config = MODEL_CONFIG
+    call_keywords: ClassVar[tuple[str, ...]] = ("response_format",)  # no tools: no tool_choice
 
     @property
     def _llm_type(self) -> str:

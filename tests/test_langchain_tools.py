@@ -1,5 +1,7 @@
 """ChatSafeguard tool calling and structured output, with scripted replies standing in
-for a model that follows instructions; message conversion."""
+for a model that follows instructions (the prompts, parsing and streaming around the
+search); message conversion. tests/test_langchain_structured.py runs the same paths
+through the real grammar-constrained search."""
 
 from __future__ import annotations
 
@@ -247,7 +249,7 @@ def test_structured_output_with_a_json_schema_dict_returns_a_dict(scripted):
     assert chat.with_structured_output(schema).invoke("Bob is 40.") == {"name": "Bob", "age": 40}
 
 
-def test_json_schema_method_also_accepts_a_plain_json_answer(scripted):
+def test_json_schema_method_shows_the_schema_and_parses_the_json_answer(scripted):
     class Answer(BaseModel):
         """An answer and how sure it is."""
 
@@ -257,9 +259,19 @@ def test_json_schema_method_also_accepts_a_plain_json_answer(scripted):
     chat = scripted('```json\n{"answer": "yes", "confidence": 0.9}\n```')
     parsed = chat.with_structured_output(Answer, method="json_schema").invoke("Sure?")
     assert parsed == Answer(answer="yes", confidence=0.9)
+    assert "fits this JSON Schema" in rendered(chat) and "confidence" in rendered(chat)
+    assert "You can call these tools" not in rendered(chat)  # an answer, not a call
 
 
-def test_json_mode_asks_for_json_and_parses_it(scripted):
+def test_structured_answers_are_parsed_strictly(scripted):
+    # LangChain's partial-JSON parsing would close the object and return {"answer": "y"}.
+    chat = scripted('{"answer": "y')
+    out = chat.with_structured_output(method="json_mode", include_raw=True).invoke("Sure?")
+    assert out["parsed"] is None
+    assert "not JSON" in str(out["parsing_error"])
+
+
+def test_json_mode_asks_for_json_and_parses_it(scripted):  # the grammar forces it too
     chat = scripted('{"name": "Carol", "age": 7}')
     assert chat.with_structured_output(method="json_mode").invoke("Carol is 7.") == {
         "name": "Carol",
@@ -268,16 +280,21 @@ def test_json_mode_asks_for_json_and_parses_it(scripted):
     assert "Answer with a single JSON object and nothing else." in rendered(chat)
 
 
-def test_a_refused_structured_answer_raises_or_comes_back_raw(scripted):
-    chat = scripted(call("Person", name="Alice", age=31), cost=KeywordCost(["alice"]))
-    with pytest.raises(OutputParserException):
-        chat.with_structured_output(Person, method="json_schema").invoke("Alice is 31.")
-    out = chat.with_structured_output(Person, include_raw=True).invoke("Alice is 31.")
-    assert out["parsed"] is None  # no call to parse (LangChain's tool parsers give None)
-    assert out["raw"].response_metadata["safety"]["refused"] is True
-    out = chat.with_structured_output(Person, method="json_schema", include_raw=True).invoke("A")
+@pytest.mark.parametrize("method", ["function_calling", "json_schema", "json_mode"])
+def test_a_refused_structured_answer_raises_or_comes_back_raw(scripted, method):
+    reply = call("Person", name="Alice", age=31)
+    if method != "function_calling":
+        reply = '{"name": "Alice", "age": 31}'
+    chat = scripted(reply, cost=KeywordCost(["alice"]))
+    structured = chat.with_structured_output(Person, method=method)
+    with pytest.raises(OutputParserException, match="refused"):
+        structured.invoke("Alice is 31.")
+    out = chat.with_structured_output(Person, method=method, include_raw=True).invoke("A")
     assert out["parsed"] is None
     assert isinstance(out["parsing_error"], OutputParserException)
+    assert "over the safety budget" in str(out["parsing_error"])
+    assert out["raw"].content == GuardConfig().refusal_text
+    assert out["raw"].response_metadata["safety"]["refused"] is True
 
 
 def test_structured_output_batches_in_one_search(scripted):
