@@ -315,3 +315,12 @@ def test_a_scripted_tool_call_is_held_to_the_budget(tiny_tokenizer):
     assert refused.refused and parse_tool_calls(refused.text, TOOLS).tool_calls == []
     assert guard.search_sizes == [1, 1]
     assert "get_weather" in guard.rendered_prompts[-1]
+
+
+def test_a_call_repeated_in_one_response_is_kept_once():
+    call = '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'
+    other = '<tool_call>{"name": "f", "arguments": {"x": 2}}</tool_call>'
+    parsed = parse_tool_calls("\n".join([call, other, call, call]))
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", {"x": 1}), ("f", {"x": 2})]
+    bare = parse_tool_calls('[{"name": "f", "arguments": {}}, {"name": "f", "arguments": {}}]')
+    assert len(bare.tool_calls) == 1

@@ -307,6 +307,10 @@ def read_tool_call(call: Any, where: str = "a tool call") -> tuple[str, dict[str
 def parse_tool_calls(text: str, tools: Sequence[ToolSpec] | None = None) -> ParsedResponse:
     """Split generated text into content and tool calls.
 
+    A call identical to an earlier one of the same response (same tool, same
+    arguments) is kept once: running it twice gives nothing new, and small models,
+    once free to add calls, tend to repeat the one they made.
+
     Args:
         text: the model's response.
         tools: when given, only calls of these tools count; other call-shaped text is
@@ -329,12 +333,12 @@ def parse_tool_calls(text: str, tools: Sequence[ToolSpec] | None = None) -> Pars
         for match in _TAGGED.finditer(text):
             collect(match.group(1).strip())
         content = _TAGGED.sub("", text)
-        return ParsedResponse(_tidy(content), calls, invalid)
+        return ParsedResponse(_tidy(content), _distinct(calls), invalid)
     for marker in TOOL_CALL_MARKERS[1:]:
         if marker in text:
             before, _, payload = text.partition(marker)
             collect(payload.strip())
-            return ParsedResponse(_tidy(before), calls, invalid)
+            return ParsedResponse(_tidy(before), _distinct(calls), invalid)
     fenced = _FENCED.match(text)
     candidate = fenced.group(1) if fenced else text.strip()
     if candidate[:1] in "{[":
@@ -343,8 +347,20 @@ def parse_tool_calls(text: str, tools: Sequence[ToolSpec] | None = None) -> Pars
         if values and all(_looks_like_bare_call(item) for item in _flatten(values)):
             for item in _flatten(values):
                 _add_call(item, known, calls, invalid)
-            return ParsedResponse("", calls, invalid)
+            return ParsedResponse("", _distinct(calls), invalid)
     return ParsedResponse(text, [], [])
+
+
+def _distinct(calls: list[ToolCall]) -> list[ToolCall]:
+    """`calls` without those identical (tool and arguments) to an earlier one."""
+    seen: set[str] = set()
+    distinct = []
+    for call in calls:
+        key = json.dumps([call.name, call.arguments], sort_keys=True, default=repr)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(call)
+    return distinct
 
 
 def _json_values(payload: str) -> list[Any] | None:
