@@ -10,11 +10,15 @@ process on 127.0.0.1:
   the engine holds one request at a time and the others wait in its queue, in arrival
   order: what a server without batching does.
 
-Against each it runs 1, 4, 16 and 64 concurrent clients (`--clients`); each client
-sends `--rounds` chat completions one after the other, with fixed seeds (client i's
-round r has seed 1000 i + r and its own question) and `max_tokens`, so both servers
-answer the same requests. Throughput is responses and completion tokens per second of
-wall time from the first request to the last response; latency is each request's
+Both run side by side (an idle server takes no CPU); at each of 1, 4, 16 and 64
+concurrent clients (`--clients`) the script drives one server, then the other, so that
+drift in the machine's speed hits both alike. Each client sends `--rounds` chat
+completions one after the other (more at low concurrency, so that every level has at
+least `--min-requests`), with fixed seeds (client i's round r has seed 1000 i + r and
+its own question) and `max_tokens`, so both servers answer the same requests (two
+servers hold two copies of the model: mind the memory of a large `--model` on a GPU).
+Throughput is responses and completion tokens per second of wall time from the first
+request to the last response; latency is each request's
 seconds from sending to the full response, as p50 and p95. The ratios compare the two
 servers in this run, and a lone request's latency is the batched server's p50 at one
 client.
@@ -22,15 +26,19 @@ client.
 Targets (printed, met or not; the script exits 0 either way): at 16 clients, batched
 throughput at least 4x one-at-a-time, with p95 latency under 2x a lone request's.
 
-Model: a random-weight tiny Llama (`inference_safeguard.testing.build_tiny_llama`,
-hidden 256, 4 layers, 4 heads, the 768-token test tokenizer) saved to a temporary
-directory, or `--model` (hub name or directory, loaded as `safeguard serve` loads it).
+Model: a random-weight Llama (`inference_safeguard.testing.build_tiny_llama`, with the
+768-token test tokenizer) saved to a temporary directory, `--shape tiny` (hidden 256,
+4 layers, 4 heads, as in `cpu_overhead.py`) or `--shape test` (hidden 64, 2 layers: the
+test suite's, whose steps cost little more at 64 rows than at 4, so that it shows what
+batching saves when a step is mostly fixed cost, as on a GPU); or `--model` (hub name or
+directory, loaded as `safeguard serve` loads it).
 Responses end at EOS or `max_tokens`, the same for both servers; the token columns show
 what was produced. Nothing is downloaded.
 
 Usage:
     python benchmarks/serve_load.py                          # tiny model on CPU
     python benchmarks/serve_load.py --json-out load.json --clients 1,4,16
+    python benchmarks/serve_load.py --shape test
     python benchmarks/serve_load.py --device cuda --model path/to/model --max-tokens 128
 """
 
@@ -39,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import socket
@@ -48,6 +57,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +78,10 @@ QUESTIONS = (
     "Why is the sky blue?",
 )
 """Client i asks question i mod 8 (with its round in it), so prompts differ in length."""
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 256, "num_layers": 4, "num_heads": 4},
+    "test": {"hidden_size": 64, "num_layers": 2, "num_heads": 4},
+}
 
 
 @dataclass
@@ -89,20 +103,25 @@ class Level:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     clients = sorted({int(n) for n in args.clients.split(",")})
-    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
-        model = args.model or _save_tiny_model(Path(scratch) / "model")
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch, ExitStack() as stack:
+        model = args.model or _save_tiny_model(Path(scratch) / "model", args.shape)
         servers = {
             "batched": ["--max-rows", "512"],
             "one at a time": ["--max-rows", str(args.num_candidates)],
         }
+        urls = {
+            name: stack.enter_context(_Server(args, model, options, Path(scratch) / f"{i}.log"))
+            for i, (name, options) in enumerate(servers.items())
+        }
+        for url in urls.values():
+            asyncio.run(_drive(url, args, clients=1, rounds=args.warmup))  # untimed
         levels: list[Level] = []
-        for name, options in servers.items():
-            with _Server(args, model, options, Path(scratch) / f"{len(levels)}.log") as url:
-                asyncio.run(_drive(url, args, clients=1, rounds=args.warmup))  # untimed
-                for count in clients:
-                    level = asyncio.run(_drive(url, args, clients=count, rounds=args.rounds))
-                    levels.append(_level(name, count, *level))
-                    print(_row(levels[-1]), flush=True)
+        for count in clients:
+            rounds = max(args.rounds, math.ceil(args.min_requests / count))
+            for name, url in urls.items():  # back to back, so drift hits both alike
+                level = asyncio.run(_drive(url, args, clients=count, rounds=rounds))
+                levels.append(_level(name, count, *level))
+                print(_row(levels[-1]), file=sys.stderr, flush=True)
     report = _report(args, levels)
     print()
     print(_table(levels))
@@ -116,10 +135,22 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="hub name or directory (default: a tiny random Llama)")
+    parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="tiny",
+        help="the random model's size, without --model (default: %(default)s)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", help="as `safeguard serve --dtype`")
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends")
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=16,
+        help="at least this many requests per level: fewer clients send more rounds",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests per server")
     parser.add_argument("--num-candidates", type=int, default=4)
     parser.add_argument("--beam-width", type=int, default=2)
@@ -132,13 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _save_tiny_model(directory: Path) -> str:
+def _save_tiny_model(directory: Path, shape: str) -> str:
     from inference_safeguard.testing import build_tiny_llama, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_llama(
-        tokenizer, hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=1024
-    )
+    model = build_tiny_llama(tokenizer, max_position_embeddings=1024, **SHAPES[shape])
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
