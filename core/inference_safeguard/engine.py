@@ -19,7 +19,8 @@ one block at a time.
 A prompt decodes the same alone or joined with others: its sampler is seeded for it
 alone (see `Decoder._seeds`), its candidates are scored, resampled and pruned within
 its own group of rows, and joining left-pads the shorter KV cache with masked
-positions. The same, not bit for bit: as with `Decoder.generate_batch` against
+positions (the requests that arrived during one step are prefilled together, in one
+left-padded forward). The same, not bit for bit: as with `Decoder.generate_batch` against
 `generate`, a row's float32 logits can move by rounding (about 1e-6 on the tiny test
 Llama on CPU) when its keys gain left padding (the attention's softmax and value sums
 run over a longer key axis, in another reduction order) or when SDPA takes another
