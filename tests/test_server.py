@@ -813,3 +813,51 @@ async def test_a_response_past_the_request_timeout_is_a_504(engine_guard, gate, 
         error = response.json()["error"]
     assert error["type"] == "timeout_error" and error["code"] == "generation_timeout"
     assert "request timeout" in error["message"]
+
+
+async def test_a_client_that_disconnects_leaves_the_engine(engine_guard, gate, monkeypatch):
+    from search_tracking import until
+
+    from inference_safeguard.engine import GuardEngine
+    from inference_safeguard.server import app as server_app
+
+    monkeypatch.setattr(server_app, "DISCONNECT_POLL_SECONDS", 0.01)
+    body = json.dumps({"model": MODEL, "prompt": "Where is the dog?"}).encode()
+    gone = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"server")],
+        "client": ("127.0.0.1", 1),
+        "server": ("server", 80),
+    }
+    with GuardEngine(engine_guard) as engine:
+        gate.shut()
+        asked = asyncio.ensure_future(create_app(engine, model_name=MODEL)(scope, receive, send))
+        assert await until(lambda: gate.held() and engine.stats().requests_running == 1)
+        gone.set()
+        await asyncio.wait_for(asked, 10)  # answered 499 while the search still waits
+        gate.open()  # at the block boundary, the request leaves
+        assert await until(lambda: engine.stats().requests_running == 0)
+        assert engine.stats().responses == 0 and engine.stats().rows_in_flight == 0
+    [start] = [m for m in sent if m.get("type") == "http.response.start"]
+    assert start["status"] == 499
