@@ -567,38 +567,63 @@ def test_the_server_without_its_extra_names_the_serve_extra():
 # ---------------------------------------------------------------------- command line
 @pytest.fixture()
 def served(monkeypatch) -> dict[str, Any]:
-    """What `safeguard serve` hands to uvicorn, instead of serving it."""
+    """What `safeguard serve` hands to uvicorn, instead of serving it: `while_serving`,
+    when a test sets it, is called with the app as if uvicorn were serving it."""
     import uvicorn
 
     handed: dict[str, Any] = {}
 
     def run(app, *, host, port, **options):
         handed.update(app=app, host=host, port=port)
+        handed.get("while_serving", lambda app: None)(app)
 
     monkeypatch.setattr(uvicorn, "run", run)
     return handed
 
 
-def test_serve_without_a_model_serves_the_demo_world(served, monkeypatch):
+def test_serve_without_a_model_serves_the_demo_world_through_the_engine(served, monkeypatch):
     from inference_safeguard.cli import main
 
+    def while_serving(app) -> None:
+        client = TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["safeguard-demo"]
+        response = _chat_demo(client)
+        assert response.status_code == 200, response.text
+        [choice] = response.json()["choices"]
+        assert choice["safety"]["budget"] == 0.5  # the demo world's
+        assert response.json()["usage"]["completion_tokens"] <= 8
+        assert TestClient(app).get("/v1/models").status_code == 401
+        metrics = client.get("/metrics").text
+        assert "safeguard_engine_responses 1.0" in metrics
+        assert "safeguard_engine_rows_in_flight 0.0" in metrics
+
     monkeypatch.setenv("SAFEGUARD_API_KEY", KEY)
-    assert main(["serve", "--port", "8123", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    served["while_serving"] = while_serving
+    command = ["serve", "--port", "8123", "--max-new-tokens", "8", "--seed", "0"]
+    assert main([*command, "--max-rows", "64", "--max-queued", "4"]) == 0
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
-    client = TestClient(served["app"], headers={"Authorization": f"Bearer {KEY}"})
-    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["safeguard-demo"]
-    response = client.post(
+    # uvicorn has returned: the engine is closed, and a late request is a 503
+    closed = _chat_demo(TestClient(served["app"], headers={"Authorization": f"Bearer {KEY}"}))
+    assert closed.status_code == 503
+    assert closed.json()["error"]["code"] == "server_shutting_down"
+
+
+def _chat_demo(client: TestClient):
+    return client.post(
         "/v1/chat/completions",
         json={
             "model": "safeguard-demo",
             "messages": [{"role": "user", "content": "How do I bake bread?"}],
         },
     )
-    assert response.status_code == 200, response.text
-    [choice] = response.json()["choices"]
-    assert choice["safety"]["budget"] == 0.5  # the demo world's
-    assert response.json()["usage"]["completion_tokens"] <= 8
-    assert TestClient(served["app"]).get("/v1/models").status_code == 401
+
+
+def test_serve_refuses_a_row_cap_below_one_request_before_loading(served, capsys):
+    from inference_safeguard.cli import main
+
+    assert main(["serve", "--num-candidates", "8", "--beam-width", "2", "--max-rows", "4"]) == 2
+    assert "--max-rows 4 cannot hold one request's 8 rows" in capsys.readouterr().err
+    assert not served
 
 
 def test_serve_a_model_without_a_cost_fails_before_loading(served, capsys):
@@ -654,3 +679,185 @@ async def test_concurrent_requests_decode_as_each_would_alone(tiny_model, tiny_t
         alone = [await ask(client, q, seed) for seed, q in enumerate(questions)]
         together = await asyncio.gather(*(ask(client, q, seed) for seed, q in enumerate(questions)))
     assert list(together) == alone
+
+
+# ---------------------------------------------------------------------- the engine
+ENGINE_CONFIG = GuardConfig(
+    num_candidates=4, beam_width=2, block_size=4, max_new_tokens=12, on_unsafe="return"
+)
+
+
+@pytest.fixture()
+def gate(keyword_cost):
+    from test_engine import GatedCost
+
+    return GatedCost(keyword_cost)
+
+
+@pytest.fixture()
+def engine_guard(tiny_model, tiny_tokenizer, gate):
+    from inference_safeguard import InferenceGuard
+
+    return InferenceGuard(tiny_model, tiny_tokenizer, cost=gate, config=ENGINE_CONFIG)
+
+
+def _engine_client(app):
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server")
+
+
+async def _ask(client, question: str, seed: int):
+    return await client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": question}], "seed": seed},
+    )
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_concurrent_requests_through_the_engine_share_its_steps_and_text(
+    engine_guard, gate, tiny_model
+):
+    from search_tracking import until
+    from test_engine import counted_forwards
+
+    from inference_safeguard.engine import GuardEngine
+
+    questions = ["Where is the dog?", "Name a bird.", "What is in the garden?", "Say hello."]
+    with GuardEngine(engine_guard) as engine:
+        async with _engine_client(create_app(engine, model_name=MODEL)) as client:
+            with counted_forwards(tiny_model) as one_by_one:
+                alone = [await _ask(client, q, seed) for seed, q in enumerate(questions)]
+            gate.shut()
+            with counted_forwards(tiny_model) as shared:
+                asked = [asyncio.ensure_future(_ask(client, q, s)) for s, q in enumerate(questions)]
+                waiting = lambda: engine.stats().queued + engine.stats().requests_running  # noqa: E731
+                assert await until(lambda: gate.held() and waiting() == len(questions))
+                during = _metric_values((await client.get("/metrics")).text)
+                gate.open()
+                together = await asyncio.gather(*asked)
+            after = _metric_values((await client.get("/metrics")).text)
+
+    def texts(responses) -> list[str]:
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json()["choices"][0]["message"]["content"] for r in responses]
+
+    assert texts(together) == texts(alone)
+    assert shared[0] < one_by_one[0] / 2  # one batched step serves every running request
+    assert during["safeguard_engine_requests_running"] == 1  # the others wait to join
+    assert during["safeguard_engine_queued"] == len(questions) - 1
+    assert during["safeguard_engine_rows_in_flight"] > 0
+    assert after["safeguard_engine_responses"] == 2 * len(questions)
+    assert after["safeguard_engine_rows_in_flight"] == 0
+    assert after["safeguard_engine_tokens_per_second"] > 0
+    assert {"safeguard_engine_refusals", "safeguard_engine_resample_rounds"} <= set(after)
+
+
+async def test_a_full_engine_queue_is_a_429_with_retry_after(engine_guard, gate):
+    from search_tracking import until
+
+    from inference_safeguard.engine import GuardEngine
+
+    with GuardEngine(engine_guard, max_queued=1) as engine:
+        async with _engine_client(create_app(engine, model_name=MODEL)) as client:
+            gate.shut()
+            running = asyncio.ensure_future(_ask(client, "Where is the dog?", 0))
+            assert await until(gate.held)
+            queued = asyncio.ensure_future(_ask(client, "Name a bird.", 1))
+            assert await until(lambda: engine.stats().queued == 1)
+            refused = await _ask(client, "Say hello.", 2)
+            streamed = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "Hello", "stream": True}
+            )
+            gate.open()
+            assert (await running).status_code == 200 and (await queued).status_code == 200
+
+    for response in (refused, streamed):
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "1"
+        error = response.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "engine_overloaded"
+        assert "queue is full" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_past_the_request_timeout_is_a_504(engine_guard, gate, stream):
+    from search_tracking import until
+
+    from inference_safeguard.engine import GuardEngine
+
+    with GuardEngine(engine_guard) as engine:
+        app = create_app(engine, model_name=MODEL, request_timeout=0.05)
+        async with _engine_client(app) as client:
+            gate.shut()
+            body = {"model": MODEL, "prompt": "Where is the dog?", "stream": stream}
+            asked = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            assert await until(gate.held)
+            await asyncio.sleep(0.1)  # past the deadline
+            gate.open()
+            response = await asked
+            assert await until(lambda: engine.stats().requests_running == 0)
+
+    if stream:  # the headers had gone out: the error is the stream's last event
+        assert response.status_code == 200
+        error = json.loads(response.text.split("data: ")[-2])["error"]
+    else:
+        assert response.status_code == 504
+        error = response.json()["error"]
+    assert error["type"] == "timeout_error" and error["code"] == "generation_timeout"
+    assert "request timeout" in error["message"]
+
+
+async def test_a_client_that_disconnects_leaves_the_engine(engine_guard, gate, monkeypatch):
+    from search_tracking import until
+
+    from inference_safeguard.engine import GuardEngine
+    from inference_safeguard.server import app as server_app
+
+    monkeypatch.setattr(server_app, "DISCONNECT_POLL_SECONDS", 0.01)
+    body = json.dumps({"model": MODEL, "prompt": "Where is the dog?"}).encode()
+    gone = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"server")],
+        "client": ("127.0.0.1", 1),
+        "server": ("server", 80),
+    }
+    with GuardEngine(engine_guard) as engine:
+        gate.shut()
+        asked = asyncio.ensure_future(create_app(engine, model_name=MODEL)(scope, receive, send))
+        assert await until(lambda: gate.held() and engine.stats().requests_running == 1)
+        gone.set()
+        await asyncio.wait_for(asked, 10)  # answered 499 while the search still waits
+        gate.open()  # at the block boundary, the request leaves
+        assert await until(lambda: engine.stats().requests_running == 0)
+        assert engine.stats().responses == 0 and engine.stats().rows_in_flight == 0
+    [start] = [m for m in sent if m.get("type") == "http.response.start"]
+    assert start["status"] == 499

@@ -37,12 +37,14 @@ from inference_safeguard.cli_options import (
     load_reward,
     loading,
     parse_regex_cost,
+    positive_float,
     positive_int,
     read_stdin_text,
 )
 from inference_safeguard.config import TOOL_CALL_FIELDS, GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.demo.command import add_demo_command
+from inference_safeguard.engine import GuardEngine
 from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
 from inference_safeguard.evaluation.cli import add_eval_command
 from inference_safeguard.extras import MissingExtraError, import_extra
@@ -336,6 +338,34 @@ def _add_serve(subcommands: argparse._SubParsersAction) -> None:
         help="refuse longer prompts with a 400 (default: only the model's context window)",
     )
 
+    engine = parser.add_argument_group(
+        "batching",
+        "Requests are served by one engine that batches them at block boundaries: a request "
+        "holds --num-candidates rows while it runs; one that does not fit waits in a queue.",
+    )
+    engine.add_argument(
+        "--max-rows",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="most decode rows in flight, over all running requests (default: %(default)s; "
+        "--num-candidates serves one request at a time)",
+    )
+    engine.add_argument(
+        "--max-queued",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="most requests waiting for rows; beyond it a request is answered 429 with "
+        "Retry-After (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="stop a response that takes longer and answer 504 (default: no limit)",
+    )
+
 
 def run_serve(args: argparse.Namespace) -> int:
     """`safeguard serve`: check the extra and the settings, load, then serve until stopped."""
@@ -344,15 +374,25 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = guard_config(args)
     _check_costs(args, command="serve")
+    if args.max_rows < config.num_candidates:
+        raise CommandLineError(
+            f"--max-rows {args.max_rows} cannot hold one request's {config.num_candidates} "
+            "rows (--num-candidates); raise it"
+        )
     _check_address(args.host, args.port)
     guard = _load_guard(args, config) if args.model is not None else _demo_guard(args, config)
-    app = create_app(
-        guard,
-        model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
-        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
-        max_prompt_tokens=args.max_prompt_tokens,
-    )
-    uvicorn.run(app, host=args.host, port=args.port)
+    engine = GuardEngine(guard, max_rows=args.max_rows, max_queued=args.max_queued)
+    try:
+        app = create_app(
+            engine,
+            model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
+            api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+            max_prompt_tokens=args.max_prompt_tokens,
+            request_timeout=args.request_timeout,
+        )
+        uvicorn.run(app, host=args.host, port=args.port)
+    finally:
+        engine.close()  # requests still queued or running fail with a 503
     return 0
 
 

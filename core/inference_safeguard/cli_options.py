@@ -123,6 +123,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 # -------------------------------------------------------------------------- options
 def add_option_with_default(
     group: argparse._ArgumentGroup,

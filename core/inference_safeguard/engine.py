@@ -19,7 +19,8 @@ one block at a time.
 A prompt decodes the same alone or joined with others: its sampler is seeded for it
 alone (see `Decoder._seeds`), its candidates are scored, resampled and pruned within
 its own group of rows, and joining left-pads the shorter KV cache with masked
-positions. The same, not bit for bit: as with `Decoder.generate_batch` against
+positions (the requests that arrived during one step are prefilled together, in one
+left-padded forward). The same, not bit for bit: as with `Decoder.generate_batch` against
 `generate`, a row's float32 logits can move by rounding (about 1e-6 on the tiny test
 Llama on CPU) when its keys gain left padding (the attention's softmax and value sums
 run over a longer key axis, in another reduction order) or when SDPA takes another
@@ -492,8 +493,8 @@ class GuardEngine:
                 if self._closed:
                     return
                 admitted = self._admit()
-            for request in admitted:
-                self._join(request)
+            for joiners in _by_search(admitted):
+                self._join(joiners)
             self._reap()
             self._publish_rows()
             if self._groups:
@@ -518,40 +519,47 @@ class GuardEngine:
             admitted.append(request)
         return stopped + admitted
 
-    def _join(self, request: _Request) -> None:
-        """Prefill a request's prompts into a group of its shape that can take rows, or
-        a new group."""
-        if self._leave_if_stopped(request, group=None):
+    def _join(self, requests: list[_Request]) -> None:
+        """Prefill the prompts of requests of one search shape (and one way of
+        committing) together into a group of that shape that can take rows, or a new
+        group: one prefill forward for everything that arrived during a step, rather than
+        one per request, whose fixed cost would hold up the running requests."""
+        requests = [r for r in requests if not self._leave_if_stopped(r, group=None)]
+        if not requests:
             return
+        first = requests[0]
         group = next(
-            (g for g in self._groups if g.shape == request.shape and g.running.can_merge),
+            (g for g in self._groups if g.shape == first.shape and g.running.can_merge),
             None,
         )
         if group is None:
             running = RunningSearch(
                 self._searcher.search,
-                request.search_config,
-                request.evaluator,
+                first.search_config,
+                first.evaluator,
                 self._closing,
             )
-            group = _Group(request.shape, running)
+            group = _Group(first.shape, running)
             self._groups.append(group)
         started = time.perf_counter()
         try:
-            request.slots = group.running.add(
-                request.prompts,
-                [request.search_config] * len(request.prompts),
-                request.seeds,
-                request.commit,
+            slots = group.running.add(
+                [prompt for r in requests for prompt in r.prompts],
+                [r.search_config for r in requests for _ in r.prompts],
+                [seed for r in requests for seed in r.seeds],
+                first.commit,
             )
-        except Exception as error:  # the request fails, the engine goes on
-            self._finish(request, error)
+        except Exception as error:  # these requests fail, the engine goes on
+            for request in requests:
+                self._finish(request, error)
             self._drop_if_idle(group)
             return
         finally:
             self._add_busy(time.perf_counter() - started)
-        for slot in request.slots:
-            group.requests[slot] = request
+        for request in requests:
+            request.slots, slots = slots[: len(request.prompts)], slots[len(request.prompts) :]
+            for slot in request.slots:
+                group.requests[slot] = request
 
     def _reap(self) -> None:
         """Remove cancelled and timed-out requests from their groups."""
@@ -652,6 +660,15 @@ class GuardEngine:
         for request in [*queued, *running.values()]:
             self._finish(request, error)
         self._publish_rows()
+
+
+def _by_search(requests: list[_Request]) -> list[list[_Request]]:
+    """`requests` in batches that can be prefilled together: same search shape, same
+    way of committing; in arrival order within each."""
+    batches: dict[tuple[str, str | None], list[_Request]] = {}
+    for request in requests:
+        batches.setdefault((request.shape, request.commit), []).append(request)
+    return list(batches.values())
 
 
 def _expired(request: _Request) -> bool:

@@ -72,6 +72,7 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_prompt_tokens: int | None = None,
+    request_timeout: float | None = None,
 ) -> FastAPI:
     """The HTTP app that serves `backend` as the model `model_name`.
 
@@ -84,9 +85,15 @@ def create_app(
             otherwise).
         max_prompt_tokens: refuse (400, `context_length_exceeded`) prompts longer than
             this many tokens, tools included; None: only the model's context window.
+        request_timeout: seconds a response may take before the backend stops it (504);
+            passed to the backend as `timeout=`, which the engine takes and a bare
+            decoder does not. None: no limit.
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout}")
+    limits = {} if request_timeout is None else {"timeout": request_timeout}
     app = FastAPI(
         title="Safeguard",
         description="OpenAI-compatible API of InferenceGuard: almost-surely-safe decoding.",
@@ -123,7 +130,7 @@ def create_app(
 
     async def generate(call: Call, request: Request) -> GuardResult:
         await _as_api_error(check_prompt(call), call)
-        work = backend.agenerate(call.prompt, tools=call.tools, **call.overrides)
+        work = backend.agenerate(call.prompt, tools=call.tools, **limits, **call.overrides)
         try:
             return await _as_api_error(_unless_disconnected(request, work), call)
         except UnsafeGenerationError as error:
@@ -132,7 +139,7 @@ def create_app(
     async def open_stream(call: Call) -> ResultStream:
         await _as_api_error(check_prompt(call), call)
         try:
-            return backend.astream(call.prompt, tools=call.tools, **call.overrides)
+            return backend.astream(call.prompt, tools=call.tools, **limits, **call.overrides)
         except SafeguardError as error:
             raise call.error(error) or error from None
 

@@ -4,6 +4,13 @@ Bad input of any kind (malformed JSON, a missing or mistyped field, settings the
 refuses, a prompt too long for the model, a response format or tool choice that cannot
 be enforced) is a 4xx that says what to fix, never a 500; a 500 means a fault of the
 server, and its body says no more than that.
+
+The batching engine's limits have their own statuses, so that clients and balancers
+can tell load from faults: a full queue (or a request bigger than the engine may ever
+hold) is a 429 in OpenAI's rate-limit shape with a `Retry-After` header, a request past
+the server's `--request-timeout` a 504 (the server, not the client, ran out of time;
+OpenAI's clients retry both), and a request the engine dropped as the server shut down
+a 503.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from starlette.exceptions import HTTPException
 
 from inference_safeguard.errors import (
     ChatTemplateError,
+    EngineClosedError,
+    EngineOverloadedError,
+    GenerationTimeoutError,
     InvalidPromptError,
     OutputFormatError,
     PromptTooLongError,
@@ -33,8 +43,15 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
 }
+
+RETRY_AFTER_SECONDS = 1
+"""What a 429 asks a client to wait: the engine frees rows at every block boundary, so
+a queue that is full now has room again within about a block's time."""
 
 
 class APIError(Exception):
@@ -48,9 +65,13 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
+        if status == 401:
+            self.headers["WWW-Authenticate"] = "Bearer"
         self.detail = ErrorDetail(
             message=message,
             type=error_type or _TYPES.get(status, "invalid_request_error"),
@@ -63,8 +84,7 @@ class APIError(Exception):
         return ErrorBody(error=self.detail).model_dump(mode="json")
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
@@ -87,6 +107,27 @@ def core_error(
         return bad_request(str(error), param=prompt_param)
     if isinstance(error, OutputFormatError):
         return bad_request(str(error), param=format_param)
+    return None
+
+
+def engine_error(error: Exception) -> APIError | None:
+    """The 429, 503 or 504 for an error of the engine's limits, or None for any other."""
+    if isinstance(error, EngineOverloadedError):
+        return APIError(
+            429,
+            str(error),
+            code="engine_overloaded",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(error, GenerationTimeoutError):
+        return APIError(
+            504,
+            "the response ran past this server's request timeout and was stopped; ask for "
+            "fewer tokens (max_tokens) or retry when the server is less busy",
+            code="generation_timeout",
+        )
+    if isinstance(error, EngineClosedError):
+        return APIError(503, str(error), code="server_shutting_down")
     return None
 
 

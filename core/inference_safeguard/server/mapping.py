@@ -26,7 +26,13 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import UnsafeGenerationError
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.results import GuardResult
-from inference_safeguard.server.errors import APIError, bad_request, core_error, validation_error
+from inference_safeguard.server.errors import (
+    APIError,
+    bad_request,
+    core_error,
+    engine_error,
+    validation_error,
+)
 from inference_safeguard.server.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -74,11 +80,12 @@ class Call:
     include_usage: bool = False
 
     def error(self, error: Exception) -> APIError | None:
-        """The 400 for an error the core raised over this call's input, or None."""
+        """The 400 for an error the core raised over this call's input, the 429, 503 or
+        504 for one of the engine's limits, or None."""
         grammar = "tools" if self.tools and "response_format" not in self.overrides else None
         return core_error(
             error, prompt_param=self.prompt_param, format_param=grammar or "response_format"
-        )
+        ) or engine_error(error)
 
 
 def chat_call(request: ChatCompletionRequest, config: GuardConfig) -> Call:
