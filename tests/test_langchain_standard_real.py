@@ -30,10 +30,6 @@ MAX_TOKENS = 160
 tokens than a short chat reply: the grammar forces the shape, but a response cut by
 max_tokens ends mid-shape."""
 
-REPEATS_THE_CALL = (
-    "the grammar forces the call, and with parallel calls allowed SmolLM2-135M-Instruct "
-    "repeats it (three calls of magic_function(3) where the suite wants one)"
-)
 NEVER_CHOOSES_A_CALL = (
     "the test leaves tool_choice 'auto', and SmolLM2-135M-Instruct does not choose to start a call"
 )
@@ -82,20 +78,9 @@ class TestChatSafeguardSmolLM2(ChatModelIntegrationTests):
         return True
 
     # Tool-calling and structured-output tests that a 135M model still fails, with what
-    # it was seen to do (not strict: a pass is reported as XPASS, not hidden).
-    @pytest.mark.xfail(reason=REPEATS_THE_CALL)
-    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    def test_tool_calling(self, model: BaseChatModel) -> None:
-        super().test_tool_calling(model)
-
-    @pytest.mark.xfail(reason=REPEATS_THE_CALL)
-    async def test_tool_calling_async(self, model: BaseChatModel) -> None:
-        await super().test_tool_calling_async(model)
-
-    @pytest.mark.xfail(reason=REPEATS_THE_CALL)
-    def test_tool_calling_with_no_arguments(self, model: BaseChatModel) -> None:
-        super().test_tool_calling_with_no_arguments(model)
-
+    # it was seen to do (not strict: a pass is reported as XPASS, not hidden). The other
+    # tool-calling tests pass: the grammar forces the call, and a call the model repeats
+    # in one response is kept once.
     @pytest.mark.xfail(reason=NEVER_CHOOSES_A_CALL)
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     def test_agent_loop(self, model: BaseChatModel) -> None:
