@@ -37,6 +37,7 @@ from inference_safeguard import (
 )
 from inference_safeguard.config import CALL_SHAPE_FIELDS, reject_bool_number
 from inference_safeguard.decoder import Decoder
+from inference_safeguard.engine import GuardEngine, shared_engine
 from inference_safeguard.identity import digest
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.tools import read_tool_call
@@ -88,8 +89,16 @@ class SafeguardParams(BaseModel):
     keywords: they describe one call (its tools, its output format), so they are no
     settings of the model object, and are passed to the decoder only where given."""
 
-    guard: Decoder | None = Field(default=None, exclude=True)
-    """A built decoder (e.g. `InferenceGuard`) to use instead of loading `model`."""
+    guard: Decoder | GuardEngine | None = Field(default=None, exclude=True)
+    """A built decoder (e.g. `InferenceGuard`), or a `GuardEngine` serving one, to use
+    instead of loading `model`."""
+    use_engine: bool = True
+    """Decode calls through the decoder's `GuardEngine` (one per decoder, shared by every
+    model object on it: see `engine.shared_engine`), so that concurrent calls join one
+    batched search instead of running a search each. Streams read the decoder directly,
+    so that a stream decodes only as it is read. Off, every call runs its own search in
+    its caller's thread; a decoder that no engine serves (ARGS) is called directly
+    either way."""
     model: str | None = None
     """Base model's hub name or path, loaded on first use; with `guard`, only its reported name."""
     cost: Scorer | None = Field(default=None, exclude=True)
@@ -171,6 +180,7 @@ class SafeguardParams(BaseModel):
     """Seed of each prompt's sampler; None draws a fresh one per call."""
 
     _loaded_guard: Decoder | None = PrivateAttr(default=None)
+    _engine: GuardEngine | None = PrivateAttr(default=None)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -197,6 +207,11 @@ class SafeguardParams(BaseModel):
             if self.cost is None:
                 raise MissingCostModelError.of(f"{type(self).__name__}(model={self.model!r})")
         else:
+            if isinstance(self.guard, GuardEngine) and not self.use_engine:
+                raise ValueError(
+                    "use_engine=False calls the decoder directly, but guard= is a GuardEngine; "
+                    "pass its decoder (engine.guard) instead"
+                )
             given = [name for name in _LOADING_FIELDS if getattr(self, name) is not None]
             given += [
                 name
@@ -266,7 +281,10 @@ class SafeguardParams(BaseModel):
     # ---------------------------------------------------------------- the decoder
     def load_guard(self) -> Decoder:
         """The decoder calls run on; a model given by name is loaded now if it is not yet
-        (its weights once per process for equal loading options)."""
+        (its weights once per process for equal loading options). With an engine given
+        as `guard`, the decoder it serves."""
+        if isinstance(self.guard, GuardEngine):
+            return self.guard.guard
         if self.guard is not None:
             return self.guard
         if self._loaded_guard is None:
@@ -274,6 +292,24 @@ class SafeguardParams(BaseModel):
                 if self._loaded_guard is None:
                     self._loaded_guard = self._build_guard()
         return self._loaded_guard
+
+    @property
+    def engine(self) -> GuardEngine | None:
+        """The engine that calls decode through, or None when they call the decoder
+        directly (see `use_engine`); a model given by name is loaded here."""
+        if isinstance(self.guard, GuardEngine):
+            return self.guard
+        guard = self.load_guard()
+        if not self.use_engine:
+            return None
+        engine = self._engine
+        if engine is None or engine.guard is not guard:
+            engine = self._engine = shared_engine(guard)
+        return engine
+
+    def _runner(self) -> Decoder | GuardEngine:
+        """What a call that is not a stream decodes with: the engine, else the decoder."""
+        return self.engine or self.load_guard()
 
     def _build_guard(self) -> Decoder:
         assert self.model is not None  # checked at construction
@@ -302,8 +338,7 @@ class SafeguardParams(BaseModel):
         """The base model's name: `model`, else the name the decoder's model was loaded by."""
         if self.model:
             return self.model
-        assert self.guard is not None  # one of them is set, checked at construction
-        return self.guard.lm.name
+        return self.load_guard().lm.name  # `guard` is set, checked at construction
 
     # ----------------------------------------------------------------- settings
     def config_overrides(
@@ -347,10 +382,9 @@ class SafeguardParams(BaseModel):
     def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
         """The validated config a call with `overrides` runs under (before a model given
         by name is loaded: `GuardConfig()`'s, its sampling fields still unresolved)."""
-        guard = self.guard if self.guard is not None else self._loaded_guard
-        if guard is None:
+        if self.guard is None and self._loaded_guard is None:
             return GuardConfig().with_overrides(**overrides)
-        return guard.call_config(overrides)
+        return self.load_guard().call_config(overrides)
 
     def _check_model_keyword(self, requested: str | None) -> None:
         """A per-call `model=` may only name this model."""

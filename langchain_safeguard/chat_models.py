@@ -29,6 +29,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from inference_safeguard import GuardConfig, GuardResult, UnsafeGenerationError
 from inference_safeguard.config import CALL_SHAPE_FIELDS
 from inference_safeguard.decoder import Decoder
+from inference_safeguard.engine import GuardEngine
 from inference_safeguard.tools import (
     ParsedResponse,
     ToolCallHoldback,
@@ -64,7 +65,8 @@ class _Call:
     """One prompt's call, ready for the decoder.
 
     Attributes:
-        guard: the decoder.
+        guard: the decoder (streams read it directly).
+        runner: what the other calls decode with: the decoder's engine, or the decoder.
         prompt: chat messages as the core takes them (with the response format's
             instruction, if it has one).
         tools: the tools bound; the decoder offers those `tool_choice` picks.
@@ -76,6 +78,7 @@ class _Call:
     """
 
     guard: Decoder
+    runner: Decoder | GuardEngine
     prompt: list[dict[str, Any]]
     tools: list[ToolSpec]
     offered: list[ToolSpec]
@@ -132,6 +135,12 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
     `chunk_position="last"` and carries `usage_metadata` and `response_metadata`.
     Inside `batch()`, each input's response arrives as one chunk.
 
+    Concurrent calls (`ainvoke` from many tasks, `invoke` from many threads) decode
+    together: they go through the decoder's `GuardEngine`, shared with every model
+    object on the same decoder, and join one batched search at its next block
+    boundary. Pass `guard=GuardEngine(...)` to size the engine yourself, or
+    `use_engine=False` to give every call its own search.
+
     Tools and structured output:
         ```python
         model.bind_tools([get_weather, get_time]).invoke("Weather in Paris?").tool_calls
@@ -171,7 +180,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         call = self._prepare(messages, stop, kwargs)
         result = self._planned(call)
         if result is None:
-            result = call.guard.generate(call.prompt, tools=call.tools, **call.overrides)
+            result = call.runner.generate(call.prompt, tools=call.tools, **call.overrides)
         return ChatResult(generations=[ChatGeneration(message=self._message(result, call))])
 
     async def _agenerate(
@@ -185,7 +194,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         call = self._prepare(messages, stop, kwargs)
         result = await self._aplanned(call)
         if result is None:
-            result = await call.guard.agenerate(call.prompt, tools=call.tools, **call.overrides)
+            result = await call.runner.agenerate(call.prompt, tools=call.tools, **call.overrides)
         return ChatResult(generations=[ChatGeneration(message=self._message(result, call))])
 
     def _stream(
@@ -489,7 +498,9 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         key = json.dumps(
             [prompt, [t.to_openai() for t in tools], overrides], sort_keys=True, default=repr
         )
-        return _Call(self.load_guard(), prompt, tools, offered, overrides, config, key)
+        return _Call(
+            self.load_guard(), self._runner(), prompt, tools, offered, overrides, config, key
+        )
 
     def _plan_inputs(
         self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]
@@ -523,7 +534,7 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
             overrides["on_unsafe"] = "return"
 
         def run() -> list[GuardResult]:
-            return first.guard.generate_batch(
+            return first.runner.generate_batch(
                 [c.prompt for c in calls], tools=first.tools, **overrides
             )
 

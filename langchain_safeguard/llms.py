@@ -97,7 +97,7 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
             chunks = [self._streamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
         overrides = self.config_overrides(stop, kwargs)
-        results = self.load_guard().generate_batch(prompts, **overrides)
+        results = self._runner().generate_batch(prompts, **overrides)
         return self._llm_result(results)
 
     async def _agenerate(
@@ -112,7 +112,7 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
             return LLMResult(generations=[[chunk] for chunk in chunks])
         overrides = self.config_overrides(stop, kwargs)
         await self._aload_guard()
-        results = await self.load_guard().agenerate_batch(prompts, **overrides)
+        results = await self._runner().agenerate_batch(prompts, **overrides)
         return self._llm_result(results)
 
     def _stream(

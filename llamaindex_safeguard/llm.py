@@ -44,6 +44,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from inference_safeguard.config import CALL_SHAPE_FIELDS, GuardConfig, reject_bool_number
 from inference_safeguard.decoder import Decoder
+from inference_safeguard.engine import GuardEngine, shared_engine
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
 from inference_safeguard.guard import CriticInput, InferenceGuard
 from inference_safeguard.lm import PromptInput
@@ -92,8 +93,16 @@ class SafeguardLLM(FunctionCallingLLM):
 
     Wraps an `inference_safeguard` decoder (`InferenceGuard`, or a baseline with the same interface)
     and implements LlamaIndex's whole LLM interface natively: `complete`, `chat`, their
-    streaming forms, and async forms that run the search in a worker thread (so the
-    event loop stays free) and deliver stream deltas as the search commits them.
+    streaming forms, and async forms that keep the event loop free and deliver stream
+    deltas as the search commits them.
+
+    Concurrent calls (`acomplete`/`achat` from many tasks, `complete`/`chat` from many
+    threads, and the structured and tool calls built on them) decode together: they go
+    through the decoder's `GuardEngine`, shared with every LLM object (LlamaIndex or
+    LangChain) on the same decoder, and join one batched search at its next block
+    boundary. Streams read the decoder directly, so that a stream decodes only as it is
+    read. Pass `guard=GuardEngine(...)` to size the engine yourself, or
+    `use_engine=False` to give every call its own search.
 
     Prompts: `chat` renders messages with the tokenizer's chat template (for a model
     without one, LlamaIndex's `messages_to_prompt` text is completed instead).
@@ -137,12 +146,14 @@ class SafeguardLLM(FunctionCallingLLM):
 
     Args:
         guard: the decoder to generate with (`InferenceGuard`, or a baseline from
-            `inference_safeguard.baselines`, which reports safety but never refuses).
+            `inference_safeguard.baselines`, which reports safety but never refuses), or
+            a `GuardEngine` serving one.
         **kwargs: fields below and those of LlamaIndex's `LLM` (`callback_manager`,
             `system_prompt`, `messages_to_prompt`, `completion_to_prompt`, ...).
 
     Raises:
-        TypeError: `guard` is not an `inference_safeguard` decoder.
+        TypeError: `guard` is not an `inference_safeguard` decoder or engine.
+        ValueError: `guard` is an engine and `use_engine` is False.
         pydantic.ValidationError: an unknown field, or settings `GuardConfig` rejects.
     """
 
@@ -157,6 +168,12 @@ class SafeguardLLM(FunctionCallingLLM):
         gt=0,
         description="Most tokens (prompt and response) the model attends to; read from the "
         "base model's config by default. LlamaIndex packs prompts to fit it.",
+    )
+    use_engine: bool = Field(
+        default=True,
+        description="Decode calls other than streams through the decoder's shared "
+        "GuardEngine, so that concurrent calls join one batched search; False: every call "
+        "runs its own search. A decoder no engine serves (ARGS) is called directly either way.",
     )
     record_safety_in_responses: bool = Field(
         default=True,
@@ -205,6 +222,7 @@ class SafeguardLLM(FunctionCallingLLM):
     seed: int | None = Field(default=None, description=_describe("seed"))
 
     _guard: Decoder = PrivateAttr()
+    _engine: GuardEngine | None = PrivateAttr(default=None)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -219,11 +237,14 @@ class SafeguardLLM(FunctionCallingLLM):
             raise TypeError("_config_numbers_are_not_bools runs as a field validator only")
         return reject_bool_number(info.field_name, value)
 
-    def __init__(self, guard: Decoder, **kwargs: Any) -> None:
+    def __init__(self, guard: Decoder | GuardEngine, **kwargs: Any) -> None:
+        engine = guard if isinstance(guard, GuardEngine) else None
+        if engine is not None:
+            guard = engine.guard
         if not isinstance(guard, Decoder):
             raise TypeError(
-                "guard must be an InferenceGuard (or another core decoder), got "
-                f"{type(guard).__name__}; to load a model by name use "
+                "guard must be an InferenceGuard (or another core decoder, or a GuardEngine), "
+                f"got {type(guard).__name__}; to load a model by name use "
                 "SafeguardLLM.from_model_id(model_id, cost=...)"
             )
         if kwargs.get("model_name") is None:
@@ -231,7 +252,13 @@ class SafeguardLLM(FunctionCallingLLM):
         if kwargs.get("context_window") is None:
             kwargs["context_window"] = guard.lm.context_window or DEFAULT_CONTEXT_WINDOW
         super().__init__(**kwargs)
+        if engine is not None and not self.use_engine:
+            raise ValueError(
+                "use_engine=False calls the decoder directly, but guard= is a GuardEngine; "
+                "pass its decoder (engine.guard) instead"
+            )
         self._guard = guard
+        self._engine = engine or (shared_engine(guard) if self.use_engine else None)
         # Invalid settings fail here rather than in the middle of a query.
         self._guard.call_config(self._field_overrides())
         if self.record_safety_in_responses:
@@ -297,6 +324,16 @@ class SafeguardLLM(FunctionCallingLLM):
         return self._guard
 
     @property
+    def engine(self) -> GuardEngine | None:
+        """The engine that calls other than streams decode through, or None when they
+        call the decoder directly (see `use_engine`)."""
+        return self._engine
+
+    @property
+    def _runner(self) -> Decoder | GuardEngine:
+        return self._engine or self._guard
+
+    @property
     def config(self) -> GuardConfig:
         """The config of a call without keyword overrides: the guard's, with the fields
         set on this LLM applied."""
@@ -341,7 +378,7 @@ class SafeguardLLM(FunctionCallingLLM):
         """Complete `prompt`; keyword arguments are `GuardConfig` overrides."""
         prompt_input = self._completion_prompt(prompt, formatted)
         slot = self._track()
-        result = self._guard.generate(prompt_input, **self._overrides(kwargs))
+        result = self._runner.generate(prompt_input, **self._overrides(kwargs))
         slot.fill(result.safety_record())
         return CompletionResponse(
             text=result.text, raw=_raw(result), additional_kwargs=_extra(result)
@@ -376,10 +413,10 @@ class SafeguardLLM(FunctionCallingLLM):
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        """`complete` with the search in a worker thread."""
+        """`complete` without blocking the event loop."""
         prompt_input = self._completion_prompt(prompt, formatted)
         slot = self._track()
-        result = await self._guard.agenerate(prompt_input, **self._overrides(kwargs))
+        result = await self._runner.agenerate(prompt_input, **self._overrides(kwargs))
         slot.fill(result.safety_record())
         return CompletionResponse(
             text=result.text, raw=_raw(result), additional_kwargs=_extra(result)
@@ -423,7 +460,7 @@ class SafeguardLLM(FunctionCallingLLM):
         tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         slot = self._track()
-        result = self._guard.generate(prompt, tools=specs or None, **overrides)
+        result = self._runner.generate(prompt, tools=specs or None, **overrides)
         slot.fill(result.safety_record())
         return _chat_response(result, tools)
 
@@ -451,13 +488,13 @@ class SafeguardLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """`chat` with the search in a worker thread."""
+        """`chat` without blocking the event loop."""
         specs = to_tool_specs(kwargs.pop("tools", None))
         overrides = self._overrides(kwargs)
         tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         slot = self._track()
-        result = await self._guard.agenerate(prompt, tools=specs or None, **overrides)
+        result = await self._runner.agenerate(prompt, tools=specs or None, **overrides)
         slot.fill(result.safety_record())
         return _chat_response(result, tools)
 
@@ -576,7 +613,7 @@ class SafeguardLLM(FunctionCallingLLM):
         llm_kwargs: dict[str, Any] | None = None,
         **prompt_args: Any,
     ) -> Model:
-        """`structured_predict` with the search in a worker thread."""
+        """`structured_predict` without blocking the event loop."""
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
             return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         self._structured_start(output_cls, prompt, prompt_args)

@@ -9,6 +9,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
 from inference_safeguard import InferenceGuard
+from inference_safeguard.search import RunningSearch
 
 
 class RecordingHandler(BaseCallbackHandler):
@@ -37,14 +38,22 @@ class RecordingHandler(BaseCallbackHandler):
 
 
 def count_searches(guard: InferenceGuard, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the guard's block searches (one per batch of prompts): returns a list that
-    gets the number of prompts of each search appended."""
+    """Count the guard's block searches (one per batch of prompts), whether a call runs
+    its own or its engine runs it (a request joining the engine's search counts as
+    one): returns a list that gets the number of prompts of each search appended."""
     searches: list[int] = []
     run: Callable[..., Any] = guard.search.run
+    add = RunningSearch.add
 
     def counted(prompts: Any, *args: Any, **kwargs: Any) -> Any:
         searches.append(len(prompts))
         return run(prompts, *args, **kwargs)
 
+    def counted_add(running: RunningSearch, prompts: Any, *args: Any, **kwargs: Any) -> Any:
+        if running.search is guard.search:
+            searches.append(len(prompts))
+        return add(running, prompts, *args, **kwargs)
+
     monkeypatch.setattr(guard.search, "run", counted)
+    monkeypatch.setattr(RunningSearch, "add", counted_add)
     return searches

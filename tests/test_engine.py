@@ -9,7 +9,9 @@ engine reports and then count, never time it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from test_cache_layouts import build_model
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import ARGS, BestOfN
-from inference_safeguard.engine import GuardEngine
+from inference_safeguard.engine import GuardEngine, serves, shared_engine
 from inference_safeguard.errors import (
     EngineClosedError,
     EngineOverloadedError,
@@ -29,7 +31,7 @@ from inference_safeguard.errors import (
     InvalidPromptError,
 )
 from inference_safeguard.scorers import KeywordCost, Scorer
-from inference_safeguard.testing import build_random_critic
+from inference_safeguard.testing import ScriptedGuard, build_random_critic
 
 CONFIG = GuardConfig(
     num_candidates=4, beam_width=2, block_size=4, max_new_tokens=16, seed=7, on_unsafe="return"
@@ -388,3 +390,31 @@ def test_a_model_whose_cache_cannot_take_rows_runs_a_joiner_in_its_own_group(
         assert engine.stats().groups == 2
         gate.open()
         assert [first.result().token_ids, second.result().token_ids] == expected
+
+
+# ---------------------------------------------------------------------- sharing
+def test_a_shared_engine_serves_every_caller_and_is_freed_when_idle_and_unheld(guard):
+    engine = shared_engine(guard)
+    assert engine is not None and shared_engine(guard) is engine
+    expected = engine.generate(PROMPT).token_ids
+    freed = weakref.ref(engine)
+    del engine  # its scheduler ended with the last request: nothing else holds it
+    assert wait_until(lambda: gc.collect() >= 0 and freed() is None)
+    again = shared_engine(guard)
+    assert again is not None and again.generate(PROMPT).token_ids == expected
+
+
+def test_decoders_that_decode_their_own_way_get_no_engine(tiny_model, tiny_tokenizer):
+    scripted = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hello."])
+    assert not serves(scripted) and shared_engine(scripted) is None
+    with pytest.raises(TypeError, match="ScriptedGuard"):
+        GuardEngine(scripted)
+
+
+def test_an_engine_that_overflows_to_its_decoder_runs_a_call_it_cannot_take_there(guard):
+    expected = [r.token_ids for r in guard.generate_batch([PROMPT, LONG_PROMPT])]
+    with GuardEngine(guard, max_rows=CONFIG.num_candidates, overflow="decoder") as engine:
+        results = engine.generate_batch([PROMPT, LONG_PROMPT])  # two prompts' rows: too many
+        assert [r.token_ids for r in results] == expected
+        assert engine.stats().responses == 0  # the decoder ran it
+    assert shared_engine(guard).overflow == "decoder"

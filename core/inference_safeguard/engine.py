@@ -36,6 +36,12 @@ Cancellation and timeouts act at block boundaries (closing the engine stops with
 one decoded token). The scorers are called from the scheduler thread during the
 search and from the callers' threads for the final check, as when a decoder serves
 concurrent calls.
+
+The scheduler thread runs while there are requests and ends when the last one leaves
+(the next request starts another), so an idle engine holds no thread and is freed
+with its last reference. `shared_engine` gives every caller of one decoder the same
+engine, so that separate wrappers of one model (the LangChain and LlamaIndex
+integrations) batch their calls together.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
@@ -199,13 +206,24 @@ class GuardEngine:
             per prompt); a request that does not fit waits in the queue.
         max_queued: most requests waiting; beyond it a call raises
             `EngineOverloadedError` at once.
+        overflow: what a call that the engine cannot take (more rows than `max_rows`,
+            or a full queue) does: "raise" `EngineOverloadedError`, or run on the
+            decoder directly ("decoder", without `timeout`), as it would with no engine.
 
     Raises:
-        TypeError: `guard` does not decode by block search (ARGS).
+        TypeError: `guard` does not decode by block search (ARGS, or a subclass that
+            overrides `_decode`, such as `testing.ScriptedGuard`).
     """
 
-    def __init__(self, guard: Decoder, *, max_rows: int = 512, max_queued: int = 1024) -> None:
-        if not callable(getattr(guard, "search_plan", None)):
+    def __init__(
+        self,
+        guard: Decoder,
+        *,
+        max_rows: int = 512,
+        max_queued: int = 1024,
+        overflow: Literal["raise", "decoder"] = "raise",
+    ) -> None:
+        if not serves(guard):
             raise TypeError(
                 "GuardEngine serves decoders that run the block search (InferenceGuard, "
                 f"SamplingDecoder, BestOfN, BlockBeamSearch), got {type(guard).__name__}; "
@@ -219,6 +237,7 @@ class GuardEngine:
         self._searcher = cast(_SearchDecoder, guard)
         self.max_rows = max_rows
         self.max_queued = max_queued
+        self.overflow = overflow
         self._lock = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._groups: list[_Group] = []
@@ -230,10 +249,8 @@ class GuardEngine:
         self._busy = 0.0
         self._closed = False
         self._closing = threading.Event()
-        self._scheduler = threading.Thread(
-            target=self._schedule, name="guard-engine-scheduler", daemon=True
-        )
-        self._scheduler.start()
+        self._scheduler: threading.Thread | None = None
+        """The scheduler thread while there are requests to serve, else None."""
 
     # ------------------------------------------------------------ passthrough
     @property
@@ -270,7 +287,12 @@ class GuardEngine:
         **overrides: Any,
     ) -> list[GuardResult]:
         """`Decoder.generate_batch` through the engine: the prompts join together."""
-        request = self._submit(prompts, tools, overrides, timeout, streaming=False)
+        try:
+            request = self._submit(prompts, tools, overrides, timeout, streaming=False)
+        except EngineOverloadedError:
+            if self.overflow == "raise":
+                raise
+            return self.guard.generate_batch(prompts, tools=tools, **overrides)
         try:
             searches = request.outcome.result()
         except BaseException:
@@ -300,7 +322,12 @@ class GuardEngine:
     ) -> list[GuardResult]:
         """`generate_batch` for async code; waiting takes no thread, the final check by
         the cost model runs in a worker thread."""
-        request = self._submit(prompts, tools, overrides, timeout, streaming=False)
+        try:
+            request = self._submit(prompts, tools, overrides, timeout, streaming=False)
+        except EngineOverloadedError:
+            if self.overflow == "raise":
+                raise
+            return await self.guard.agenerate_batch(prompts, tools=tools, **overrides)
         try:
             searches = await asyncio.shield(asyncio.wrap_future(request.outcome))
         except asyncio.CancelledError:
@@ -320,7 +347,12 @@ class GuardEngine:
         search settles it (`stream_commit`), a baseline yields its response at the end.
         The search runs whether or not deltas are asked for; `close()` makes the request
         leave at the next block boundary."""
-        request = self._submit([prompt], tools, overrides, timeout, streaming=True)
+        try:
+            request = self._submit([prompt], tools, overrides, timeout, streaming=True)
+        except EngineOverloadedError:
+            if self.overflow == "raise":
+                raise
+            return self.guard.stream(prompt, tools=tools, **overrides)
         return GuardStream(self._deltas(request), request.cancel)
 
     def astream(
@@ -358,8 +390,9 @@ class GuardEngine:
             self._closed = True
             self._closing.set()
             self._lock.notify_all()
-        if threading.current_thread() is not self._scheduler:
-            self._scheduler.join()
+            scheduler = self._scheduler
+        if scheduler is not None and threading.current_thread() is not scheduler:
+            scheduler.join()
 
     def __enter__(self) -> GuardEngine:
         return self
@@ -424,6 +457,11 @@ class GuardEngine:
                     "retry later, or raise max_queued (or max_rows, so that more run at once)"
                 )
             self._queue.append(request)
+            if self._scheduler is None:
+                self._scheduler = threading.Thread(
+                    target=self._schedule, name="guard-engine-scheduler", daemon=True
+                )
+                self._scheduler.start()
             self._lock.notify_all()
         return request
 
@@ -470,28 +508,33 @@ class GuardEngine:
 
     # -------------------------------------------------------------- scheduling
     def _schedule(self) -> None:
-        """The scheduler thread: serve until closed, then fail what is left (also if
-        serving itself failed, so that no caller waits forever)."""
+        """The scheduler thread: serve until idle or closed; once closed, fail what is
+        left (also if serving itself failed, so that no caller waits forever)."""
         reason = "the engine was closed before this request finished"
+        idle = False
         try:
-            self._serve()
+            idle = self._serve()
         except BaseException as error:
             reason = f"the engine's scheduler stopped ({error!r}); create a new GuardEngine"
             raise
         finally:
-            with self._lock:
-                self._closed = True
-            self._fail_all(EngineClosedError(reason))
+            if not idle:
+                with self._lock:
+                    self._closed = True
+                self._fail_all(EngineClosedError(reason))
 
-    def _serve(self) -> None:
-        """Admit, reap, then step each group in turn, until the engine is closed."""
+    def _serve(self) -> bool:
+        """Admit, reap, then step each group in turn, until the engine is closed (False)
+        or has nothing left to do (True: the thread ends, and the next request starts
+        another)."""
         turn = 0
         while True:
             with self._lock:
-                while not (self._closed or self._queue or self._groups):
-                    self._lock.wait()
                 if self._closed:
-                    return
+                    return False
+                if not (self._queue or self._groups):
+                    self._scheduler = None
+                    return True
                 admitted = self._admit()
             for joiners in _by_search(admitted):
                 self._join(joiners)
@@ -669,6 +712,40 @@ def _by_search(requests: list[_Request]) -> list[list[_Request]]:
     for request in requests:
         batches.setdefault((request.shape, request.commit), []).append(request)
     return list(batches.values())
+
+
+def serves(decoder: Decoder) -> bool:
+    """Whether a `GuardEngine` can serve `decoder`: it runs the block search that the
+    engine drives, not a decoding of its own (ARGS, or a subclass such as
+    `testing.ScriptedGuard` that overrides `_decode`, whose answers the engine would
+    bypass)."""
+    kind = type(decoder)
+    planner = next((c for c in kind.__mro__ if "search_plan" in vars(c)), None)
+    return planner is not None and vars(planner).get("_decode") is getattr(kind, "_decode", None)
+
+
+_SHARED: weakref.WeakKeyDictionary[Decoder, weakref.ref[GuardEngine]] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(decoder: Decoder) -> GuardEngine | None:
+    """The engine that serves `decoder` for every caller that asks, created on first use
+    (None if no engine can serve it: see `serves`).
+
+    Its callers did not choose its limits, so a call it cannot take runs on the decoder
+    directly (`overflow="decoder"`) instead of failing. Callers keep the engine alive
+    by holding it; one that nobody holds (or that was closed) is replaced on the next
+    call, so the mapping itself keeps neither the decoder nor the engine.
+    """
+    if not serves(decoder):
+        return None
+    with _SHARED_LOCK:
+        held = _SHARED.get(decoder)
+        engine = held() if held is not None else None
+        if engine is None or engine._closed:
+            engine = GuardEngine(decoder, overflow="decoder")
+            _SHARED[decoder] = weakref.ref(engine)
+        return engine
 
 
 def _expired(request: _Request) -> bool:
