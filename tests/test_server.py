@@ -751,8 +751,12 @@ async def test_concurrent_requests_through_the_engine_share_its_steps_and_text(
 
     assert texts(together) == texts(alone)
     assert shared[0] < one_by_one[0] / 2  # one batched step serves every running request
-    assert during["safeguard_engine_requests_running"] == 1  # the others wait to join
-    assert during["safeguard_engine_queued"] == len(questions) - 1
+    # Every request is in the engine: running, or queued to join at the next boundary.
+    assert during["safeguard_engine_requests_running"] >= 1
+    running_or_queued = (
+        during["safeguard_engine_requests_running"] + during["safeguard_engine_queued"]
+    )
+    assert running_or_queued == len(questions)
     assert during["safeguard_engine_rows_in_flight"] > 0
     assert after["safeguard_engine_responses"] == 2 * len(questions)
     assert after["safeguard_engine_rows_in_flight"] == 0
