@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from search_tracking import until, wait_until
-from test_cache_layouts import build_model
+from test_cache_layouts import causal_lm
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import ARGS, BestOfN
@@ -378,7 +378,7 @@ def test_a_model_whose_cache_cannot_take_rows_runs_a_joiner_in_its_own_group(
 ):
     gate = GatedCost(KeywordCost(["the", "a"]))
     guard = InferenceGuard(
-        build_model(model_type, tiny_tokenizer), tiny_tokenizer, cost=gate, config=CONFIG
+        causal_lm(model_type, tiny_tokenizer).model, tiny_tokenizer, cost=gate, config=CONFIG
     )
     expected = [guard.generate(PROMPT).token_ids, guard.generate(LONG_PROMPT).token_ids]
     with GuardEngine(guard) as engine, ThreadPoolExecutor(2) as pool:
