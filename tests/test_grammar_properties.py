@@ -234,8 +234,9 @@ def search_settings(draw: st.DrawFn) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def guard(tiny_tokenizer, frequent_words: list[str]) -> InferenceGuard:
-    """The tiny model (the weights of the `tiny_model` fixture) with room for a prompt that describes two
-    tools in the tiny tokenizer's short tokens (several hundred) and `TOKEN_LIMIT` more."""
+    """The tiny model (the weights of the `tiny_model` fixture) with room for a prompt
+    that describes two tools in the tiny tokenizer's short tokens (several hundred) and
+    `TOKEN_LIMIT` more."""
     model = build_tiny_llama(tiny_tokenizer, seed=0, max_position_embeddings=2048)
     cost = KeywordCost([*DENSE_WORDS, *frequent_words])
     return InferenceGuard(model, tiny_tokenizer, cost=cost, config=GuardConfig())
