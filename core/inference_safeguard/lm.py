@@ -418,9 +418,10 @@ class CausalLM:
         Raises:
             OutputFormatError: a format, schema or grammar that cannot be enforced.
         """
-        constrained = []
-        for prompt in prompts:
-            markers = self.reasoning_markers
+        markers = self.reasoning_markers
+        # Prompts differ only in whether they open a reasoning section: one grammar each.
+        by_opening: dict[bool, OutputConstraint | None] = {}
+        for opened in sorted({prompt.opens_reasoning for prompt in prompts}):
             constraint = output_constraint(
                 response_format,
                 tools,
@@ -428,7 +429,7 @@ class CausalLM:
                 parallel_tool_calls=parallel_tool_calls,
                 call_format=self.tool_call_format,
                 reasoning=None if markers is None else (markers.open, markers.close),
-                reasoning_opened=prompt.opens_reasoning,
+                reasoning_opened=opened,
             )
             if constraint is not None:
                 try:
@@ -444,8 +445,11 @@ class CausalLM:
                         stacklevel=4,
                     )
                     constraint = None
-            constrained.append(dataclasses.replace(prompt, constraint=constraint))
-        return constrained
+            by_opening[opened] = constraint
+        return [
+            dataclasses.replace(prompt, constraint=by_opening[prompt.opens_reasoning])
+            for prompt in prompts
+        ]
 
     @property
     def tool_call_format(self) -> ToolCallFormat:
