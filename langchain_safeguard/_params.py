@@ -60,6 +60,7 @@ lets the LangChain base class (extra="ignore") override a mixin's config."""
 _BUILD_LOCK = threading.Lock()
 _LOADING_FIELDS = (
     "cost",
+    "costs",
     "reward",
     "critic",
     "device",
@@ -102,7 +103,10 @@ class SafeguardParams(BaseModel):
     model: str | None = None
     """Base model's hub name or path, loaded on first use; with `guard`, only its reported name."""
     cost: Scorer | None = Field(default=None, exclude=True)
-    """Cost model C(x, y) (e.g. `KeywordCost`, `ClassifierScorer`); required with `model`."""
+    """Cost model C(x, y) (e.g. `KeywordCost`, `ClassifierScorer`); this or `costs` is
+    required with `model`."""
+    costs: dict[str, tuple[Scorer, float]] | None = Field(default=None, exclude=True)
+    """Several named constraints `{name: (cost scorer, budget)}` instead of `cost`."""
     reward: Scorer | None = Field(default=None, exclude=True)
     """Reward model R(x, y); without one, candidates rank by mean token log-likelihood."""
     critic: Any = Field(default=None, exclude=True)
@@ -134,6 +138,8 @@ class SafeguardParams(BaseModel):
 
     budget: float | None = None
     """Safety budget d: a response is safe iff its cost C(x, y) <= budget."""
+    budgets: dict[str, float] | None = None
+    """Budgets of named constraints (`costs=`), by name, overriding the decoder's own."""
     num_candidates: int | None = None
     """N: candidate blocks sampled and scored per search step (a multiple of beam_width)."""
     beam_width: int | None = None
@@ -204,7 +210,7 @@ class SafeguardParams(BaseModel):
                     f"{type(self).__name__} needs a decoder: pass guard=InferenceGuard(...), "
                     "or model='<hub name or local path>' with cost=..."
                 )
-            if self.cost is None:
+            if self.cost is None and self.costs is None:
                 raise MissingCostModelError.of(f"{type(self).__name__}(model={self.model!r})")
         else:
             if isinstance(self.guard, GuardEngine) and not self.use_engine:
@@ -240,7 +246,8 @@ class SafeguardParams(BaseModel):
         cls,
         model_id: str,
         *,
-        cost: Scorer,
+        cost: Scorer | None = None,
+        costs: Mapping[str, tuple[Scorer, float]] | None = None,
         reward: Scorer | None = None,
         critic: Any = None,
         device: str | None = None,
@@ -255,7 +262,8 @@ class SafeguardParams(BaseModel):
 
         Args:
             model_id: the base model.
-            cost: cost model C(x, y).
+            cost: cost model C(x, y), the one constraint; this or `costs` is required.
+            costs: several named constraints `{name: (cost scorer, budget)}` instead.
             reward: reward model R(x, y), or None.
             critic: latent critic (or its directory) for critic mode, or None.
             device, dtype, device_map, trust_remote_code, model_kwargs, tokenizer_kwargs:
@@ -265,6 +273,7 @@ class SafeguardParams(BaseModel):
         model = cls(
             model=model_id,
             cost=cost,
+            costs=None if costs is None else dict(costs),
             reward=reward,
             critic=critic,
             device=device,
@@ -328,6 +337,7 @@ class SafeguardParams(BaseModel):
             lm.model,
             lm.tokenizer,
             cost=self.cost,
+            costs=self.costs,
             reward=self.reward,
             critic=self.critic,
             allow_special_tokens_in_content=self.allow_special_tokens_in_content,
@@ -406,7 +416,9 @@ class SafeguardParams(BaseModel):
         return {
             "model_name": self.model_name,
             "decoder": type(guard).__name__,
-            "cost": type(guard.cost).__name__,
+            "cost": type(guard.cost).__name__
+            if guard.cost is not None
+            else {c.name: type(c.scorer).__name__ for c in guard.constraints.items},
             "reward": type(guard.reward).__name__ if guard.reward is not None else None,
             **config.model_dump(mode="json"),
             "fingerprint": digest(guard.identity(config)),

@@ -43,6 +43,7 @@ from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.types import PydanticProgramMode
 
 from inference_safeguard.config import CALL_SHAPE_FIELDS, GuardConfig, reject_bool_number
+from inference_safeguard.constraints import CostsInput
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.engine import GuardEngine, shared_engine
 from inference_safeguard.errors import ChatTemplateError, InvalidPromptError, MissingCostModelError
@@ -184,6 +185,7 @@ class SafeguardLLM(FunctionCallingLLM):
     # Every GuardConfig field, None meaning "the guard's own setting". Set ones apply to
     # every call; a call's keyword arguments override them.
     budget: float | None = Field(default=None, description=_describe("budget"))
+    budgets: dict[str, float] | None = Field(default=None, description=_describe("budgets"))
     num_candidates: int | None = Field(default=None, description=_describe("num_candidates"))
     beam_width: int | None = Field(default=None, description=_describe("beam_width"))
     block_size: int | None = Field(default=None, description=_describe("block_size"))
@@ -269,7 +271,8 @@ class SafeguardLLM(FunctionCallingLLM):
         cls,
         model_id: str,
         *,
-        cost: Scorer | None,
+        cost: Scorer | None = None,
+        costs: CostsInput | None = None,
         reward: Scorer | None = None,
         critic: CriticInput = None,
         config: GuardConfig | None = None,
@@ -286,7 +289,8 @@ class SafeguardLLM(FunctionCallingLLM):
 
         Args:
             model_id: hub name or local path of the base model.
-            cost: cost model C(x, y) (required).
+            cost: cost model C(x, y), the one constraint; this or `costs` is required.
+            costs: several named constraints `{name: (cost scorer, budget)}` instead.
             reward: reward model R(x, y), or None to rank by likelihood.
             critic: latent critic (or its directory) for critic mode, or None.
             config: default `GuardConfig` of every call.
@@ -296,11 +300,12 @@ class SafeguardLLM(FunctionCallingLLM):
                 attn_implementation, revision, gguf_file).
             **kwargs: `SafeguardLLM` fields (`callback_manager`, `system_prompt`, ...).
         """
-        if cost is None:
+        if cost is None and costs is None:
             raise MissingCostModelError.of("SafeguardLLM.from_model_id")
         guard = InferenceGuard.from_pretrained(
             model_id,
             cost=cost,
+            costs=costs,
             reward=reward,
             critic=critic,
             config=config,

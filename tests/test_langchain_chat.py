@@ -29,7 +29,7 @@ from inference_safeguard.testing import ScriptedGuard, build_random_critic
 from langchain_safeguard import ChatSafeguard, SafeguardLLM, clear_model_cache
 from langchain_safeguard._loading import loaded_models
 
-SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
+SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds", "constraints"}
 CONFIG = GuardConfig(num_candidates=8, beam_width=2, block_size=8, max_new_tokens=24)
 PROMPTS = [PROMPT, OTHER_PROMPT, "Where does the river go?", "Name a warm color."]
 

@@ -16,7 +16,7 @@ from inference_safeguard.testing import ScriptedGuard
 from langchain_safeguard import SafeguardLLM
 
 CONFIG = GuardConfig(num_candidates=8, beam_width=2, block_size=8, max_new_tokens=24)
-SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
+SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds", "constraints"}
 
 
 @pytest.fixture()

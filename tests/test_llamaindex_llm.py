@@ -36,7 +36,7 @@ from inference_safeguard.scorers import CallableScorer
 from inference_safeguard.testing import ScriptedGuard, build_random_critic, build_tiny_tokenizer
 from llamaindex_safeguard import SafeguardLLM
 
-SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
+SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds", "constraints"}
 USER = [ChatMessage(role=MessageRole.USER, content=PROMPT)]
 
 

@@ -28,7 +28,7 @@ DOCUMENTS = [
     "The bird sings in the tree near the river.",
 ]
 QUESTION = "Where does the dog run?"
-SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
+SAFETY_KEYS = {"safe", "cost", "budget", "reward", "refused", "resample_rounds", "constraints"}
 TOO_LONG = " ".join(f"zqxv{i}" for i in range(300))
 """A question of a few hundred tiktoken tokens but over 2000 tiny-tokenizer tokens."""
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llamaindex_rag.py"

@@ -170,7 +170,15 @@ def test_openai_chat_completion_carries_the_safety_record(client):
     assert isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length", "content_filter")
     safety = choice.model_extra["safety"]
-    assert set(safety) == {"safe", "cost", "budget", "reward", "refused", "resample_rounds"}
+    assert set(safety) == {
+        "safe",
+        "cost",
+        "budget",
+        "reward",
+        "refused",
+        "resample_rounds",
+        "constraints",
+    }
     assert safety["budget"] == 0.0
     assert safety["refused"] == (choice.finish_reason == "content_filter")
     assert completion.usage.completion_tokens <= 8

@@ -7,6 +7,10 @@ refused). Each takes `allow_special_tokens_in_content` like `InferenceGuard`. Th
 - "lagrangian": rank by R(x, y) - lambda * C(x, y);
 - "augmented": the safety-augmented objective of InferenceGuard (R if within
   budget, else -n + z), without its resampling and final refusal.
+
+Each takes several named constraints (`costs={name: (scorer, budget)}`) as
+`InferenceGuard` does: "augmented" ranks by the worst violation, "lagrangian" and ARGS's
+cost term by the sum of the constraints' costs, and every result reports each one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.constraints import CostsInput
 from inference_safeguard.decoder import Decoder, Response, ToolsInput
 from inference_safeguard.errors import OutputFormatError
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput, TokenChooser
@@ -50,14 +55,15 @@ class _BlockSearchBaseline(Decoder):
         scoring: Scoring = "reward",
         lagrange_multiplier: float = 1.0,
         allow_special_tokens_in_content: bool = False,
+        costs: CostsInput | None = None,
     ) -> None:
         lm = CausalLM(
             model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
         )
-        super().__init__(lm, cost, reward, config)
+        super().__init__(lm, cost, reward, config, costs=costs)
         self.search = BlockSearch(
             self.lm,
-            ModelsEvaluator(self.cost, reward),
+            ModelsEvaluator(self.constraints, reward),
             scoring=scoring,
             lagrange_multiplier=lagrange_multiplier,
             resample=False,
@@ -101,6 +107,7 @@ class SamplingDecoder(_BlockSearchBaseline):
         config: GuardConfig | None = None,
         *,
         allow_special_tokens_in_content: bool = False,
+        costs: CostsInput | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -110,6 +117,7 @@ class SamplingDecoder(_BlockSearchBaseline):
             config,
             scoring="reward",
             allow_special_tokens_in_content=allow_special_tokens_in_content,
+            costs=costs,
         )
 
     def _search_config(self, config: GuardConfig) -> GuardConfig:
@@ -145,7 +153,8 @@ class ARGS(Decoder):
 
     At each token, the `num_tokens` likeliest next tokens are scored
     `log p(v) + reward_weight * R(x, y + v) - cost_weight * C(x, y + v)` and the best
-    is taken. With `cost_weight > 0` this is "ARGS with cost".
+    is taken. With `cost_weight > 0` this is "ARGS with cost" (with several constraints,
+    C is the sum of their costs).
 
     Args:
         num_tokens: candidate tokens per step (ARGS's k).
@@ -165,11 +174,12 @@ class ARGS(Decoder):
         reward_weight: float = 1.0,
         cost_weight: float = 0.0,
         allow_special_tokens_in_content: bool = False,
+        costs: CostsInput | None = None,
     ) -> None:
         lm = CausalLM(
             model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
         )
-        super().__init__(lm, cost, reward, config)
+        super().__init__(lm, cost, reward, config, costs=costs)
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         if reward_weight < 0 or cost_weight < 0:
@@ -241,7 +251,8 @@ class ARGS(Decoder):
                     raise ValueError("ARGS needs a reward model when reward_weight > 0")
                 score = score + self.reward_weight * self.reward(prompt_texts, texts)
             if self.cost_weight > 0:
-                score = score - self.cost_weight * self.cost(prompt_texts, texts)
+                total = self.constraints.score(prompt_texts, texts).sum(-1)
+                score = score - self.cost_weight * total
             best = score.view(len(live), k).argmax(-1).to(top.indices.device)
             chosen = top.indices.gather(-1, best[:, None]).squeeze(-1)
             block = self.lm.decode_block(state, 1, _constant_chooser(chosen))

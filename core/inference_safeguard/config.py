@@ -8,6 +8,7 @@ max_new_tokens=128, resample_rounds=2, budget=10`; pass them explicitly to repro
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -92,6 +93,13 @@ class GuardConfig(BaseModel):
         allow_inf_nan=False,
         description="Safety budget d: a response is safe iff its cost C(x, y) <= budget. "
         "Any finite number; a negative budget needs a cost model that can score below zero.",
+    )
+    budgets: dict[str, float] | None = Field(
+        None,
+        description="Budgets of named constraints (`InferenceGuard(costs={name: (scorer, "
+        "budget)})`), overriding the guard's own; every name must be one of the guard's "
+        "constraints (the one cost of `cost=` is named 'cost'). Finite numbers. None: each "
+        "constraint's own budget. With one constraint its budget is `budget`.",
     )
     num_candidates: int = Field(
         16,
@@ -283,6 +291,30 @@ class GuardConfig(BaseModel):
                 f"{MIN_TEMPERATURE}"
             )
         return value
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _budgets_are_named_finite_numbers(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"budgets must map constraint names to numbers, e.g. {{'pii': 0.5}}; got "
+                f"{type(value).__name__}"
+            )
+        for name, budget in value.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError("budgets names must be non-empty constraint names")
+            if (
+                isinstance(budget, bool)
+                or not isinstance(budget, (int, float))
+                or not math.isfinite(budget)
+            ):
+                raise ValueError(
+                    f"budgets[{name!r}] must be a finite number, got {budget!r}; e.g. "
+                    f"budgets={{{name!r}: 0.5}}"
+                )
+        return dict(value)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -23,7 +23,8 @@ import torch
 
 from inference_safeguard.cancellation import run_in_worker
 from inference_safeguard.config import GuardConfig
-from inference_safeguard.errors import InvalidPromptError, MissingCostModelError
+from inference_safeguard.constraints import Constraints, CostsInput, worst
+from inference_safeguard.errors import InvalidPromptError
 from inference_safeguard.identity import (
     describe,
     model_fingerprint,
@@ -54,9 +55,10 @@ class Response:
     text: str
     finish_reason: FinishReason
     reward: float | None = None
-    prefix_cost: float = -math.inf
-    """Highest cost the search's cost model gave a block-end prefix of the response; -inf
-    when none was scored (negative costs are kept: nothing is clamped to 0)."""
+    prefix_cost: tuple[float, ...] = ()
+    """Per constraint, the highest cost its cost model gave a block-end prefix of the
+    response in the search; -inf (or no entries at all) when none was scored (negative
+    costs are kept: nothing is clamped to 0)."""
     cost_checked: bool = False
     """Whether `prefix_cost` already covers the response's own text (no need to score it)."""
     blocks: int = 0
@@ -85,9 +87,16 @@ class Decoder(ABC):
 
     Args:
         lm: the base model.
-        cost: cost model C(x, y); every decoder reports the cost of what it returns.
+        cost: cost model C(x, y), the one constraint (named "cost", budget
+            `config.budget`); every decoder reports the cost of what it returns.
         reward: reward model R(x, y), or None.
         config: defaults for every call; each call may override fields by keyword.
+        costs: instead of `cost`, several named constraints `{name: (scorer, budget)}`
+            (see `inference_safeguard.constraints`).
+
+    Attributes:
+        constraints: the decoder's constraints, in order.
+        cost: the cost scorer when there is one constraint, else None.
     """
 
     def __init__(
@@ -96,23 +105,24 @@ class Decoder(ABC):
         cost: Scorer | None,
         reward: Scorer | None = None,
         config: GuardConfig | None = None,
+        *,
+        costs: CostsInput | None = None,
     ) -> None:
-        if cost is None:
-            raise MissingCostModelError.of(type(self).__name__)
-        for name, scorer in (("cost", cost), ("reward", reward)):
-            if scorer is not None and not isinstance(scorer, Scorer):
-                raise TypeError(
-                    f"{name} must be an inference_safeguard.scorers.Scorer (e.g. KeywordCost, "
-                    "ClassifierScorer, "
-                    f"or CallableScorer(fn) around a function), got {type(scorer).__name__}"
-                )
+        self.constraints = Constraints.of(type(self).__name__, cost, costs)
+        if reward is not None and not isinstance(reward, Scorer):
+            raise TypeError(
+                "reward must be an inference_safeguard.scorers.Scorer (e.g. ClassifierScorer, "
+                f"or CallableScorer(fn) around a function), got {type(reward).__name__}"
+            )
         if config is not None and not isinstance(config, GuardConfig):
             raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
         self.lm = lm
-        self.cost = cost
+        self.cost = self.constraints.single
         self.reward = reward
         # Sampling fields left unset take the model's generation_config values, once.
-        self.config = (config or GuardConfig()).with_sampling_defaults(lm.sampling_defaults)
+        self.config = self.constraints.configure(
+            (config or GuardConfig()).with_sampling_defaults(lm.sampling_defaults)
+        )
         self.last_result: GuardResult | None = None
 
     # ----------------------------------------------------------------- public API
@@ -218,10 +228,18 @@ class Decoder(ABC):
 
     def call_config(self, overrides: Mapping[str, Any]) -> GuardConfig:
         """The config of a call: this decoder's, with `overrides` (GuardConfig fields)
-        applied; a sampling field set back to None takes the model's default again."""
-        return self.config.with_overrides(**overrides).with_sampling_defaults(
+        applied; a sampling field set back to None takes the model's default again.
+        `budgets` names only the constraints whose budget the call changes.
+
+        Raises:
+            ConstraintError: `budgets` names a constraint this decoder does not have, or
+                `budget` is set for a decoder with several constraints.
+        """
+        overrides = self.constraints.call_overrides(self.config, overrides)
+        config = self.config.with_overrides(**overrides).with_sampling_defaults(
             self.lm.sampling_defaults
         )
+        return self.constraints.resolve(config)
 
     def identity(self, config: GuardConfig | None = None) -> dict[str, Any]:
         """Everything that decides what this decoder returns under `config` (default: its
@@ -233,7 +251,9 @@ class Decoder(ABC):
             "model": model_fingerprint(self.lm.model),
             "tokenizer": tokenizer_fingerprint(self.lm.tokenizer),
             "allow_special_tokens_in_content": self.lm.allow_special_tokens_in_content,
-            "cost": scorer_identity(self.cost),
+            "cost": scorer_identity(self.cost)
+            if self.cost is not None
+            else {c.name: scorer_identity(c.scorer) for c in self.constraints.items},
             "reward": scorer_identity(self.reward),
             "config": (config or self.config).model_dump(mode="json"),
             "settings": describe(self._identity_settings()),
@@ -309,18 +329,21 @@ class Decoder(ABC):
         config: GuardConfig,
         seconds: float,
     ) -> list[GuardResult]:
-        """Score the responses with the real cost model (unless the search already scored
+        """Score the responses with the real cost models (unless the search already scored
         the very text) and the reward model (where the search did not), and build the
-        results. Baselines report; InferenceGuard enforces."""
+        results, each constraint verified. Baselines report; InferenceGuard enforces."""
         prompt_texts = [p.text for p in prompts]
         texts = [r.text for r in responses]
         # The cost of what was said: the full text's, or a prefix's if that was higher.
+        width = len(self.constraints)
         unchecked = [i for i, r in enumerate(responses) if not r.cost_checked]
-        costs = [r.prefix_cost for r in responses]
+        costs = [list(r.prefix_cost) or [-math.inf] * width for r in responses]
         if unchecked:
-            scored = self.cost([prompt_texts[i] for i in unchecked], [texts[i] for i in unchecked])
-            for i, cost in zip(unchecked, scored.tolist(), strict=True):
-                costs[i] = max(cost, costs[i])
+            scored = self.constraints.score(
+                [prompt_texts[i] for i in unchecked], [texts[i] for i in unchecked]
+            )
+            for i, row in zip(unchecked, scored.tolist(), strict=True):
+                costs[i] = [max(new, old) for new, old in zip(row, costs[i], strict=True)]
         rewards: list[float | None] = [r.reward for r in responses]
         missing = [i for i, r in enumerate(rewards) if r is None]
         if self.reward is not None and missing:
@@ -331,16 +354,19 @@ class Decoder(ABC):
         for prompt, response, cost, reward in zip(prompts, responses, costs, rewards, strict=True):
             # The cost and reward above are of the whole response, reasoning included.
             reasoning, answer = self.lm.split_reasoning(response.text, prompt)
+            outcomes = self.constraints.outcomes(cost, config)
+            least = worst(outcomes)
             result = GuardResult(
                 text=answer,
                 reasoning=reasoning,
                 token_ids=response.token_ids,
-                safe=cost <= config.budget,
-                cost=cost,
+                safe=all(o.safe for o in outcomes),
+                cost=least.cost,
                 reward=reward,
                 refused=False,
                 finish_reason=response.finish_reason,
-                budget=config.budget,
+                budget=least.budget,
+                constraints=outcomes,
                 stats=GenerationStats(
                     blocks=response.blocks,
                     candidates_scored=response.candidates_scored,

@@ -9,9 +9,10 @@ and leave it when their search ends, when they are cancelled (cancel flag, task
 cancellation, stream closed) or when they time out, freeing their rows at once.
 
 Requests share a running search when their settings give the same search shape; each
-keeps its own `budget`, `max_new_tokens`, `stop`, `seed`, `stream_commit`, and what
-only shapes the prompt or the result (`tools`, `response_format`, `tool_choice`,
-`parallel_tool_calls`, `chat_template_kwargs`, `on_unsafe`, `refusal_text`): see
+keeps its own `budget` (or `budgets`, one per constraint), `max_new_tokens`, `stop`,
+`seed`, `stream_commit`, and what only shapes the prompt or the result (`tools`,
+`response_format`, `tool_choice`, `parallel_tool_calls`, `chat_template_kwargs`,
+`on_unsafe`, `refusal_text`): see
 `PER_REQUEST_FIELDS`. Requests that differ in anything else (candidates, beams, block
 size, resampling, penalties, sampling, scorer) form separate groups, which take turns
 one block at a time.
@@ -81,6 +82,7 @@ from inference_safeguard.streaming import AsyncGuardStream, GuardStream
 PER_REQUEST_FIELDS = frozenset(
     {
         "budget",
+        "budgets",
         "max_new_tokens",
         "stop",
         "seed",

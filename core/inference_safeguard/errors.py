@@ -41,6 +41,11 @@ class MissingCostModelError(SafeguardError, ValueError):
         )
 
 
+class ConstraintError(SafeguardError, ValueError):
+    """Constraints given wrongly: a bad name or budget, a budget for a constraint the guard
+    does not have, or a setting that needs exactly one constraint."""
+
+
 class ModelLoadError(SafeguardError, OSError):
     """A model or tokenizer cannot be loaded from what was named: no such local directory
     or hub name, a directory without a checkpoint, or incomplete or corrupted files."""

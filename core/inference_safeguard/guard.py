@@ -15,9 +15,11 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.constraints import CostsInput, budget_vector
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.decoder import Decoder, Response
 from inference_safeguard.errors import (
+    ConstraintError,
     CriticMismatchWarning,
     MissingCriticError,
     RefusalOverBudgetWarning,
@@ -54,10 +56,18 @@ class InferenceGuard(Decoder):
     per step instead of `num_candidates`), so beams and the returned response carry the
     cost model's own costs.
 
+    With several constraints (`costs={"violence": (scorer, budget), ...}`) the safety
+    state has one entry per constraint: a candidate is within budget when every entry is
+    `>= 0`, over budget it scores `-n + min(z)` (its worst violation), a block is
+    resampled when each of its candidates breaks some constraint, and the final check
+    verifies every constraint (`GuardResult.constraints`).
+
     Args:
         model: a Hugging Face causal LM.
         tokenizer: its tokenizer.
-        cost: cost model C(x, y); required (it always makes the final check).
+        cost: cost model C(x, y), the one constraint (named "cost", budget
+            `config.budget`); this or `costs` is required (it always makes the final
+            check).
         reward: reward model R(x, y); without one (and without a critic), candidates are
             ranked by their mean token log-likelihood. In critic mode it only scores
             the returned responses.
@@ -67,8 +77,12 @@ class InferenceGuard(Decoder):
         allow_special_tokens_in_content: let the text of special tokens in prompts become
             control tokens (off: a user cannot forge a turn by typing `</s><|system|>`; see
             `inference_safeguard.encoding`). Only for prompts you render yourself.
+        costs: instead of `cost`, named constraints `{name: (cost scorer, budget)}`; a call
+            changes some of their budgets with `budgets={name: value}`.
 
     Raises:
+        ConstraintError: both or neither of `cost` and `costs`, a malformed `costs`, or a
+            critic with several constraints (the critic learned one `p_safe`).
         CriticMismatchError: the critic was trained on another base model.
         CriticFileError: the critic's files are missing or corrupted.
         MissingCriticError: `config.scorer` is "critic" but no critic was given.
@@ -84,13 +98,16 @@ class InferenceGuard(Decoder):
         config: GuardConfig | None = None,
         *,
         allow_special_tokens_in_content: bool = False,
+        costs: CostsInput | None = None,
     ) -> None:
         lm = CausalLM(
             model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
         )
-        super().__init__(lm, cost, reward, config)
+        super().__init__(lm, cost, reward, config, costs=costs)
         self.critic = self._attach(critic)
-        self.search = BlockSearch(self.lm, ModelsEvaluator(self.cost, reward), scoring="augmented")
+        self.search = BlockSearch(
+            self.lm, ModelsEvaluator(self.constraints, reward), scoring="augmented"
+        )
         self._warned: set[tuple[int, float]] = set()
         self._evaluator(self.config)  # a config asking for a missing critic fails here
 
@@ -100,6 +117,7 @@ class InferenceGuard(Decoder):
         model_id: str,
         *,
         cost: Scorer | None = None,
+        costs: CostsInput | None = None,
         reward: Scorer | None = None,
         critic: CriticInput = None,
         config: GuardConfig | None = None,
@@ -135,6 +153,7 @@ class InferenceGuard(Decoder):
             critic=critic,
             config=config,
             allow_special_tokens_in_content=allow_special_tokens_in_content,
+            costs=costs,
         )
 
     def _identity_settings(self) -> dict[str, Any]:
@@ -145,6 +164,12 @@ class InferenceGuard(Decoder):
         """Load (from a directory), check and place the critic on the model's device."""
         if critic is None:
             return None
+        if self.cost is None:
+            raise ConstraintError(
+                f"a latent critic serves one constraint (it learned one p_safe), but this "
+                f"guard has {len(self.constraints)}: {list(self.constraints.names)}; pass a "
+                "single cost= with the critic, or drop the critic (scorer='models')"
+            )
         if isinstance(critic, (str, os.PathLike)):
             critic = LatentCritic.load(critic)
         elif not isinstance(critic, LatentCritic):
@@ -163,7 +188,7 @@ class InferenceGuard(Decoder):
                 "scorer='critic' needs a latent critic: pass critic=<directory> (see "
                 "`safeguard train-critic`) or a LatentCritic, or use scorer='models'"
             )
-        if config.scorer == "models" or self.critic is None:
+        if config.scorer == "models" or self.critic is None or self.cost is None:
             return None
         self._warn_outside_training(self.critic, config)
         return CriticEvaluator(
@@ -255,7 +280,7 @@ class InferenceGuard(Decoder):
             text = settled_prefix(self.lm, prefix, config.stop)
             if len(text) <= len(accepted) or not text.startswith(accepted):
                 continue
-            if float(self.cost([encoded.text], [text])[0]) > config.budget:
+            if not self._within_budgets(encoded.text, text, config):
                 continue
             accepted, accepted_tokens = text, len(prefix)
             answer = self.lm.settled_answer(text, encoded)
@@ -269,6 +294,11 @@ class InferenceGuard(Decoder):
         if result.text.startswith(emitted) and len(result.text) > len(emitted):
             yield result.text[len(emitted) :]
         return result
+
+    def _within_budgets(self, prompt: str, text: str, config: GuardConfig) -> bool:
+        """Whether every constraint's cost model accepts `text` as a response to `prompt`."""
+        costs = self.constraints.score([prompt], [text])[0]
+        return bool((costs <= torch.tensor(budget_vector(config), dtype=costs.dtype)).all())
 
     # --------------------------------------------------------------- enforcement
     def _enforce(
@@ -285,23 +315,42 @@ class InferenceGuard(Decoder):
             return results
         if config.on_unsafe == "raise":
             first = unsafe[0]
+            broken = ", ".join(
+                f"{c.name} cost {c.cost:.4g} > budget {c.budget:.4g}"
+                for c in first.constraints
+                if not c.safe
+            )
             raise UnsafeGenerationError(
                 f"{len(unsafe)} of {len(results)} responses stayed over the safety budget "
-                f"(first: cost {first.cost:.4g} > budget {config.budget:.4g}) after "
+                f"(first: {broken}) after "
                 f"{first.stats.resample_rounds} resample rounds; raise num_candidates or "
                 "resample_rounds, or use on_unsafe='refuse' to get a refusal instead",
                 result=first,
                 results=results,
             )
         refused = [i for i, r in enumerate(results) if not r.safe]
-        refusal_costs = self.cost(
+        refusal_costs = self.constraints.score(
             [prompts[i].text for i in refused], [config.refusal_text] * len(refused)
-        ).tolist()
+        )
         refusal_ids = self.lm.tokenizer(config.refusal_text, add_special_tokens=False)["input_ids"]
-        if any(cost > config.budget for cost in refusal_costs):
+        budgets = torch.tensor(budget_vector(config), dtype=refusal_costs.dtype)
+        over = [
+            name
+            for name, broken in zip(
+                self.constraints.names, (refusal_costs > budgets).any(0).tolist(), strict=True
+            )
+            if broken
+        ]
+        if over:
+            highest = refusal_costs.max(0).values
+            detail = ", ".join(
+                f"{name} {float(highest[self.constraints.names.index(name)]):.4g} > "
+                f"{float(budgets[self.constraints.names.index(name)]):.4g}"
+                for name in over
+            )
             warnings.warn(
                 f"the refusal text {config.refusal_text!r} is itself over the budget "
-                f"({max(refusal_costs):.4g} > {config.budget:.4g}) under the cost model; "
+                f"({detail}) under the cost model; "
                 "set refusal_text to a text the cost model accepts",
                 RefusalOverBudgetWarning,
                 stacklevel=4,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "safety"]
 
@@ -30,11 +30,35 @@ class GenerationStats:
 
 
 @dataclass(frozen=True)
+class ConstraintOutcome:
+    """One constraint's verdict on a response.
+
+    Attributes:
+        name: the constraint's name ("cost" for the one cost of `cost=`).
+        cost: its cost of the response.
+        budget: the budget the response was held to under it.
+        safe: `cost <= budget`.
+    """
+
+    name: str
+    cost: float
+    budget: float
+    safe: bool
+
+    def record(self) -> dict[str, float | bool]:
+        """The outcome as a JSON-able dict (without the name)."""
+        return {"cost": self.cost, "budget": self.budget, "safe": self.safe}
+
+
+@dataclass(frozen=True)
 class GuardResult:
     """One generated response and its safety outcome.
 
     `cost`, `reward` and `safe` describe the response the search produced, as judged
-    by the real cost model: `safe` is `cost <= budget`. `refused` says that this
+    by the real cost model: `safe` is `cost <= budget`. With several constraints,
+    `constraints` holds each one's cost, budget and verdict; `safe` is whether every
+    constraint holds, and `cost` and `budget` are those of the worst constraint (the
+    least margin `budget - cost`). `refused` says that this
     response was withheld and `text` is the configured refusal instead; so a result
     with `safe=False` is either `refused` or was returned on request
     (`on_unsafe="return"`), never silently.
@@ -57,6 +81,8 @@ class GuardResult:
             "safety" (refused).
         budget: the budget it was held to.
         stats: work done for it.
+        constraints: each constraint's outcome, in the guard's order (empty only for a
+            result built by hand).
         reasoning: the reasoning text before the answer, or None when the response has
             none (and when refused: the reasoning was part of what was withheld).
     """
@@ -71,9 +97,12 @@ class GuardResult:
     budget: float
     stats: GenerationStats = field(default_factory=GenerationStats)
     reasoning: str | None = None
+    constraints: tuple[ConstraintOutcome, ...] = ()
 
-    def safety_record(self) -> dict[str, float | bool | int | None]:
-        """The safety record the framework integrations attach to their responses."""
+    def safety_record(self) -> dict[str, Any]:
+        """The safety record the framework integrations attach to their responses: the
+        scalar fields, and under "constraints" each constraint's cost, budget and verdict
+        by name."""
         return {
             "safe": self.safe,
             "cost": self.cost,
@@ -81,4 +110,5 @@ class GuardResult:
             "reward": self.reward,
             "refused": self.refused,
             "resample_rounds": self.stats.resample_rounds,
+            "constraints": {c.name: c.record() for c in self.constraints},
         }

@@ -6,6 +6,11 @@ block's cost increment is applied at once and then discounted once per token of 
 block: `z' = (z - (C_new - C_old)) / gamma_c ** tokens`. With `gamma_c = 1` this is
 exactly `z = d - C(x, y)`. The cost of the empty response is 0, so `z_0 = d`; costs may
 be negative (a cost model that rewards some text), and a negative budget can then be met.
+
+With several constraints (`inference_safeguard.constraints`) costs, budgets and safety
+states are `(rows, constraints)`: one column per constraint. A row is within budget only
+when every column is `>= 0`, and its worst violation is its smallest column. Every
+function here takes `(rows,)` (one constraint) or `(rows, constraints)`.
 No function here modifies its inputs.
 """
 
@@ -35,19 +40,32 @@ def update_safety_state(
     """Advance the safety state over one block.
 
     Args:
-        z: `(rows,)` safety state before the block.
-        previous_cost: `(rows,)` cumulative cost C(x, y_<t) before the block.
-        new_cost: `(rows,)` cumulative cost after the block.
+        z: `(rows,)` or `(rows, constraints)` safety state before the block.
+        previous_cost: cumulative cost C(x, y_<t) before the block, shaped like `z`.
+        new_cost: cumulative cost after the block, shaped like `z`.
         tokens: `(rows,)` tokens the block added (the discount's exponent).
         discount: gamma_c in (0, 1].
 
     Returns:
-        `(rows,)` safety state after the block.
+        The safety state after the block, shaped like `z`.
     """
     z_after = z - (new_cost - previous_cost)
     if discount == 1.0:
         return z_after
-    return z_after / discount ** tokens.to(z_after.dtype)
+    exponent = tokens.to(z_after.dtype)
+    if z_after.dim() == 2:
+        exponent = exponent[:, None]
+    return z_after / discount**exponent
+
+
+def worst_margin(z: torch.Tensor) -> torch.Tensor:
+    """`(rows,)` smallest entry of each row's safety state (`(rows,)` is its own)."""
+    return z if z.dim() == 1 else z.amin(dim=-1)
+
+
+def over_budget(z: torch.Tensor) -> torch.Tensor:
+    """`(rows,)` bool: True where any constraint's safety state is below 0."""
+    return worst_margin(z) < 0
 
 
 def augmented_score(reward: torch.Tensor, z: torch.Tensor, unsafe_penalty: float) -> torch.Tensor:
@@ -55,19 +73,25 @@ def augmented_score(reward: torch.Tensor, z: torch.Tensor, unsafe_penalty: float
 
     Args:
         reward: `(rows,)` reward of each candidate.
-        z: `(rows,)` safety state of each candidate.
+        z: `(rows,)` or `(rows, constraints)` safety state of each candidate; with several
+            constraints an unsafe candidate scores `-n + min(z)`, its worst violation.
         unsafe_penalty: n >= 0.
 
     Returns:
         `(rows,)` scores; every unsafe candidate ranks below every safe one when n exceeds
         the reward range.
     """
-    return torch.where(z >= 0, reward, z - unsafe_penalty)
+    margin = worst_margin(z)
+    return torch.where(margin >= 0, reward, margin - unsafe_penalty)
 
 
 def lagrangian_score(reward: torch.Tensor, cost: torch.Tensor, multiplier: float) -> torch.Tensor:
-    """`R - lambda * C`: the Lagrangian scoring of the baselines. Shapes `(rows,)`."""
-    return reward - multiplier * cost
+    """`R - lambda * C`: the Lagrangian scoring of the baselines.
+
+    `reward` is `(rows,)`; `cost` `(rows,)`, or `(rows, constraints)`, whose costs are
+    summed (one multiplier for every constraint). Returns `(rows,)`."""
+    total = cost if cost.dim() == 1 else cost.sum(dim=-1)
+    return reward - multiplier * total
 
 
 def top_k_per_group(scores: torch.Tensor, group_sizes: list[int], k: int) -> list[torch.Tensor]:

@@ -31,6 +31,11 @@ Choices where the paper is silent:
   for every candidate the search would keep before it keeps any, so beams and
   finished responses always carry the cost model's own costs.
 
+Costs and safety states hold one column per constraint (`inference_safeguard.constraints`):
+`(rows, constraints)`. A candidate is within budget when every column of its state is
+`>= 0`; over budget it ranks by its worst column; a block is resampled when every
+candidate of its prompt breaks some constraint, penalising the tokens of those candidates.
+
 Candidates are scored through a `CandidateEvaluator`: `ModelsEvaluator` (the cost and
 reward models on the text) or `CriticEvaluator` (the latent critic on the hidden states).
 """
@@ -47,6 +52,7 @@ import torch
 
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.constraints import Constraints, budget_vector
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.grammar import RowGrammars
 from inference_safeguard.lm import (
@@ -59,6 +65,7 @@ from inference_safeguard.lm import (
 from inference_safeguard.safety import (
     augmented_score,
     lagrangian_score,
+    over_budget,
     top_k_per_group,
     unsafe_token_mask,
     update_safety_state,
@@ -119,33 +126,36 @@ class CandidateEvaluator(Protocol):
     exact_reward: bool
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
-        """`(rows,)` cumulative cost C(x, y_<=t) of each candidate (maybe an estimate)."""
+        """`(rows, constraints)` cumulative cost C(x, y_<=t) of each candidate under each
+        constraint (maybe an estimate)."""
 
     def model_cost(self, candidates: Candidates) -> torch.Tensor:
-        """`(rows,)` the cost model's own C(x, y_<=t) (what `cost` is when `exact_cost`)."""
+        """`(rows, constraints)` the cost models' own C(x, y_<=t) (what `cost` is when
+        `exact_cost`)."""
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
-        """`(rows,)` reward of each candidate given its `(rows,)` safety state `z`."""
+        """`(rows,)` reward of each candidate given its `(rows, constraints)` safety
+        state `z`."""
 
 
 class ModelsEvaluator:
     """`models` mode: run the cost and reward scorers on the candidates' text.
 
     Args:
-        cost: cost scorer.
+        constraints: the cost scorers, one per constraint.
         reward: reward scorer, or None (the search then ranks by log-likelihood).
     """
 
     exact_cost = True
     exact_reward = True
 
-    def __init__(self, cost: Scorer, reward: Scorer | None) -> None:
-        self.cost_scorer = cost
+    def __init__(self, constraints: Constraints, reward: Scorer | None) -> None:
+        self.constraints = constraints
         self.reward_scorer = reward
         self.has_reward_model = reward is not None
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
-        return self.cost_scorer(candidates.prompt_texts, candidates.texts)
+        return self.constraints.score(candidates.prompt_texts, candidates.texts)
 
     model_cost = cost
 
@@ -164,11 +174,13 @@ class CriticEvaluator:
     model's scale), which the augmented scoring uses while `z >= 0` (over budget, a
     candidate scores `-n + z` as in models mode). The cost is the critic's cost probe
     when `use_probe` (the search then checks only the candidates it keeps with the cost
-    model, see `BlockSearch._settle`), else the cost model's.
+    model, see `BlockSearch._settle`), else the cost model's. The critic learned one
+    `p_safe` for one cost, so it serves a single constraint: costs and safety states
+    are `(rows, 1)`.
 
     Args:
         critic: the latent critic, on the base model's device.
-        cost: the cost model.
+        cost: the cost model of the one constraint.
         use_probe: take costs from the critic's cost probe.
         risk_weight: weight of `1 - p_safe`, in standard deviations of the training
             rewards. DESIGN's `n * (1 - p_safe)` with the unsafe penalty n (1e4) would
@@ -194,14 +206,14 @@ class CriticEvaluator:
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
         if self.use_probe:
-            return self.critic.probe_cost(candidates.hidden)
+            return self.critic.probe_cost(candidates.hidden)[:, None]
         return self.model_cost(candidates)
 
     def model_cost(self, candidates: Candidates) -> torch.Tensor:
-        return self.cost_scorer(candidates.prompt_texts, candidates.texts)
+        return self.cost_scorer(candidates.prompt_texts, candidates.texts)[:, None]
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
-        prediction = self.critic.predict(candidates.hidden, z)
+        prediction = self.critic.predict(candidates.hidden, z[:, 0])
         penalty = self.risk_weight * self.critic.config.reward_std
         return prediction.r_hat - penalty * (1 - prediction.p_safe)
 
@@ -211,7 +223,8 @@ class Finished:
     """A finished response competing for the final answer.
 
     Attributes:
-        cost: the search's cumulative cost (the cost probe's estimate in critic mode).
+        cost: the search's cumulative cost under each constraint, in constraint order (the
+            cost model's own wherever the search keeps a candidate).
         reward: the reward model's value, or None when the search ranked by
             log-likelihood or by the critic's estimates.
         cost_checked: whether `cost` is the cost model's own value of `text` and its
@@ -220,7 +233,7 @@ class Finished:
 
     token_ids: list[int]
     text: str
-    cost: float
+    cost: tuple[float, ...]
     reward: float | None
     score: float
     finish_reason: Literal["stop", "length"]
@@ -250,9 +263,10 @@ class _Rows:
     """Per-row search state aligned with the decode state's rows.
 
     Attributes:
-        cost: `(rows,)` float64 on the CPU: the running max of the costs of the row's
-            block ends; -inf before its first block is scored (nothing said yet).
-        z: `(rows,)` float64 on the CPU: the safety state.
+        cost: `(rows, constraints)` float64 on the CPU: per constraint, the running max of
+            the costs of the row's block ends; -inf before its first block is scored
+            (nothing said yet).
+        z: `(rows, constraints)` float64 on the CPU: the safety state.
         logprob, length: `(rows,)` on the model's device.
         grammar: each row's grammar state, or None when no prompt has a grammar.
     """
@@ -357,7 +371,7 @@ class _Layout:
         block_lens: tokens each group decodes in this step: the block size, less at a
             prompt's last block (prompts that joined at other steps, or with other
             `max_new_tokens`, reach their last block at different steps).
-        configs: each group's prompt's own settings (budget, `max_new_tokens`, stop).
+        configs: each group's prompt's own settings (budgets, `max_new_tokens`, stop).
     """
 
     live: list[int]
@@ -392,10 +406,12 @@ class _Layout:
         )
 
     def budgets(self, rows: torch.Tensor) -> torch.Tensor:
-        """`(n,)` float64 budget of the prompts of `rows` (`(n,)` index into the step's rows)."""
-        return torch.tensor(
-            [self.configs[g].budget for g in self.group_of_row[rows].tolist()], dtype=torch.float64
+        """`(n, constraints)` float64 budgets of the prompts of `rows` (`(n,)` index into
+        the step's rows)."""
+        per_group = torch.tensor(
+            [budget_vector(config) for config in self.configs], dtype=torch.float64
         )
+        return per_group[self.group_of_row[rows]]
 
 
 class BlockSearch:
@@ -404,7 +420,7 @@ class BlockSearch:
     Args:
         lm: the base model.
         evaluator: where candidate costs and rewards come from.
-        scoring: "augmented" (InferenceGuard: `R` if `z >= 0` else `-n + z`),
+        scoring: "augmented" (InferenceGuard: `R` if every `z >= 0` else `-n + min(z)`),
             "reward" (`R`), or "lagrangian" (`R - lambda * C`).
         lagrange_multiplier: lambda of the Lagrangian scoring.
         resample: resample all-unsafe blocks with penalised logits (InferenceGuard).
@@ -538,16 +554,15 @@ class BlockSearch:
             searches[layout.live[group]].candidates_scored += size
         penalty_mask = None
         for _ in range(rounds):
+            unsafe = over_budget(step.rows.z)
             failing = [
-                g
-                for g, z in enumerate(step.rows.z.split(layout.group_sizes))
-                if bool((z < 0).all())
+                g for g, group in enumerate(unsafe.split(layout.group_sizes)) if bool(group.all())
             ]
             if not failing:
                 break
             round_mask = unsafe_token_mask(
                 block.tokens,
-                (step.rows.z < 0).to(block.tokens.device),
+                unsafe.to(block.tokens.device),
                 layout.group_sizes,
                 self.lm.vocab_size,
             )
@@ -700,12 +715,12 @@ class BlockSearch:
         )
         length = parents.length[index] + candidates.new_tokens
         logprob = parents.logprob[index] + block.logprob[index]
-        if not self.scores_cost:  # nothing scored: the final check scores the text
-            estimate = torch.full((len(texts),), -torch.inf, dtype=torch.float64)
-        else:
-            estimate = evaluator.cost(candidates).to(device="cpu", dtype=torch.float64)
         parent = parents.select(index)
         budget = layout.budgets(rows)
+        if not self.scores_cost:  # nothing scored: the final check scores the text
+            estimate = torch.full(budget.shape, -torch.inf, dtype=torch.float64)
+        else:
+            estimate = evaluator.cost(candidates).to(device="cpu", dtype=torch.float64)
         cost, z, reward, score = self._values(
             candidates, estimate, budget, parent, logprob, length, evaluator, config
         )
@@ -741,10 +756,11 @@ class BlockSearch:
         evaluator: CandidateEvaluator,
         config: GuardConfig,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cumulative cost, safety state, reward and score of `(rows,)` candidates whose
-        cost C(x, y_<=t) is `estimate` (`(rows,)` float64 on the CPU, -inf where nothing
-        is scored) and whose budgets are `budget` (`(rows,)` float64 on the CPU);
-        `parent` holds their parents' rows. All four are float64 on the CPU."""
+        """Cumulative cost, safety state, reward and score of candidates whose cost
+        C(x, y_<=t) is `estimate` (`(rows, constraints)` float64 on the CPU, -inf where
+        nothing is scored) and whose budgets are `budget` (`(rows, constraints)` float64 on
+        the CPU); `parent` holds their parents' rows. All four are float64 on the CPU:
+        cost and z `(rows, constraints)`, reward and score `(rows,)`."""
         # Cumulative cost never falls: what has been said cannot be unsaid, and a
         # learned cost model that "forgets" an unsafe prefix must not be exploitable.
         # Before the first block the parent's cost is -inf, so the first cost stands.
@@ -861,7 +877,7 @@ class BlockSearch:
                     Finished(
                         token_ids=step.rows.token_ids[row],
                         text=step.texts[row],
-                        cost=float(step.rows.cost[row]),
+                        cost=tuple(step.rows.cost[row].tolist()),
                         reward=None if step.reward is None else float(step.reward[row]),
                         score=float(score[row]),
                         finish_reason=reason,
@@ -869,7 +885,7 @@ class BlockSearch:
                         complete=step.rows.grammar is None or step.rows.grammar.complete(row),
                     )
                 )
-            if run.commit == "block" and float(step.rows.z[top[0]]) >= 0:
+            if run.commit == "block" and not bool(over_budget(step.rows.z[top[:1]])[0]):
                 run.committed = step.rows.token_ids[int(top[0])]
                 kept = [r for r in kept if _starts_with(step.rows.token_ids[r], run.committed)]
                 search.finished = [
@@ -985,10 +1001,11 @@ class RunningSearch:
         lm = self.search.lm
         state = lm.prefill([p.ids for p in prompts])
         device = state.logits.device
+        z = torch.tensor([budget_vector(c) for c in configs], dtype=torch.float64)
         rows = _Rows(
             token_ids=[[] for _ in prompts],
-            cost=torch.full((len(prompts),), -torch.inf, dtype=torch.float64),
-            z=torch.tensor([c.budget for c in configs], dtype=torch.float64),
+            cost=torch.full(z.shape, -torch.inf, dtype=torch.float64),
+            z=z,
             logprob=torch.zeros(len(prompts), device=device),
             length=torch.zeros(len(prompts), device=device),
             grammar=lm.row_grammars([p.constraint for p in prompts]),

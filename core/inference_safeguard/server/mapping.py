@@ -248,10 +248,17 @@ def withheld(error: UnsafeGenerationError) -> GuardResult:
 
 def safety_record(result: GuardResult) -> SafetyRecord:
     record = result.safety_record()
-    cost = record["cost"]
+    constraints = {
+        name: {**entry, "cost": _finite_or_none(entry["cost"])}
+        for name, entry in record["constraints"].items()
+    }
     return SafetyRecord.model_validate(
-        {**record, "cost": cost if isinstance(cost, float) and math.isfinite(cost) else None}
+        {**record, "cost": _finite_or_none(record["cost"]), "constraints": constraints}
     )
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 def usage(result: GuardResult) -> Usage:

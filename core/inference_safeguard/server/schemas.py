@@ -101,9 +101,18 @@ class CompletionRequest(_GenerationRequest):
 OpenAIFinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
+class ConstraintRecord(BaseModel):
+    """One constraint's outcome on a response; a non-finite cost is sent as null."""
+
+    cost: float | None
+    budget: float
+    safe: bool
+
+
 class SafetyRecord(BaseModel):
     """The safety outcome of one response (`GuardResult.safety_record`); a cost that is
-    not a finite number is sent as null (JSON has no infinities)."""
+    not a finite number is sent as null (JSON has no infinities). `cost` and `budget` are
+    the worst constraint's; `constraints` has each constraint's by name."""
 
     safe: bool
     cost: float | None
@@ -111,6 +120,7 @@ class SafetyRecord(BaseModel):
     reward: float | None
     refused: bool
     resample_rounds: int
+    constraints: dict[str, ConstraintRecord] = {}
 
 
 class Usage(BaseModel):
