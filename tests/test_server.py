@@ -156,6 +156,7 @@ def test_chat_completion_has_openai_shape_and_a_safety_record(client):
         "reward": None,
         "refused": False,
         "resample_rounds": 0,
+        "constraints": {"cost": {"cost": 0.0, "budget": 0.0, "safe": True}},
     }
     usage = body["usage"]
     assert usage["completion_tokens"] > 0
