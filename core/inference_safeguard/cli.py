@@ -26,6 +26,11 @@ from typing import Any
 
 import torch
 
+from inference_safeguard.cli_constraints import (
+    add_constraint_option,
+    constraint_specs,
+    load_constraints,
+)
 from inference_safeguard.cli_options import (
     CommandLineError,
     add_config_option,
@@ -158,6 +163,7 @@ def _add_scorer_and_search_options(parser: argparse.ArgumentParser, *, costs_tit
     """The cost, reward and critic options, and every `GuardConfig` field that a command
     line can set, read by `_load_costs`, `_load_guard` and `guard_config`."""
     scorers = parser.add_argument_group(costs_title)
+    add_constraint_option(scorers)
     add_cost_keywords_option(scorers)
     scorers.add_argument(
         "--cost-regex",
@@ -219,6 +225,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def _check_costs(args: argparse.Namespace, *, command: str) -> None:
     """Refuse, before any load, cost options that do not go together, and a `--model`
     without a cost."""
+    constraint_specs(args)
     if args.cost_template is not None and args.cost_model is None:
         raise CommandLineError(
             "--cost-template formats the input of --cost-model; add --cost-model"
@@ -226,12 +233,18 @@ def _check_costs(args: argparse.Namespace, *, command: str) -> None:
     if args.model is not None and not _costs_given(args):
         raise CommandLineError(
             f"{command} needs a cost: pass --cost-keywords, --cost-regex, --cost-model or "
-            "--guard-model (several are added up)"
+            "--guard-model (several are added up), or named constraints with --constraint"
         )
 
 
 def _costs_given(args: argparse.Namespace) -> bool:
-    return bool(args.cost_keywords or args.cost_regex or args.cost_model or args.guard_model)
+    return bool(
+        args.cost_keywords
+        or args.cost_regex
+        or args.cost_model
+        or args.guard_model
+        or args.constraint
+    )
 
 
 def _load_costs(args: argparse.Namespace) -> Scorer:
@@ -251,12 +264,15 @@ def _load_costs(args: argparse.Namespace) -> Scorer:
 def _load_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard:
     """The `InferenceGuard` of `--model` with the costs, reward and critic given."""
     critic = None if args.critic is None else LatentCritic.load(args.critic)
-    cost = _load_costs(args)
+    specs = constraint_specs(args)
+    costs = load_constraints(specs, args) if specs else None
+    cost = None if specs else _load_costs(args)
     reward = load_reward(args)
     with loading("--model", args.model):
         return InferenceGuard.from_pretrained(
             args.model,
             cost=cost,
+            costs=costs,
             reward=reward,
             critic=critic,
             config=config,
@@ -419,7 +435,8 @@ def _demo_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
     from inference_safeguard.demo import load_demo_world  # heavy: loads the world's models
 
     world = load_demo_world(device=args.device or "cpu")
-    if args.budget is None:
+    specs = constraint_specs(args)
+    if args.budget is None and not specs:
         config = config.with_overrides(budget=world.budget)
     critic = None if args.critic is None else LatentCritic.load(args.critic)
     if critic is None and config.scorer == "critic":
@@ -427,7 +444,8 @@ def _demo_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
     return InferenceGuard(
         world.model,
         world.tokenizer,
-        cost=_load_costs(args) if _costs_given(args) else world.cost,
+        cost=None if specs else _load_costs(args) if _costs_given(args) else world.cost,
+        costs=load_constraints(specs, args, world.cost) if specs else None,
         reward=load_reward(args) or world.reward,
         critic=critic,
         config=config,
@@ -445,10 +463,18 @@ def _record(result: GuardResult) -> dict[str, Any]:
 
 
 def _as_text(result: GuardResult) -> str:
-    """The response, a blank line, then the record as aligned `name  value` lines."""
+    """The response, a blank line, then the record as aligned `name  value` lines, each
+    constraint on its own line (`constraint[NAME]  cost / budget  safe|over`)."""
     record = _record(result)
-    width = max(map(len, record))
-    lines = [f"{name:<{width}}  {_format_value(value)}" for name, value in record.items()]
+    constraints = record.pop("constraints")
+    rows = {name: _format_value(value) for name, value in record.items()}
+    for name, outcome in constraints.items():
+        verdict = "safe" if outcome["safe"] else "over"
+        rows[f"constraint[{name}]"] = (
+            f"{_format_value(outcome['cost'])} / {_format_value(outcome['budget'])}  {verdict}"
+        )
+    width = max(map(len, rows))
+    lines = [f"{name:<{width}}  {value}" for name, value in rows.items()]
     return "\n".join([result.text, "", *lines])
 
 
