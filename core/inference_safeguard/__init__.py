@@ -12,6 +12,7 @@ from inference_safeguard.engine import GuardEngine
 from inference_safeguard.errors import (
     ChatTemplateError,
     CheckpointKindError,
+    ConstraintError,
     CriticError,
     CriticFileError,
     CriticMismatchError,
@@ -28,11 +29,14 @@ from inference_safeguard.errors import (
     RefusalOverBudgetWarning,
     SafeguardError,
     ScorerOutputError,
+    SessionBudgetSpentError,
+    SessionStateError,
     UnsafeGenerationError,
 )
 from inference_safeguard.extras import MissingExtraError
 from inference_safeguard.guard import InferenceGuard
-from inference_safeguard.results import GenerationStats, GuardResult
+from inference_safeguard.results import ConstraintOutcome, GenerationStats, GuardResult
+from inference_safeguard.session import SafetySession
 
 try:
     __version__ = version("inference-safeguard")
@@ -42,6 +46,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 __all__ = [
     "ChatTemplateError",
     "CheckpointKindError",
+    "ConstraintError",
+    "ConstraintOutcome",
     "CriticError",
     "CriticFileError",
     "CriticMismatchError",
@@ -64,7 +70,10 @@ __all__ = [
     "PromptTooLongError",
     "RefusalOverBudgetWarning",
     "SafeguardError",
+    "SafetySession",
     "ScorerOutputError",
+    "SessionBudgetSpentError",
+    "SessionStateError",
     "UnsafeGenerationError",
     "__version__",
 ]

@@ -32,9 +32,15 @@ from inference_safeguard.identity import (
     tokenizer_fingerprint,
 )
 from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
-from inference_safeguard.results import FinishReason, GenerationStats, GuardResult
+from inference_safeguard.results import (
+    ConstraintOutcome,
+    FinishReason,
+    GenerationStats,
+    GuardResult,
+)
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.search import PromptSearch
+from inference_safeguard.session import SafetySession
 from inference_safeguard.streaming import AsyncGuardStream, GuardStream
 from inference_safeguard.tools import (
     ToolSpec,
@@ -127,7 +133,12 @@ class Decoder(ABC):
 
     # ----------------------------------------------------------------- public API
     def generate(
-        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+        self,
+        prompt: PromptInput,
+        *,
+        tools: ToolsInput = None,
+        session: SafetySession | None = None,
+        **overrides: Any,
     ) -> GuardResult:
         """Generate one response.
 
@@ -135,8 +146,17 @@ class Decoder(ABC):
             prompt: plain text (used as is) or a chat message list (chat template applied).
             tools: tools the model may call (`ToolSpec`s or OpenAI-style dicts); parse the
                 response with `inference_safeguard.tools.parse_tool_calls`.
+            session: a `SafetySession` whose remaining budget this call is held to (and its
+                own, whichever is smaller) and charged with; once it is spent, the call
+                refuses or raises without generating (see `inference_safeguard.session`).
             **overrides: `GuardConfig` fields for this call only.
         """
+        if session is not None:
+            return session.run(
+                self,
+                overrides,
+                lambda budgeted: self.generate_batch([prompt], tools=tools, **budgeted)[0],
+            )
         return self.generate_batch([prompt], tools=tools, **overrides)[0]
 
     def generate_batch(
@@ -195,14 +215,30 @@ class Decoder(ABC):
         return results
 
     async def agenerate(
-        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+        self,
+        prompt: PromptInput,
+        *,
+        tools: ToolsInput = None,
+        session: SafetySession | None = None,
+        **overrides: Any,
     ) -> GuardResult:
         """`generate` in a worker thread, so the event loop keeps running.
 
         Cancelling the awaiting task (`task.cancel()`, `asyncio.wait_for` timing out)
         stops the search within one decoded token; the cancellation completes once it
-        has stopped.
+        has stopped (a cancelled call charges nothing to `session`).
         """
+        if session is not None:
+            cancel = threading.Event()
+
+            def work() -> GuardResult:
+                return session.run(
+                    self,
+                    overrides,
+                    lambda budgeted: self._generate_batch([prompt], tools, budgeted, cancel)[0],
+                )
+
+            return await run_in_worker(work, cancel.set)
         [result] = await self.agenerate_batch([prompt], tools=tools, **overrides)
         return result
 
@@ -384,6 +420,32 @@ class Decoder(ABC):
     ) -> list[GuardResult]:
         """What to do with scored results; baselines report them as they are."""
         return results
+
+    def withheld(
+        self, config: GuardConfig, budgets: Mapping[str, float], spent: Sequence[str]
+    ) -> GuardResult:
+        """The result of a call that did not generate because a safety session is spent:
+        `config.refusal_text`, `refused=True`, `finish_reason="safety"`; each constraint
+        reports a cost of 0 against the budget the call would have had (`budgets`, what
+        the session left), and is unsafe where it is `spent`."""
+        ids = self.lm.tokenizer(config.refusal_text, add_special_tokens=False)["input_ids"]
+        outcomes = tuple(
+            ConstraintOutcome(name, 0.0, budgets[name], name not in spent)
+            for name in self.constraints.names
+        )
+        least = worst(outcomes)
+        return GuardResult(
+            text=config.refusal_text,
+            token_ids=list(ids),
+            safe=False,
+            cost=least.cost,
+            reward=None,
+            refused=True,
+            finish_reason="safety",
+            budget=least.budget,
+            stats=GenerationStats(completion_tokens=len(ids)),
+            constraints=outcomes,
+        )
 
 
 def _derived_seed(seed: int, token_ids: Sequence[int]) -> int:

@@ -77,6 +77,7 @@ from inference_safeguard.search import (
     PromptSearch,
     RunningSearch,
 )
+from inference_safeguard.session import SafetySession
 from inference_safeguard.streaming import AsyncGuardStream, GuardStream
 
 PER_REQUEST_FIELDS = frozenset(
@@ -275,9 +276,19 @@ class GuardEngine:
         *,
         tools: ToolsInput = None,
         timeout: float | None = None,
+        session: SafetySession | None = None,
         **overrides: Any,
     ) -> GuardResult:
-        """`Decoder.generate` through the engine; blocks until the response is ready."""
+        """`Decoder.generate` through the engine; blocks until the response is ready. With
+        a `session`, the request is held to (and charged to) its remaining budget."""
+        if session is not None:
+            return session.run(
+                self.guard,
+                overrides,
+                lambda budgeted: self.generate_batch(
+                    [prompt], tools=tools, timeout=timeout, **budgeted
+                )[0],
+            )
         return self.generate_batch([prompt], tools=tools, timeout=timeout, **overrides)[0]
 
     def generate_batch(
@@ -308,9 +319,15 @@ class GuardEngine:
         *,
         tools: ToolsInput = None,
         timeout: float | None = None,
+        session: SafetySession | None = None,
         **overrides: Any,
     ) -> GuardResult:
-        """`generate` for async code; cancelling the awaiting task cancels the request."""
+        """`generate` for async code; cancelling the awaiting task cancels the request.
+        With a `session`, the call waits in a worker thread for the session's turn."""
+        if session is not None:
+            return await asyncio.to_thread(
+                self.generate, prompt, tools=tools, timeout=timeout, session=session, **overrides
+            )
         [result] = await self.agenerate_batch([prompt], tools=tools, timeout=timeout, **overrides)
         return result
 

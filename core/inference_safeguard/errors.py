@@ -46,6 +46,22 @@ class ConstraintError(SafeguardError, ValueError):
     does not have, or a setting that needs exactly one constraint."""
 
 
+class SessionBudgetSpentError(SafeguardError):
+    """A safety session's budget is spent, so the call did not generate.
+
+    Attributes:
+        remaining: what is left of each constraint's session budget.
+    """
+
+    def __init__(self, message: str, remaining: dict[str, float]) -> None:
+        super().__init__(message)
+        self.remaining = remaining
+
+
+class SessionStateError(SafeguardError, ValueError):
+    """A safety session's saved state is malformed or of another version."""
+
+
 class ModelLoadError(SafeguardError, OSError):
     """A model or tokenizer cannot be loaded from what was named: no such local directory
     or hub name, a directory without a checkpoint, or incomplete or corrupted files."""
