@@ -17,6 +17,7 @@ import torch
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -40,6 +41,7 @@ from inference_safeguard.decoder import Decoder
 from inference_safeguard.engine import GuardEngine, shared_engine
 from inference_safeguard.identity import digest
 from inference_safeguard.scorers import Scorer
+from inference_safeguard.session import SafetySession, SafetySessions
 from inference_safeguard.tools import read_tool_call
 from langchain_safeguard._loading import ModelSource, load_model
 
@@ -136,6 +138,17 @@ class SafeguardParams(BaseModel):
     streaming: bool = False
     """Whether `invoke` decodes through the stream (firing `on_llm_new_token`)."""
 
+    session_budgets: dict[str, float] | None = None
+    """Total safety budget per constraint name of each session (conversation, agent run):
+    a call whose `RunnableConfig` names a session (`configurable[session_key]`, as
+    `RunnableWithMessageHistory` does) is held to and charged to that session's remaining
+    budget (see `inference_safeguard.session`). None: no sessions."""
+    session_key: str = "session_id"
+    """The `configurable` key (copied into the run's metadata) that names the session."""
+    session_on_spent: Literal["refuse", "raise"] = "refuse"
+    """A spent session's next call: return the refusal text without generating, or raise
+    `SessionBudgetSpentError`."""
+
     budget: float | None = None
     """Safety budget d: a response is safe iff its cost C(x, y) <= budget."""
     budgets: dict[str, float] | None = None
@@ -187,6 +200,7 @@ class SafeguardParams(BaseModel):
 
     _loaded_guard: Decoder | None = PrivateAttr(default=None)
     _engine: GuardEngine | None = PrivateAttr(default=None)
+    _sessions: SafetySessions | None = PrivateAttr(default=None)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -349,6 +363,42 @@ class SafeguardParams(BaseModel):
         if self.model:
             return self.model
         return self.load_guard().lm.name  # `guard` is set, checked at construction
+
+    # ----------------------------------------------------------------- sessions
+    @property
+    def sessions(self) -> SafetySessions | None:
+        """The sessions of `session_budgets` by id (None without them); save them with
+        `to_dict`, restore one with `put(SafetySession.from_dict(...))`."""
+        if self.session_budgets is None:
+            return None
+        if self._sessions is None:
+            with _BUILD_LOCK:
+                if self._sessions is None:
+                    self._sessions = SafetySessions(
+                        self.session_budgets, on_spent=self.session_on_spent
+                    )
+        return self._sessions
+
+    def with_session(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` of a call, with `session=` the session its `RunnableConfig` names
+        (`configurable[session_key]`) unless the call passed one itself."""
+        sessions = self.sessions
+        if sessions is None or kwargs.get("session") is not None:
+            return kwargs
+        session_id = ensure_config(config).get("configurable", {}).get(self.session_key)
+        if session_id is None:
+            return kwargs
+        return {**kwargs, "session": sessions.get(str(session_id))}
+
+    @staticmethod
+    def session_of(kwargs: dict[str, Any]) -> SafetySession | None:
+        """The session a call is charged to (`session=`), taken out of `kwargs`, or None."""
+        given = kwargs.pop("session", None)
+        if given is not None and not isinstance(given, SafetySession):
+            raise TypeError(
+                f"session must be an inference_safeguard.SafetySession, got {type(given).__name__}"
+            )
+        return given
 
     # ----------------------------------------------------------------- settings
     def config_overrides(

@@ -177,10 +177,13 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        session = self.session_of(kwargs)
         call = self._prepare(messages, stop, kwargs)
-        result = self._planned(call)
+        result = None if session is not None else self._planned(call)
         if result is None:
-            result = call.runner.generate(call.prompt, tools=call.tools, **call.overrides)
+            result = call.runner.generate(
+                call.prompt, tools=call.tools, session=session, **call.overrides
+            )
         return ChatResult(generations=[ChatGeneration(message=self._message(result, call))])
 
     async def _agenerate(
@@ -191,10 +194,13 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         await self._aload_guard()
+        session = self.session_of(kwargs)
         call = self._prepare(messages, stop, kwargs)
-        result = await self._aplanned(call)
+        result = None if session is not None else await self._aplanned(call)
         if result is None:
-            result = await call.runner.agenerate(call.prompt, tools=call.tools, **call.overrides)
+            result = await call.runner.agenerate(
+                call.prompt, tools=call.tools, session=session, **call.overrides
+            )
         return ChatResult(generations=[ChatGeneration(message=self._message(result, call))])
 
     def _stream(
@@ -204,8 +210,16 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        # A session's call is charged once it is over, so its text comes at once.
+        session = self.session_of(kwargs)
         call = self._prepare(messages, stop, kwargs)
-        result = self._planned(call)
+        result = (
+            self._planned(call)
+            if session is None
+            else call.runner.generate(
+                call.prompt, tools=call.tools, session=session, **call.overrides
+            )
+        )
         if result is not None:
             for chunk in self._result_chunks(result, call, ToolCallHoldback()):
                 if run_manager:
@@ -236,8 +250,14 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         await self._aload_guard()
+        session = self.session_of(kwargs)
         call = self._prepare(messages, stop, kwargs)
-        result = await self._aplanned(call)
+        if session is None:
+            result = await self._aplanned(call)
+        else:
+            result = await call.runner.agenerate(
+                call.prompt, tools=call.tools, session=session, **call.overrides
+            )
         if result is not None:
             for chunk in self._result_chunks(result, call, ToolCallHoldback()):
                 if run_manager:
@@ -260,6 +280,51 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
             yield chunk
 
     # ------------------------------------------------------------------ batching
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        """LangChain's `invoke`; a session named in `config` (see `session_budgets`) is
+        charged with the call."""
+        return super().invoke(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        """`invoke` for async code."""
+        return await super().ainvoke(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """LangChain's `stream`; a session's call yields its text once it is charged."""
+        return super().stream(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        """`stream` for async code."""
+        return super().astream(input, config, stop=stop, **self.with_session(config, kwargs))
+
     def batch(
         self,
         inputs: list[LanguageModelInput],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -243,3 +244,76 @@ def _check_entry(name: Any, value: Any, field: str) -> None:
 def _without_budget(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`overrides` less `budget`/`budgets`, which the session's budgets replace."""
     return {k: v for k, v in overrides.items() if k not in ("budget", "budgets")}
+
+
+class SafetySessions:
+    """Safety sessions by id (a conversation, a user, an agent run), each created on first
+    use with the same total budgets; thread-safe.
+
+    Args:
+        budgets: total budget per constraint name of every new session.
+        on_spent: what a spent session's next call does (see `SafetySession`).
+        max_sessions: most sessions kept; beyond it the least recently used is
+            forgotten (its next call starts a fresh budget). None: no limit.
+
+    Raises:
+        ConstraintError: malformed `budgets` (as `SafetySession`).
+        ValueError: `max_sessions` below 1.
+    """
+
+    def __init__(
+        self,
+        budgets: Mapping[str, float],
+        *,
+        on_spent: OnSpent = "refuse",
+        max_sessions: int | None = None,
+    ) -> None:
+        SafetySession(budgets, on_spent=on_spent)  # checks the arguments once
+        if max_sessions is not None and max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1 or None, got {max_sessions}")
+        self.budgets = dict(budgets)
+        self.on_spent: OnSpent = on_spent
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, SafetySession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str) -> SafetySession:
+        """The session of `session_id`, created with the budgets on first use."""
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"a session id must be a non-empty string, got {session_id!r}")
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                session = SafetySession(self.budgets, on_spent=self.on_spent, session_id=session_id)
+                self._sessions[session_id] = session
+                if self.max_sessions is not None and len(self._sessions) > self.max_sessions:
+                    self._sessions.popitem(last=False)
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def put(self, session: SafetySession) -> None:
+        """Keep `session` (e.g. restored with `SafetySession.from_dict`) under its id."""
+        if not session.session_id:
+            raise ValueError("only a session with a session_id can be kept by id")
+        with self._lock:
+            self._sessions[session.session_id] = session
+            self._sessions.move_to_end(session.session_id)
+
+    def drop(self, session_id: str) -> None:
+        """Forget a session (its next call starts a fresh budget)."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def __contains__(self, session_id: object) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every session's state by id (`SafetySession.to_dict`)."""
+        with self._lock:
+            sessions = list(self._sessions.items())
+        return {session_id: session.to_dict() for session_id, session in sessions}
