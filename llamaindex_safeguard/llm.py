@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ from inference_safeguard.guard import CriticInput, InferenceGuard
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.results import GuardResult
 from inference_safeguard.scorers import Scorer
+from inference_safeguard.session import SafetySession
 from inference_safeguard.streaming import AsyncGuardStream, GuardStream
 from inference_safeguard.tools import (
     ParsedResponse,
@@ -225,6 +227,7 @@ class SafeguardLLM(FunctionCallingLLM):
 
     _guard: Decoder = PrivateAttr()
     _engine: GuardEngine | None = PrivateAttr(default=None)
+    _session: SafetySession | None = PrivateAttr(default=None)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -338,6 +341,43 @@ class SafeguardLLM(FunctionCallingLLM):
     def _runner(self) -> Decoder | GuardEngine:
         return self._engine or self._guard
 
+    # ------------------------------------------------------------------ sessions
+    def with_session(self, session: SafetySession) -> SafeguardLLM:
+        """A copy of this LLM (same decoder, engine and settings) whose every call is held
+        to and charged to `session` (see `inference_safeguard.session`): give it to one
+        chat engine, or to a `FunctionAgent`, so that the whole conversation or agent run
+        spends one budget. A stream of it yields its text at once, after the charge."""
+        if not isinstance(session, SafetySession):
+            raise TypeError(
+                f"session must be an inference_safeguard.SafetySession, got "
+                f"{type(session).__name__}"
+            )
+        bound = self.model_copy()
+        bound._session = session
+        return bound
+
+    @property
+    def session(self) -> SafetySession | None:
+        """The session this LLM's calls are charged to, or None."""
+        return self._session
+
+    def _stream(self, prompt: PromptInput, **kwargs: Any) -> GuardStream:
+        """The decoder's stream, or with a session, one that yields the charged call's text."""
+        if self._session is None:
+            return self._guard.stream(prompt, **kwargs)
+        return GuardStream(self._charged(prompt, kwargs), threading.Event())
+
+    def _astream(self, prompt: PromptInput, **kwargs: Any) -> AsyncGuardStream:
+        return AsyncGuardStream(self._stream(prompt, **kwargs))
+
+    def _charged(
+        self, prompt: PromptInput, kwargs: dict[str, Any]
+    ) -> Generator[str, None, GuardResult]:
+        result = self._guard.generate(prompt, session=self._session, **kwargs)
+        if result.text:
+            yield result.text
+        return result
+
     @property
     def config(self) -> GuardConfig:
         """The config of a call without keyword overrides: the guard's, with the fields
@@ -383,7 +423,9 @@ class SafeguardLLM(FunctionCallingLLM):
         """Complete `prompt`; keyword arguments are `GuardConfig` overrides."""
         prompt_input = self._completion_prompt(prompt, formatted)
         slot = self._track()
-        result = self._runner.generate(prompt_input, **self._overrides(kwargs))
+        result = self._runner.generate(
+            prompt_input, session=self._session, **self._overrides(kwargs)
+        )
         slot.fill(result.safety_record())
         return CompletionResponse(
             text=result.text, raw=_raw(result), additional_kwargs=_extra(result)
@@ -396,7 +438,7 @@ class SafeguardLLM(FunctionCallingLLM):
         """Stream the completion as the search commits it; the last chunk (empty
         delta) carries the safety record."""
         prompt_input = self._completion_prompt(prompt, formatted)
-        stream = self._guard.stream(prompt_input, **self._overrides(kwargs))
+        stream = self._stream(prompt_input, **self._overrides(kwargs))
         slot = self._track()
 
         def chunks() -> CompletionResponseGen:
@@ -421,7 +463,9 @@ class SafeguardLLM(FunctionCallingLLM):
         """`complete` without blocking the event loop."""
         prompt_input = self._completion_prompt(prompt, formatted)
         slot = self._track()
-        result = await self._runner.agenerate(prompt_input, **self._overrides(kwargs))
+        result = await self._runner.agenerate(
+            prompt_input, session=self._session, **self._overrides(kwargs)
+        )
         slot.fill(result.safety_record())
         return CompletionResponse(
             text=result.text, raw=_raw(result), additional_kwargs=_extra(result)
@@ -435,9 +479,7 @@ class SafeguardLLM(FunctionCallingLLM):
         are committed."""
         prompt_input = self._completion_prompt(prompt, formatted)
         # The prompt is checked (and tokenized) as the stream starts: off the event loop.
-        stream = await asyncio.to_thread(
-            self._guard.astream, prompt_input, **self._overrides(kwargs)
-        )
+        stream = await asyncio.to_thread(self._astream, prompt_input, **self._overrides(kwargs))
         slot = self._track()
 
         async def chunks() -> CompletionResponseAsyncGen:
@@ -465,7 +507,9 @@ class SafeguardLLM(FunctionCallingLLM):
         tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         slot = self._track()
-        result = self._runner.generate(prompt, tools=specs or None, **overrides)
+        result = self._runner.generate(
+            prompt, tools=specs or None, session=self._session, **overrides
+        )
         slot.fill(result.safety_record())
         return _chat_response(result, tools)
 
@@ -477,7 +521,7 @@ class SafeguardLLM(FunctionCallingLLM):
         overrides = self._overrides(kwargs)
         tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
-        stream = self._guard.stream(prompt, tools=specs or None, **overrides)
+        stream = self._stream(prompt, tools=specs or None, **overrides)
         slot = self._track()
 
         def chunks() -> ChatResponseGen:
@@ -499,7 +543,9 @@ class SafeguardLLM(FunctionCallingLLM):
         tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         slot = self._track()
-        result = await self._runner.agenerate(prompt, tools=specs or None, **overrides)
+        result = await self._runner.agenerate(
+            prompt, tools=specs or None, session=self._session, **overrides
+        )
         slot.fill(result.safety_record())
         return _chat_response(result, tools)
 
@@ -514,9 +560,7 @@ class SafeguardLLM(FunctionCallingLLM):
         tools = self._offered(specs, overrides)
         prompt = self._chat_prompt(messages, tools)
         # The prompt is checked (and tokenized) as the stream starts: off the event loop.
-        stream = await asyncio.to_thread(
-            self._guard.astream, prompt, tools=specs or None, **overrides
-        )
+        stream = await asyncio.to_thread(self._astream, prompt, tools=specs or None, **overrides)
         slot = self._track()
 
         async def chunks() -> ChatResponseAsyncGen:
