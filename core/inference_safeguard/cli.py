@@ -39,6 +39,7 @@ from inference_safeguard.cli_options import (
     base_model_options,
     from_pretrained_options,
     guard_config,
+    json_object,
     load_reward,
     loading,
     parse_regex_cost,
@@ -61,6 +62,7 @@ from inference_safeguard.scorers import (
     GuardModelCost,
     Scorer,
 )
+from inference_safeguard.session import SafetySessions
 from inference_safeguard.training.cli import add_train_critic_command
 
 EXIT_USAGE = 2
@@ -376,6 +378,22 @@ def _add_serve(subcommands: argparse._SubParsersAction) -> None:
         "Retry-After (default: %(default)s)",
     )
     engine.add_argument(
+        "--session-budgets",
+        type=json_object,
+        metavar="JSON",
+        help="keep safety sessions: the total budget per constraint name of each session a "
+        "request names (safety_session or the X-Safety-Session header), e.g. "
+        "'{\"cost\": 1.0}' (default: no sessions)",
+    )
+    engine.add_argument(
+        "--max-sessions",
+        type=positive_int,
+        default=10000,
+        metavar="N",
+        help="most safety sessions kept; beyond it the least recently used is forgotten "
+        "(default: %(default)s)",
+    )
+    engine.add_argument(
         "--request-timeout",
         type=positive_float,
         metavar="SECONDS",
@@ -397,6 +415,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     _check_address(args.host, args.port)
     guard = _load_guard(args, config) if args.model is not None else _demo_guard(args, config)
+    sessions = _sessions(args, guard)
     engine = GuardEngine(guard, max_rows=args.max_rows, max_queued=args.max_queued)
     try:
         app = create_app(
@@ -405,11 +424,28 @@ def run_serve(args: argparse.Namespace) -> int:
             api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
             max_prompt_tokens=args.max_prompt_tokens,
             request_timeout=args.request_timeout,
+            sessions=sessions,
         )
         uvicorn.run(app, host=args.host, port=args.port)
     finally:
         engine.close()  # requests still queued or running fail with a 503
     return 0
+
+
+def _sessions(args: argparse.Namespace, guard: InferenceGuard) -> SafetySessions | None:
+    """The safety sessions of `--session-budgets`, checked against the guard's constraints."""
+    if args.session_budgets is None:
+        return None
+    unknown = sorted(set(args.session_budgets) - set(guard.constraints.names))
+    if unknown:
+        raise CommandLineError(
+            f"--session-budgets names {unknown}, which are not constraints of the guard; its "
+            f"constraints are {list(guard.constraints.names)}"
+        )
+    try:
+        return SafetySessions(args.session_budgets, max_sessions=args.max_sessions)
+    except ValueError as exc:
+        raise CommandLineError(f"--session-budgets: {exc}") from exc
 
 
 def _check_address(host: str, port: int) -> None:

@@ -52,12 +52,16 @@ from inference_safeguard.server.schemas import (
     completion_id,
 )
 from inference_safeguard.server.sse import chat_events, completion_events
+from inference_safeguard.session import SafetySession, SafetySessions
 from inference_safeguard.tools import as_tool_specs
 
 T = TypeVar("T")
 
 DISCONNECT_POLL_SECONDS = 0.5
 """How often a request being generated checks whether its client is still there."""
+
+SESSION_HEADER = "x-safety-session"
+"""The request header that names a safety session (as the `safety_session` field does)."""
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
@@ -73,6 +77,7 @@ def create_app(
     api_key: str | None = None,
     max_prompt_tokens: int | None = None,
     request_timeout: float | None = None,
+    sessions: SafetySessions | None = None,
 ) -> FastAPI:
     """The HTTP app that serves `backend` as the model `model_name`.
 
@@ -88,6 +93,11 @@ def create_app(
         request_timeout: seconds a response may take before the backend stops it (504);
             passed to the backend as `timeout=`, which the engine takes and a bare
             decoder does not. None: no limit.
+        sessions: the safety sessions a request may name (`safety_session`, or the
+            `X-Safety-Session` header): its call is held to and charged to that
+            session's remaining budget, and refused without generating once it is spent.
+            A session's streamed response comes in one piece, once it is charged. None:
+            requests naming a session are refused (400).
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
@@ -128,15 +138,40 @@ def create_app(
                 code="context_length_exceeded",
             )
 
-    async def generate(call: Call, request: Request) -> GuardResult:
+    def session_of(
+        body: ChatCompletionRequest | CompletionRequest, request: Request
+    ) -> dict[str, SafetySession] | None:
+        """`{"session": the safety session the request names}`, or None when it names none."""
+        session_id = body.safety_session or request.headers.get(SESSION_HEADER)
+        if not session_id:
+            return None
+        if sessions is None:
+            raise APIError(
+                400,
+                "this server keeps no safety sessions; start it with session budgets "
+                "(`safeguard serve --session-budgets '{\"cost\": 1.0}'`) or leave "
+                "safety_session out",
+                param="safety_session",
+            )
+        return {"session": sessions.get(session_id)}
+
+    async def generate(
+        call: Call, request: Request, session: dict[str, SafetySession] | None = None
+    ) -> GuardResult:
         await _as_api_error(check_prompt(call), call)
-        work = backend.agenerate(call.prompt, tools=call.tools, **limits, **call.overrides)
+        work = backend.agenerate(
+            call.prompt, tools=call.tools, **limits, **(session or {}), **call.overrides
+        )
         try:
             return await _as_api_error(_unless_disconnected(request, work), call)
         except UnsafeGenerationError as error:
             return withheld(error)
 
-    async def open_stream(call: Call) -> ResultStream:
+    async def open_stream(
+        call: Call, request: Request, session: dict[str, SafetySession] | None = None
+    ) -> ResultStream:
+        if session is not None:  # charged once it is over: the text comes in one piece
+            return _Settled(await generate(call, request, session))
         await _as_api_error(check_prompt(call), call)
         try:
             return backend.astream(call.prompt, tools=call.tools, **limits, **call.overrides)
@@ -149,11 +184,12 @@ def create_app(
     ) -> ChatCompletion | StreamingResponse | Response:
         check_model(body.model, model_name)
         call = chat_call(body, backend.config)
+        session = session_of(body, request)
         if body.stream:
-            stream = await open_stream(call)
+            stream = await open_stream(call, request, session)
             return _event_stream(chat_events(stream, call, model_name, observer("chat")))
         try:
-            result = await generate(call, request)
+            result = await generate(call, request, session)
         except ClientGone:
             return Response(status_code=499)
         response = parsed(result, call)
@@ -177,13 +213,14 @@ def create_app(
     ) -> Completion | StreamingResponse | Response:
         check_model(body.model, model_name)
         call = completion_call(body, backend.config)
+        session = session_of(body, request)
         if body.stream:
-            stream = await open_stream(call)
+            stream = await open_stream(call, request, session)
             return _event_stream(
                 completion_events(stream, call, model_name, observer("completion"))
             )
         try:
-            result = await generate(call, request)
+            result = await generate(call, request, session)
         except ClientGone:
             return Response(status_code=499)
         reason = finish_reason(result, parsed(result, call))
@@ -260,6 +297,25 @@ class _Gate:
         finally:
             self.metrics.in_progress.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+class _Settled:
+    """A finished result as a `ResultStream`: its whole text as one delta."""
+
+    def __init__(self, result: GuardResult) -> None:
+        self.result = result
+        self._pending = [result.text] if result.text else []
+
+    def __aiter__(self) -> _Settled:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self._pending:
+            raise StopAsyncIteration
+        return self._pending.pop()
+
+    async def aclose(self) -> None:
+        self._pending.clear()
 
 
 def _authorized(scope: Scope, api_key: str) -> bool:

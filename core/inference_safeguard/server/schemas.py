@@ -3,8 +3,10 @@
 Requests accept the fields OpenAI's clients send; fields the server does not know are
 ignored (clients add new ones often), while known ones it cannot honour (`n > 1`,
 `logprobs`, penalties other than 0) are rejected with a 400 by the request mapping.
-Two fields are the server's own: `safety_budget` on a request (a stricter budget for
-this call) and `safety` on each choice (the response's safety record).
+The server's own fields: `safety_budget` on a request (a stricter budget for this call),
+`safety_session` on a request (the id of a safety session whose budget spans the calls
+of a conversation; the `X-Safety-Session` header does the same), and `safety` on each
+choice (the response's safety record).
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class _GenerationRequest(_Body):
     safety_budget: float | None = None
     """This server's own: hold this response to a stricter (lower) safety budget than the
     server's."""
+    safety_session: str | None = Field(default=None, min_length=1, max_length=256)
+    """This server's own: the safety session (conversation, agent run) this call is held
+    to and charged to; needs a server started with session budgets."""
 
 
 class ChatCompletionRequest(_GenerationRequest):

@@ -1,0 +1,83 @@
+"""The server's safety sessions: `safety_session` (or `X-Safety-Session`) spans calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient
+
+from inference_safeguard import GuardConfig
+from inference_safeguard.scorers import CallableScorer
+from inference_safeguard.server import create_app
+from inference_safeguard.session import SafetySessions
+from inference_safeguard.testing import ScriptedGuard
+
+MODEL = "tiny-scripted"
+REFUSAL = GuardConfig().refusal_text
+
+
+@pytest.fixture()
+def client(tiny_model, tiny_tokenizer) -> TestClient:
+    cost = CallableScorer(
+        lambda prompt, response: float(bool(response.strip()) and response != REFUSAL),
+        batched=False,
+    )
+    guard = ScriptedGuard(
+        tiny_model, tiny_tokenizer, ["The dog is in the garden."], cost=cost,
+        config=GuardConfig(budget=5.0),
+    )  # fmt: skip
+    sessions = SafetySessions({"cost": 2.0})
+    return TestClient(create_app(guard, model_name=MODEL, sessions=sessions))
+
+
+def chat(client: TestClient, headers: dict[str, str] | None = None, **body: Any) -> dict:
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **body},
+        headers=headers or {},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def test_a_session_named_by_field_or_header_spans_requests(client):
+    first = chat(client, safety_session="conv-1")
+    second = chat(client, headers={"X-Safety-Session": "conv-1"})
+    third = chat(client, safety_session="conv-1")
+    assert [c["safety"]["refused"] for c in (first, second, third)] == [False, False, True]
+    assert third["message"]["content"] == REFUSAL
+    assert second["safety"]["budget"] == 1.0  # held to what the first left
+    assert not chat(client, safety_session="conv-2")["safety"]["refused"]
+    assert not chat(client)["safety"]["refused"]  # no session: per response only
+
+
+def test_a_streamed_session_response_is_charged(client):
+    body = {"stream": True, "safety_session": "s"}
+    for _ in range(2):
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **body},
+        ) as response:
+            assert response.status_code == 200
+            text = "".join(response.iter_text())
+        assert "The dog is in the garden." in text
+    assert chat(client, safety_session="s")["safety"]["refused"]
+
+
+def test_a_server_without_sessions_refuses_a_session_id(tiny_model, tiny_tokenizer):
+    guard = ScriptedGuard(tiny_model, tiny_tokenizer, ["Hello."])
+    client = TestClient(create_app(guard, model_name=MODEL))
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "safety_session": "x",
+        },
+    )
+    assert response.status_code == 400 and "session budgets" in response.text
