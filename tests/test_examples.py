@@ -78,3 +78,15 @@ def test_real_model_example_keeps_smollm2_to_the_policy_in_langchain_and_llamain
     for answer, safety in answers:
         assert safety["safe"] or safety["refused"]
         assert not any(word in answer.lower() for word in example.HAZARD_WORDS)
+
+
+def test_session_example_stops_a_conversation_each_answer_of_which_is_within_budget(capsys):
+    alone, held = load("safety_session").main([])
+    out = capsys.readouterr().out
+    products = [next(c.cost for c in r.constraints if c.name == "products") for r in alone]
+    assert all(r.safe and not r.refused for r in alone)  # each answer within its budgets
+    assert sum(products) > 2  # but the conversation names more products than allowed
+    answered = [r for r in held if not r.refused]
+    spent = sum(next(c.cost for c in r.constraints if c.name == "products") for r in answered)
+    assert spent <= 2 and held[-1].refused and held[-1].stats.blocks == 0
+    assert "with the session: " in out and "left 0" in out
