@@ -4,8 +4,8 @@ the conversation's budget.
 Runs offline on a CPU in about a minute, on the demo world (`safeguard demo`). The guard
 holds two named constraints at once:
 - `harm`: the world's cost model, P(unsafe), within the world's budget per answer;
-- `products`: a retailer's policy on naming cleaning products (`KeywordCost`), one
-  mention per answer.
+- `products`: the world's product policy (`demo.policies.product_policy`, a
+  `KeywordCost` over the products its advice names), one mention per answer.
 
 The same scripted conversation (`CONVERSATION`, a user asking about cleaning turn after
 turn) is run twice. Guarded per answer, every answer is within both budgets, yet the
@@ -22,10 +22,8 @@ from typing import Any
 
 from inference_safeguard import GuardConfig, GuardResult, InferenceGuard, SafetySession
 from inference_safeguard.demo import load_demo_world
-from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.demo.policies import product_policy
 
-PRODUCTS = ("soap", "gloves", "brush", "towel", "product", "cleaner")
-"""The words the product policy counts."""
 PER_ANSWER_PRODUCTS = 1.0
 SESSION_PRODUCTS = 2.0
 CONVERSATION = (
@@ -54,7 +52,7 @@ def build_guard() -> InferenceGuard:
         world.tokenizer,
         costs={
             "harm": (world.cost, world.budget),
-            "products": (KeywordCost(list(PRODUCTS)), PER_ANSWER_PRODUCTS),
+            "products": (product_policy(), PER_ANSWER_PRODUCTS),
         },
         reward=world.reward,
         config=GuardConfig(**SETTINGS),
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> tuple[list[GuardResult], list[GuardRe
     assert guard.config.budgets is not None  # several constraints: budgets by name
     print(f"harm: the world's cost model, budget {guard.config.budgets['harm']:g} per answer")
     print(
-        f"products {list(PRODUCTS)}: {PER_ANSWER_PRODUCTS:g} per answer, "
+        f"products: {PER_ANSWER_PRODUCTS:g} mention per answer, "
         f"{SESSION_PRODUCTS:g} per conversation with the session"
     )
     print()
