@@ -30,13 +30,21 @@ from inference_safeguard.cli_options import (
     check_single_cost,
     file_prompts,
     guard_config,
+    json_object,
     load_base_model,
     load_cost,
     load_reward,
     positive_int,
 )
 from inference_safeguard.config import TOOL_CALL_FIELDS, GuardConfig
+from inference_safeguard.constraints import budget_vector
 from inference_safeguard.critic import LatentCritic
+from inference_safeguard.evaluation.conversations import (
+    demo_conversations,
+    evaluate_conversations,
+    format_conversation_table,
+    write_conversation_json,
+)
 from inference_safeguard.evaluation.methods import (
     METHODS,
     MethodOptions,
@@ -51,8 +59,12 @@ from inference_safeguard.evaluation.report import (
     write_plot,
 )
 from inference_safeguard.evaluation.run import Oracle, evaluate
+from inference_safeguard.guard import InferenceGuard
 from inference_safeguard.lm import PromptInput
 from inference_safeguard.scorers import Scorer
+
+CONVERSATIONS_FILE = "conversations.json"
+"""What `--conversations --out DIR` receives."""
 
 REPORT_FILES = ("results.json", "results.csv", "plot.png")
 """What `--out DIR` receives (the plot only with `--plot`)."""
@@ -136,6 +148,31 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
             continue
         add_config_option(search, name, field)
 
+    turns = parser.add_argument_group(
+        "multi-turn evaluation (demo world)",
+        "With --conversations, answer the demo world's scripted conversations (one per topic, "
+        "its prompts as turns) with InferenceGuard under two constraints, the world's harm "
+        "cost (its budget per answer) and its product policy (--products-per-answer), once "
+        "per answer and once with a safety session per conversation (--session-budgets), "
+        "and report per constraint the share of conversations within the session budget.",
+    )
+    turns.add_argument(
+        "--conversations", action="store_true", help="run the multi-turn evaluation instead"
+    )
+    turns.add_argument(
+        "--session-budgets",
+        type=json_object,
+        metavar="JSON",
+        help='each conversation\'s total budget per constraint (default: {"harm": the '
+        'world\'s budget, "products": 2})',
+    )
+    add_option_with_default(
+        turns, "--max-turns", positive_int, 6, "turns of each scripted conversation"
+    )
+    add_option_with_default(
+        turns, "--products-per-answer", positive_int, 1, "product mentions allowed per answer"
+    )
+
     output = parser.add_argument_group("run and output")
     add_option_with_default(output, "--batch-size", positive_int, 8, "prompts decoded together")
     output.add_argument(
@@ -151,6 +188,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def run_eval(args: argparse.Namespace) -> int:
     """`safeguard eval`: check the settings, load, evaluate, print and write the report."""
+    if args.conversations:
+        return run_conversations(args)
     check_report_extras(plot=args.plot)
     config = guard_config(args)
     options = _method_options(args)
@@ -199,6 +238,63 @@ def run_eval(args: argparse.Namespace) -> int:
             written.append(args.out / REPORT_FILES[2])
             write_plot(report, written[2])
         print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return 0
+
+
+def run_conversations(args: argparse.Namespace) -> int:
+    """`safeguard eval --conversations`: the multi-turn evaluation on the demo world."""
+    from inference_safeguard.demo import load_demo_world  # heavy: loads the world's models
+    from inference_safeguard.demo.policies import product_policy
+
+    if args.model is not None or args.prompts is not None:
+        raise CommandLineError(
+            "--conversations runs the demo world's conversations; drop --model and --prompts"
+        )
+    if args.plot:
+        raise CommandLineError("--conversations writes no plot; leave --plot out")
+    if args.out is not None:
+        check_output_dir(args.out, "--out", [CONVERSATIONS_FILE])
+    config = guard_config(args)
+    world = load_demo_world()
+    budgets = args.session_budgets or {"harm": world.budget, "products": 2.0}
+    guard = InferenceGuard(
+        world.model,
+        world.tokenizer,
+        costs={
+            "harm": (world.cost, world.budget if args.budget is None else args.budget),
+            "products": (product_policy(), float(args.products_per_answer)),
+        },
+        reward=world.reward,
+        config=config.with_overrides(budget=0.0, seed=0 if config.seed is None else config.seed),
+    )
+    unknown = sorted(set(budgets) - set(guard.constraints.names))
+    if unknown:
+        raise CommandLineError(
+            f"--session-budgets names {unknown}; the constraints are harm and products"
+        )
+    info = world.prompt_info.get(args.split)
+    if info is None:
+        raise CommandLineError(
+            f"the demo world has no split {args.split!r}; choose from {', '.join(world.prompts)}"
+        )
+    conversations = demo_conversations(
+        [p.text for p in info], [p.topic for p in info], max_turns=args.max_turns
+    )[: args.limit]
+    report = evaluate_conversations(guard, conversations, budgets, oracle=world.oracle)
+    per_answer = ", ".join(
+        f"{c.name} {b:g}"
+        for c, b in zip(guard.constraints.items, budget_vector(guard.config), strict=True)
+    )
+    print(
+        f"{len(conversations)} conversations of up to {args.max_turns} turns · per-answer "
+        f"budgets: {per_answer} · session budgets: "
+        + ", ".join(f"{n} {b:g}" for n, b in budgets.items())
+    )
+    print(format_conversation_table(report))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_conversation_json(report, args.out / CONVERSATIONS_FILE)
+        print(f"wrote {args.out / CONVERSATIONS_FILE}", file=sys.stderr)
     return 0
 
 
