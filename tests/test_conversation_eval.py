@@ -64,3 +64,25 @@ def test_demo_conversations_group_prompts_by_topic_in_order():
         ["a1", "b1", "a2", "a3", "c1"], ["a", "b", "a", "a", "c"], max_turns=2
     )
     assert conversations == [Conversation("a", ("a1", "a2"))]
+
+
+def test_eval_conversations_on_the_demo_world_reports_both_modes(capsys, tmp_path):
+    from inference_safeguard.cli import main
+
+    argv = [
+        "eval", "--conversations", "--limit", "1", "--max-turns", "3",
+        "--session-budgets", '{"products": 1}', "--num-candidates", "4",
+        "--beam-width", "2", "--block-size", "8", "--max-new-tokens", "16",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "within session products (1)" in out
+    assert out.splitlines()[-2].startswith("per answer") and out.splitlines()[-1].startswith(
+        "session"
+    )
+    data = json.loads((tmp_path / "conversations.json").read_text())
+    [per_answer, session] = data["summaries"]
+    assert per_answer["mode"] == "per answer"
+    assert session["within_session"]["products"] == 1.0
+    assert set(data["turns"]) == {"per answer", "session"}
