@@ -86,3 +86,32 @@ def test_eval_conversations_on_the_demo_world_reports_both_modes(capsys, tmp_pat
     assert per_answer["mode"] == "per answer"
     assert session["within_session"]["products"] == 1.0
     assert set(data["turns"]) == {"per answer", "session"}
+
+
+def test_eval_reports_a_safety_rate_per_constraint(tiny_model, tiny_tokenizer, frequent_words):
+    from inference_safeguard.evaluation.run import evaluate
+    from inference_safeguard.scorers import KeywordCost
+
+    half = len(frequent_words) // 2
+    costs = {
+        "first": (KeywordCost(frequent_words[:half]), 0.0),
+        "second": (KeywordCost(frequent_words[half:]), 0.0),
+    }
+    report = evaluate(
+        ["base", "inferenceguard"],
+        ["Tell me about the dog.", "What is a good name for a bird?", "Hello there."],
+        model=tiny_model,
+        tokenizer=tiny_tokenizer,
+        cost=None,
+        costs=costs,
+        config=GuardConfig(num_candidates=8, beam_width=2, block_size=8, max_new_tokens=16),
+        progress=False,
+    )
+    base, guarded = report.rows()
+    assert set(base.constraint_safety_rates) == {"first", "second"}
+    assert guarded.constraint_safety_rates == {"first": 1.0, "second": 1.0}
+    assert min(base.constraint_safety_rates.values()) < 1.0
+    assert report.config.budgets == {"first": 0.0, "second": 0.0}
+    for run in report.runs:
+        for result in run.results:
+            assert result.safe == all(c.safe for c in result.constraints) or result.refused

@@ -18,6 +18,13 @@ from pathlib import Path
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.cli_constraints import (
+    ConstraintSpec,
+    add_constraint_option,
+    constraint_specs,
+    load_constraints,
+)
+
 # The module, not its names: inference_safeguard.cli imports this module to register the command.
 from inference_safeguard.cli_options import (
     CommandLineError,
@@ -126,6 +133,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--model", metavar="NAME_OR_PATH", help="base causal LM; needs --prompts and a cost"
     )
     add_scorer_options(models, reward_help="sequence-classification reward model")
+    add_constraint_option(models)
     models.add_argument(
         "--critic",
         type=Path,
@@ -198,14 +206,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out is not None:  # checked now, not after the whole evaluation
         check_output_dir(args.out, "--out", REPORT_FILES)
     check_single_cost(args)
+    specs = constraint_specs(args)
     given_prompts = file_prompts(args, demo_prompts="splits")
 
-    setup = _demo_world_setup(args) if args.model is None else _loaded_setup(args)
+    setup = _demo_world_setup(args, specs) if args.model is None else _loaded_setup(args, specs)
     prompts = given_prompts if given_prompts is not None else setup.prompts
     if prompts is None:  # file_prompts requires --prompts with --model
         raise CommandLineError("--model needs --prompts FILE.jsonl")
     prompts = prompts[: args.limit]
-    if args.budget is None and setup.budget is not None:
+    if args.budget is None and setup.budget is not None and setup.costs is None:
         config = config.with_overrides(budget=setup.budget)
     methods = _chosen_methods(
         args.methods, has_reward=setup.reward is not None, has_critic=setup.critic is not None
@@ -222,6 +231,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model=setup.model,
         tokenizer=setup.tokenizer,
         cost=setup.cost,
+        costs=setup.costs,
         reward=setup.reward,
         oracle=setup.oracle,
         config=config,
@@ -301,19 +311,21 @@ def run_conversations(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------- models and prompts
 @dataclass(frozen=True)
 class _Setup:
-    """What an evaluation runs on; `budget` and `prompts` are None where not provided."""
+    """What an evaluation runs on; `budget` and `prompts` are None where not provided;
+    `costs` (named constraints, `--constraint`) replaces `cost` when given."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    cost: Scorer
+    cost: Scorer | None
     reward: Scorer | None
     oracle: Oracle | None = None
     budget: float | None = None
     prompts: list[PromptInput] | None = None
     critic: LatentCritic | None = None
+    costs: dict[str, tuple[Scorer, float]] | None = None
 
 
-def _demo_world_setup(args: argparse.Namespace) -> _Setup:
+def _demo_world_setup(args: argparse.Namespace, specs: list[ConstraintSpec]) -> _Setup:
     """The demo world's model, scorers, oracle, budget and split; a cost or reward from
     the command line replaces the world's."""
     from inference_safeguard.demo import load_demo_world  # heavy: loads the world's models
@@ -329,10 +341,12 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
             )
         prompts = list(world.prompts[args.split])
     cost, reward = load_cost(args), load_reward(args)
+    costs = load_constraints(specs, args, world.cost) if specs else None
     return _Setup(
         model=world.model,
         tokenizer=world.tokenizer,
-        cost=world.cost if cost is None else cost,
+        cost=None if costs else world.cost if cost is None else cost,
+        costs=costs,
         reward=world.reward if reward is None else reward,
         oracle=world.oracle,
         budget=world.budget,
@@ -341,15 +355,17 @@ def _demo_world_setup(args: argparse.Namespace) -> _Setup:
     )
 
 
-def _loaded_setup(args: argparse.Namespace) -> _Setup:
-    """The model and scorers named on the command line (a cost is required)."""
-    cost = load_cost(args, required=True)
+def _loaded_setup(args: argparse.Namespace, specs: list[ConstraintSpec]) -> _Setup:
+    """The model and scorers named on the command line (a cost or constraints required)."""
+    costs = load_constraints(specs, args) if specs else None
+    cost = None if costs else load_cost(args, required=True)
     reward = load_reward(args)
     lm = load_base_model(args)
     return _Setup(
         model=lm.model,
         tokenizer=lm.tokenizer,
         cost=cost,
+        costs=costs,
         reward=reward,
         critic=_critic(args, lm.model),
     )

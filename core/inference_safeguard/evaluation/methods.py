@@ -17,6 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.baselines import ARGS, BestOfN, BlockBeamSearch, SamplingDecoder
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.constraints import CostsInput
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.guard import InferenceGuard
@@ -62,7 +63,8 @@ class DecoderParts(TypedDict):
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    cost: Scorer
+    cost: Scorer | None
+    costs: CostsInput | None
     reward: Scorer | None
     config: GuardConfig
 
@@ -167,17 +169,21 @@ def build_decoder(
     *,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    cost: Scorer,
+    cost: Scorer | None,
     reward: Scorer | None = None,
     config: GuardConfig,
     options: MethodOptions | None = None,
+    costs: CostsInput | None = None,
 ) -> Decoder:
-    """Build the decoder of method `name` (see `METHODS`).
+    """Build the decoder of method `name` (see `METHODS`), with the one `cost` or the
+    named constraints `costs`.
 
     Raises:
         ValueError: see `get_method`.
     """
     options = options or MethodOptions()
     method = get_method(name, has_reward=reward is not None, has_critic=options.critic is not None)
-    parts = DecoderParts(model=model, tokenizer=tokenizer, cost=cost, reward=reward, config=config)
+    parts = DecoderParts(
+        model=model, tokenizer=tokenizer, cost=cost, costs=costs, reward=reward, config=config
+    )
     return method.build(parts, options)

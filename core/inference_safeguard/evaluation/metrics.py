@@ -11,13 +11,15 @@ Every column judges the text the user received:
   `is_unsafe(prompt, text)` passes; refusals are judged like any other text.
 - **refusal rate**: the share of results withheld; a method can buy safety with
   refusals, so it is reported next to the safety rates.
+- **per-constraint safety rates**: with several constraints, for each the share of
+  results within its budget or refused.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inference_safeguard.results import GuardResult
 
@@ -37,6 +39,8 @@ class MethodMetrics:
         oracle_safety_rate: share judged safe per oracle, in [0, 1]; None without one.
         refusal_rate: share refused, in [0, 1].
         seconds_per_response: generation wall time divided by the number of responses.
+        constraint_safety_rates: per constraint name, the share of results within its
+            budget or refused, in [0, 1].
     """
 
     method: str
@@ -49,6 +53,7 @@ class MethodMetrics:
     oracle_safety_rate: float | None
     refusal_rate: float
     seconds_per_response: float
+    constraint_safety_rates: dict[str, float] = field(default_factory=dict)
 
 
 def is_safe_per_cost_model(result: GuardResult) -> bool:
@@ -120,7 +125,19 @@ def summarize(
         oracle_safety_rate=None if oracle_unsafe is None else oracle_safety_rate(oracle_unsafe),
         refusal_rate=refusal_rate(results),
         seconds_per_response=seconds / len(results),
+        constraint_safety_rates=constraint_safety_rates(results),
     )
+
+
+def constraint_safety_rates(results: Sequence[GuardResult]) -> dict[str, float]:
+    """Per constraint name, the share of `results` within its budget or refused."""
+    names = [c.name for c in results[0].constraints] if results else []
+    return {
+        name: _share(
+            [r.refused or any(c.name == name and c.safe for c in r.constraints) for r in results]
+        )
+        for name in names
+    }
 
 
 def _share(flags: Sequence[bool]) -> float:

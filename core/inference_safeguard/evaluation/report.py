@@ -99,7 +99,7 @@ def render_table(report: EvaluationReport) -> Table:
     rows = report.rows()
     with_oracle = any(row.oracle_safety_rate is not None for row in rows)
     table = rich_table.Table(
-        title=f"{len(report.prompts)} prompts · budget {config.budget:g} · "
+        title=f"{len(report.prompts)} prompts · {_budgets(config)} · "
         f"N={config.num_candidates} K={config.beam_width} · block {config.block_size} · "
         f"{config.max_new_tokens} new tokens",
     )
@@ -109,6 +109,11 @@ def render_table(report: EvaluationReport) -> Table:
     table.add_column("Safe (cost model)", justify="right")
     if with_oracle:
         table.add_column("Safe (oracle)", justify="right")
+    names = (
+        list(rows[0].constraint_safety_rates) if len(rows[0].constraint_safety_rates) > 1 else []
+    )
+    for name in names:
+        table.add_column(f"Safe ({name})", justify="right")
     table.add_column("Refused", justify="right")
     table.add_column("s/response", justify="right")
     for row in rows:
@@ -116,6 +121,7 @@ def render_table(report: EvaluationReport) -> Table:
         cells = [row.label, reward, f"{row.cost_mean:.3f}", _percent(row.safety_rate)]
         if with_oracle:
             cells.append(_percent(row.oracle_safety_rate))
+        cells += [_percent(row.constraint_safety_rates.get(name)) for name in names]
         cells += [_percent(row.refusal_rate), f"{row.seconds_per_response:.3f}"]
         table.add_row(*cells)
     return table
@@ -135,6 +141,12 @@ def print_table(report: EvaluationReport, console: Console | None = None) -> Non
             unbounded = console.options.update_width(_WIDEST_TABLE)
             console.width = max(console.width, console.measure(table, options=unbounded).maximum)
     console.print(table)
+
+
+def _budgets(config: GuardConfig) -> str:
+    if config.budgets is None:
+        return f"budget {config.budget:g}"
+    return "budgets " + ", ".join(f"{name} {value:g}" for name, value in config.budgets.items())
 
 
 def _percent(rate: float | None) -> str:
@@ -184,12 +196,23 @@ def _response_records(run: MethodRun) -> list[dict[str, Any]]:
 def write_csv(report: EvaluationReport, path: PathLike) -> None:
     """Write the table as CSV: one row per method, the `MethodMetrics` fields as columns
     (empty where a value is missing, e.g. the reward without a reward model)."""
-    fields = [field.name for field in dataclasses.fields(MethodMetrics)]
+    rows = report.rows()
+    fields = [
+        field.name
+        for field in dataclasses.fields(MethodMetrics)
+        if field.name != "constraint_safety_rates"
+    ]
+    names = (
+        list(rows[0].constraint_safety_rates) if len(rows[0].constraint_safety_rates) > 1 else []
+    )
+    fields += [f"safety_rate[{name}]" for name in names]
     with open(path, "w", encoding="utf-8", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
-        for row in report.rows():
-            writer.writerow(dataclasses.asdict(row))
+        for row in rows:
+            record = dataclasses.asdict(row)
+            rates = record.pop("constraint_safety_rates")
+            writer.writerow({**record, **{f"safety_rate[{n}]": rates.get(n) for n in names}})
 
 
 # --------------------------------------------------------------------------- plot

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inference_safeguard.config import GuardConfig
+from inference_safeguard.constraints import CostsInput, worst
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.errors import UnsafeGenerationError
 from inference_safeguard.evaluation.methods import METHODS, MethodOptions, build_decoder
@@ -32,13 +33,14 @@ def evaluate(
     *,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    cost: Scorer,
+    cost: Scorer | None,
     reward: Scorer | None = None,
     oracle: Oracle | None = None,
     config: GuardConfig | None = None,
     batch_size: int = 8,
     options: MethodOptions | None = None,
     progress: bool = True,
+    costs: CostsInput | None = None,
 ) -> EvaluationReport:
     """Run every method over `prompts` and collect their results.
 
@@ -54,7 +56,7 @@ def evaluate(
         methods: names from `inference_safeguard.evaluation.methods.METHODS`, in table order.
         prompts: plain-text prompts or chat message lists.
         model, tokenizer: the base model every method decodes with.
-        cost: cost model C(x, y); `config.budget` is its budget.
+        cost: cost model C(x, y); `config.budget` is its budget. Or None, with `costs`.
         reward: reward model R(x, y), or None.
         oracle: `is_unsafe(prompt, response)`, given the prompt as plain text (a message
             list flattened to a `role: content` transcript) and the returned text.
@@ -62,6 +64,8 @@ def evaluate(
         batch_size: prompts per `generate_batch` call.
         options: settings of individual methods (Lagrange multiplier, ARGS weights).
         progress: show a tqdm progress bar on standard error.
+        costs: instead of `cost`, named constraints `{name: (scorer, budget)}`; every
+            method is held to (and reports) each.
 
     Raises:
         ValueError: no methods or prompts, a repeated or unknown method, a method that
@@ -87,6 +91,7 @@ def evaluate(
             reward=reward,
             config=config,
             options=options,
+            costs=costs,
         )
         for name in methods
     }
@@ -105,7 +110,7 @@ def evaluate(
                 results += _generate(decoder, chunk)
                 seconds += time.perf_counter() - started
                 bar.update(len(chunk))
-            results = _scored_as_returned(results, prompt_texts, cost, reward)
+            results = _scored_as_returned(results, prompt_texts, decoder, reward)
             verdicts = None
             if oracle is not None:
                 verdicts = [
@@ -113,7 +118,9 @@ def evaluate(
                     for prompt, result in zip(prompt_texts, results, strict=True)
                 ]
             runs.append(MethodRun(name, METHODS[name].label, results, seconds, verdicts))
-    return EvaluationReport(prompts=prompt_texts, config=config, runs=runs)
+    # The config with each constraint's budget, as the decoders hold them.
+    reported = first.constraints.configure(config)
+    return EvaluationReport(prompts=prompt_texts, config=reported, runs=runs)
 
 
 def _generate(decoder: Decoder, prompts: list[PromptInput]) -> list[GuardResult]:
@@ -125,17 +132,24 @@ def _generate(decoder: Decoder, prompts: list[PromptInput]) -> list[GuardResult]
 
 
 def _scored_as_returned(
-    results: list[GuardResult], prompts: list[str], cost: Scorer, reward: Scorer | None
+    results: list[GuardResult], prompts: list[str], decoder: Decoder, reward: Scorer | None
 ) -> list[GuardResult]:
-    """`results` with the cost and reward of each refusal's own text."""
+    """`results` with the costs (each constraint's; the worst one's as `cost`) and
+    reward of each refusal's own text."""
     refused = [i for i, result in enumerate(results) if result.refused]
     if not refused:
         return results
     refused_prompts = [prompts[i] for i in refused]
     texts = [results[i].text for i in refused]
-    costs = cost(refused_prompts, texts).tolist()
+    costs = decoder.constraints.score(refused_prompts, texts).tolist()
     rewards = [None] * len(refused) if reward is None else reward(refused_prompts, texts).tolist()
     rescored = list(results)
-    for i, new_cost, new_reward in zip(refused, costs, rewards, strict=True):
-        rescored[i] = dataclasses.replace(results[i], cost=new_cost, reward=new_reward)
+    for i, new_costs, new_reward in zip(refused, costs, rewards, strict=True):
+        outcomes = tuple(
+            dataclasses.replace(old, cost=new, safe=new <= old.budget)
+            for old, new in zip(results[i].constraints, new_costs, strict=True)
+        )
+        rescored[i] = dataclasses.replace(
+            results[i], cost=worst(outcomes).cost, reward=new_reward, constraints=outcomes
+        )
     return rescored
