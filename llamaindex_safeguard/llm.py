@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -362,21 +361,11 @@ class SafeguardLLM(FunctionCallingLLM):
         return self._session
 
     def _stream(self, prompt: PromptInput, **kwargs: Any) -> GuardStream:
-        """The decoder's stream, or with a session, one that yields the charged call's text."""
-        if self._session is None:
-            return self._guard.stream(prompt, **kwargs)
-        return GuardStream(self._charged(prompt, kwargs), threading.Event())
+        """The decoder's stream, charged to the session when there is one."""
+        return self._guard.stream(prompt, session=self._session, **kwargs)
 
     def _astream(self, prompt: PromptInput, **kwargs: Any) -> AsyncGuardStream:
-        return AsyncGuardStream(self._stream(prompt, **kwargs))
-
-    def _charged(
-        self, prompt: PromptInput, kwargs: dict[str, Any]
-    ) -> Generator[str, None, GuardResult]:
-        result = self._guard.generate(prompt, session=self._session, **kwargs)
-        if result.text:
-            yield result.text
-        return result
+        return self._guard.astream(prompt, session=self._session, **kwargs)
 
     @property
     def config(self) -> GuardConfig:

@@ -210,3 +210,17 @@ def test_the_engine_and_async_calls_charge_the_session(guard):
     assert served.token_ids == guard.generate(PROMPT, seed=0).token_ids
     assert not served.refused and not awaited.refused and withheld.refused
     assert session.charged() == {"cost": 2.0} and session.turns == 2
+
+
+def test_a_stream_on_a_session_is_charged_before_its_text_is_shown(guard):
+    session = SafetySession({"cost": 1.0})
+    with guard.stream(PROMPT, seed=0, session=session) as stream:
+        deltas = list(stream)
+    assert stream.result is not None and deltas == [stream.result.text]
+    assert session.charged() == {"cost": 1.0}
+    refused = asyncio.run(_collect(guard.astream(PROMPT, seed=1, session=session)))
+    assert refused == [REFUSAL]
+
+
+async def _collect(stream) -> list[str]:
+    return [delta async for delta in stream]

@@ -177,7 +177,12 @@ class Decoder(ABC):
         return self._generate_encoded(encoded, config, cancel)
 
     def stream(
-        self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any
+        self,
+        prompt: PromptInput,
+        *,
+        tools: ToolsInput = None,
+        session: SafetySession | None = None,
+        **overrides: Any,
     ) -> GuardStream:
         """The response as text deltas that can no longer change; `.result` at the end.
 
@@ -185,12 +190,34 @@ class Decoder(ABC):
         search runs only while a delta is asked for; `stream.close()` (or a `with`
         block) stops it within one decoded token and frees its memory. This default
         yields the whole response at once; decoders that can commit text earlier
-        override `_stream`.
+        override `_stream`. With a `session` (see `generate`), the response is charged
+        before any of it is shown, so it comes as one delta.
         """
+        if session is not None:
+            cancel = threading.Event()
+            return GuardStream(self._charged(prompt, tools, session, overrides, cancel), cancel)
         config = self.call_config(overrides)
         [encoded] = self.encode_prompts([prompt], config, tools)
         cancel = threading.Event()
         return GuardStream(self._stream(encoded, config, cancel), cancel)
+
+    def _charged(
+        self,
+        prompt: PromptInput,
+        tools: ToolsInput,
+        session: SafetySession,
+        overrides: Mapping[str, Any],
+        cancel: threading.Event,
+    ) -> Generator[str, None, GuardResult]:
+        """The whole response of a call held to and charged to `session`, as one delta."""
+        result = session.run(
+            self,
+            overrides,
+            lambda budgeted: self._generate_batch([prompt], tools, budgeted, cancel)[0],
+        )
+        if result.text:
+            yield result.text
+        return result
 
     def _stream(
         self, prompt: EncodedPrompt, config: GuardConfig, cancel: threading.Event | None
