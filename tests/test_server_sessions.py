@@ -81,3 +81,63 @@ def test_a_server_without_sessions_refuses_a_session_id(tiny_model, tiny_tokeniz
         },
     )
     assert response.status_code == 400 and "session budgets" in response.text
+
+
+@pytest.fixture()
+def served(monkeypatch) -> dict[str, Any]:
+    """What `safeguard serve` hands to uvicorn; `while_serving(app)` runs in its place."""
+    import uvicorn
+
+    handed: dict[str, Any] = {}
+
+    def run(app, *, host, port, **options):
+        handed.update(app=app)
+        handed.get("while_serving", lambda app: None)(app)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    return handed
+
+
+def test_serve_with_session_budgets_keeps_sessions(served, tiny_model_dir):
+    from inference_safeguard.cli import main
+
+    seen: list[dict] = []
+
+    def while_serving(app) -> None:
+        client = TestClient(app)
+        for _ in range(2):
+            response = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": str(tiny_model_dir),
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "safety_session": "c",
+                },
+            )
+            assert response.status_code == 200, response.text
+            seen.append(response.json()["choices"][0]["safety"])
+
+    served["while_serving"] = while_serving
+    command = [
+        "serve", "--model", str(tiny_model_dir), "--port", "8124",
+        "--constraint", "vowels", "100", "regex:[aeiou]",
+        "--session-budgets", '{"vowels": 5}',
+        "--num-candidates", "4", "--beam-width", "2", "--max-new-tokens", "8", "--seed", "0",
+    ]  # fmt: skip
+    assert main(command) == 0
+    first, second = seen
+    assert first["constraints"]["vowels"]["budget"] == 5.0
+    spent = 0.0 if first["refused"] else first["constraints"]["vowels"]["cost"]
+    assert second["constraints"]["vowels"]["budget"] == min(100.0, 5.0 - spent)
+
+
+def test_serve_refuses_session_budgets_of_unknown_constraints(served, tiny_model_dir, capsys):
+    from inference_safeguard.cli import main
+
+    command = [
+        "serve", "--model", str(tiny_model_dir), "--port", "8125",
+        "--cost-keywords", "dog", "--session-budgets", '{"pii": 1}',
+    ]  # fmt: skip
+    assert main(command) == 2
+    assert "not constraints of the guard" in capsys.readouterr().err
+    assert not served
