@@ -26,11 +26,10 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import InvalidPromptError, MissingCostModelError
 from inference_safeguard.identity import (
     describe,
-    model_fingerprint,
     scorer_identity,
     tokenizer_fingerprint,
 )
-from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
+from inference_safeguard.lm import EncodedPrompt, LanguageModel, PromptInput
 from inference_safeguard.results import FinishReason, GenerationStats, GuardResult
 from inference_safeguard.scorers import Scorer
 from inference_safeguard.search import PromptSearch
@@ -92,7 +91,7 @@ class Decoder(ABC):
 
     def __init__(
         self,
-        lm: CausalLM,
+        lm: LanguageModel,
         cost: Scorer | None,
         reward: Scorer | None = None,
         config: GuardConfig | None = None,
@@ -230,7 +229,7 @@ class Decoder(ABC):
         `inference_safeguard.identity.digest` of it keys a cache of responses."""
         return {
             "decoder": f"{type(self).__module__}.{type(self).__qualname__}",
-            "model": model_fingerprint(self.lm.model),
+            "model": self.lm.fingerprint(),
             "tokenizer": tokenizer_fingerprint(self.lm.tokenizer),
             "allow_special_tokens_in_content": self.lm.allow_special_tokens_in_content,
             "cost": scorer_identity(self.cost),
