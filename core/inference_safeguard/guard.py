@@ -132,7 +132,8 @@ class InferenceGuard(Decoder):
         engine's. See the class for the other arguments.
 
         Raises:
-            ValueError: engine options on the Hugging Face backend, or an unknown backend.
+            ValueError: engine options on the Hugging Face backend, Hugging Face loading
+                options on the vLLM backend, or an unknown backend.
         """
         engine = engine_options(
             tensor_parallel_size=tensor_parallel_size,
@@ -141,6 +142,13 @@ class InferenceGuard(Decoder):
             engine_kwargs=engine_kwargs,
         )
         if backend == "vllm":
+            hf_only = {"device_map": device_map, "model_kwargs": model_kwargs}
+            if given := sorted(name for name, value in hf_only.items() if value):
+                raise ValueError(
+                    f"{', '.join(given)} are Hugging Face loading options; with "
+                    "backend='vllm' pass the engine's options (tensor_parallel_size, "
+                    "max_model_len, quantization, ...) as keywords"
+                )
             engine.update(trust_remote_code=trust_remote_code)
             if dtype is not None:
                 engine["dtype"] = str(dtype).removeprefix("torch.")

@@ -252,7 +252,13 @@ class LanguageModel(abc.ABC):
     @property
     @abc.abstractmethod
     def device(self) -> torch.device:
-        """Device of the search's per-row tensors (log-probs, lengths, hidden states)."""
+        """Device the model takes its inputs on."""
+
+    @property
+    def output_device(self) -> torch.device:
+        """Device of the logits, and of a block's log-probs and hidden states (the
+        search keeps its per-row tensors there)."""
+        return self.device
 
     @property
     @abc.abstractmethod
@@ -642,6 +648,10 @@ class CausalLM(LanguageModel):
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+    @property
+    def output_device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
 
     @property
     def vocab_size(self) -> int:

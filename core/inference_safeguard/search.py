@@ -927,7 +927,7 @@ class RunningSearch:
         self._next_slot += len(prompts)
         lm = self.search.lm
         state = lm.prefill([p.ids for p in prompts])
-        device = lm.device
+        device = lm.output_device
         rows = _Rows(
             token_ids=[[] for _ in prompts],
             cost=torch.full((len(prompts),), -torch.inf, dtype=torch.float64),
@@ -972,7 +972,7 @@ class RunningSearch:
         else:  # one gather both drops the pruned rows and fans the kept beams out
             self.search.lm.select_rows(state, parent_index)
         self._prefilled = False
-        parents = self._rows.select(parent_index.to(self.search.lm.device))
+        parents = self._rows.select(parent_index.to(self.search.lm.output_device))
         runs = [self._runs[slot] for slot in self.live]
         block_lens = [min(config.block_size, r.config.max_new_tokens - r.generated) for r in runs]
         for run, block_len in zip(runs, block_lens, strict=True):
@@ -1031,7 +1031,7 @@ class RunningSearch:
             return
         rows = torch.cat([self._beam_rows[starts[g] : starts[g + 1]] for g in kept])
         self.search.lm.select_rows(self._state, rows)
-        self._rows = self._rows.select(rows.to(self.search.lm.device))
+        self._rows = self._rows.select(rows.to(self.search.lm.output_device))
         self._beam_rows = torch.arange(len(rows))
 
 
