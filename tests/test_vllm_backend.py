@@ -8,6 +8,7 @@ vllm is not installed. One engine serves the whole session, in this process.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.backends.vllm import VLLMModel
-from inference_safeguard.cli import DEMO_MODEL_NAME, build_parser
+from inference_safeguard.cli import DEMO_MODEL_NAME, build_parser, main
 from inference_safeguard.demo.build import ASSETS
 from inference_safeguard.engine import GuardEngine
 from inference_safeguard.errors import BackendCapabilityError
@@ -274,3 +275,45 @@ def test_safeguard_serve_with_the_vllm_backend_answers_chat_completions(
     [choice] = response.json()["choices"]
     assert choice["safety"]["safe"] in (True, False)
     assert choice["message"]["content"] is not None
+
+
+def test_safeguard_generate_with_the_vllm_backend(vllm_lm, monkeypatch, capsys):
+    started: dict[str, Any] = {}
+
+    def start_engine(name: str, **options: Any) -> VLLMModel:
+        started.update(name=name, **options)
+        return vllm_lm
+
+    monkeypatch.setattr(VLLMModel, "from_pretrained", staticmethod(start_engine))
+    argv = [
+        "generate",
+        "--model",
+        str(BASE),
+        "--backend",
+        "vllm",
+        "--pipeline-parallel-size",
+        "1",
+        "--dtype",
+        "float32",
+        "--prompt",
+        PROMPTS[1],
+        "--cost-keywords",
+        ",".join(WORDS),
+        "--num-candidates",
+        "4",
+        "--beam-width",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]
+    assert main(argv) == 0
+    assert started == {
+        "name": str(BASE),
+        "pipeline_parallel_size": 1,
+        "dtype": "float32",
+        "trust_remote_code": False,
+    }
+    record = json.loads(capsys.readouterr().out)
+    assert isinstance(record["text"], str)
+    assert record["safe"] or record["refused"]
