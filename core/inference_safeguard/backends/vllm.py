@@ -247,13 +247,12 @@ class VLLMModel(LanguageModel):
             tokens[row, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
             logprob[row] = sum(
                 float(step[token].logprob)
-                for step, token in zip(completion.logprobs or [], chosen, strict=True)
+                for step, token in zip(completion.logprobs, chosen, strict=True)
             )
             ended[row] = bool(chosen) and chosen[-1] in self.eos_token_ids
             state.prefixes[row] += chosen
-        for i, row in enumerate(rows):
-            if i not in asked:
-                tokens[row], logprob[row], ended[row] = -1, 0.0, False
+        for row in set(rows) - {rows[i] for i in asked}:
+            tokens[row], logprob[row], ended[row] = -1, 0.0, False  # no token left to it
         return DecodedBlock(tokens=tokens, logprob=logprob, ended=ended, hidden=None)
 
     def _params(self, request: BlockRequest, index: int, seed: int, max_tokens: int) -> Any:
