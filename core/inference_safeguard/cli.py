@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from inference_safeguard.backends import BACKENDS
+from inference_safeguard.backends.vllm import VLLMModel, engine_options
 from inference_safeguard.cli_constraints import (
     add_constraint_option,
     constraint_specs,
@@ -159,6 +161,64 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool, help_
         dtype_help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for "
         "the base model; the checkpoint's own for cost and reward models)",
     )
+    backend = parser.add_argument_group(
+        "backend",
+        "Where the base model runs. vllm (installed separately) serves it from a vLLM "
+        "engine, across GPUs and nodes; cost and reward models stay on Hugging Face.",
+    )
+    backend.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="huggingface",
+        help="huggingface (default: this process, every feature) or vllm (no critic mode, "
+        "no response_format or required tool calls)",
+    )
+    backend.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        metavar="N",
+        help="vllm: GPUs each layer is split across (e.g. 8 on one node)",
+    )
+    backend.add_argument(
+        "--pipeline-parallel-size",
+        type=positive_int,
+        metavar="N",
+        help="vllm: pipeline stages the layers are split into (e.g. one per node)",
+    )
+    backend.add_argument(
+        "--distributed-executor-backend",
+        choices=("mp", "ray", "uni"),
+        help="vllm: mp (processes on one node), ray (several nodes) or uni (one process)",
+    )
+    backend.add_argument(
+        "--engine-kwargs",
+        type=json_object,
+        metavar="JSON",
+        help='vllm: more vllm.LLM options as a JSON object, e.g. \'{"max_model_len": 4096, '
+        '"gpu_memory_utilization": 0.8}\'',
+    )
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The vLLM engine options of the command line (`--dtype` and `--trust-remote-code`
+    included); refused without `--backend vllm`."""
+    options = engine_options(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
+        engine_kwargs=args.engine_kwargs,
+    )
+    if args.backend != "vllm":
+        if options:
+            raise CommandLineError(
+                "--tensor-parallel-size, --pipeline-parallel-size, "
+                "--distributed-executor-backend and --engine-kwargs need --backend vllm"
+            )
+        return {}
+    options["trust_remote_code"] = args.trust_remote_code
+    if args.dtype is not None:
+        options["dtype"] = args.dtype
+    return options
 
 
 def _add_scorer_and_search_options(parser: argparse.ArgumentParser, *, costs_title: str) -> None:
@@ -270,7 +330,17 @@ def _load_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
     costs = load_constraints(specs, args) if specs else None
     cost = None if specs else _load_costs(args)
     reward = load_reward(args)
+    engine = _engine_options(args)
     with loading("--model", args.model):
+        if args.backend == "vllm":
+            return InferenceGuard(
+                VLLMModel.from_pretrained(args.model, **engine),
+                cost=cost,
+                costs=costs,
+                reward=reward,
+                critic=critic,
+                config=config,
+            )
         return InferenceGuard.from_pretrained(
             args.model,
             cost=cost,
@@ -469,7 +539,9 @@ def _demo_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
     """InferenceGuard on the demo world, with the costs, reward and critic given in place
     of the world's (its own critic with `--scorer critic`), and its budget by default."""
     from inference_safeguard.demo import load_demo_world  # heavy: loads the world's models
+    from inference_safeguard.demo.build import ASSETS
 
+    engine = _engine_options(args)
     world = load_demo_world(device=args.device or "cpu")
     specs = constraint_specs(args)
     if args.budget is None and not specs:
@@ -477,8 +549,11 @@ def _demo_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
     critic = None if args.critic is None else LatentCritic.load(args.critic)
     if critic is None and config.scorer == "critic":
         critic = world.critic
+    base: Any = world.model
+    if args.backend == "vllm":  # the world's base model, in a vLLM engine
+        base = VLLMModel.from_pretrained(str(ASSETS / "base"), **engine)
     return InferenceGuard(
-        world.model,
+        base,
         world.tokenizer,
         cost=None if specs else _load_costs(args) if _costs_given(args) else world.cost,
         costs=load_constraints(specs, args, world.cost) if specs else None,

@@ -27,11 +27,10 @@ from inference_safeguard.constraints import Constraints, CostsInput, worst
 from inference_safeguard.errors import InvalidPromptError
 from inference_safeguard.identity import (
     describe,
-    model_fingerprint,
     scorer_identity,
     tokenizer_fingerprint,
 )
-from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
+from inference_safeguard.lm import EncodedPrompt, LanguageModel, PromptInput
 from inference_safeguard.results import (
     ConstraintOutcome,
     FinishReason,
@@ -107,7 +106,7 @@ class Decoder(ABC):
 
     def __init__(
         self,
-        lm: CausalLM,
+        lm: LanguageModel,
         cost: Scorer | None,
         reward: Scorer | None = None,
         config: GuardConfig | None = None,
@@ -311,7 +310,7 @@ class Decoder(ABC):
         `inference_safeguard.identity.digest` of it keys a cache of responses."""
         return {
             "decoder": f"{type(self).__module__}.{type(self).__qualname__}",
-            "model": model_fingerprint(self.lm.model),
+            "model": self.lm.fingerprint(),
             "tokenizer": tokenizer_fingerprint(self.lm.tokenizer),
             "allow_special_tokens_in_content": self.lm.allow_special_tokens_in_content,
             "cost": scorer_identity(self.cost)

@@ -69,7 +69,7 @@ from inference_safeguard.errors import (
     GenerationTimeoutError,
 )
 from inference_safeguard.guard import InferenceGuard
-from inference_safeguard.lm import CausalLM, EncodedPrompt, PromptInput
+from inference_safeguard.lm import EncodedPrompt, LanguageModel, PromptInput
 from inference_safeguard.results import GuardResult
 from inference_safeguard.search import (
     BlockSearch,
@@ -257,7 +257,7 @@ class GuardEngine:
 
     # ------------------------------------------------------------ passthrough
     @property
-    def lm(self) -> CausalLM:
+    def lm(self) -> LanguageModel:
         return self.guard.lm
 
     @property

@@ -137,6 +137,11 @@ class EngineClosedError(SafeguardError, RuntimeError):
     """A `GuardEngine` was closed before (or while) it served a request."""
 
 
+class BackendCapabilityError(SafeguardError, NotImplementedError):
+    """The base model's backend cannot do what a call asks (critic mode without hidden
+    states, a grammar-constrained response); the message names the backends that can."""
+
+
 class UnsafeGenerationError(SafeguardError):
     """The search found no response within the safety budget and `on_unsafe="raise"`.
 

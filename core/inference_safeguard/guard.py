@@ -14,6 +14,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.backends import Backend, load_base_model, wrap_base_model
+from inference_safeguard.backends.vllm import engine_options
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.constraints import CostsInput, budget_vector
 from inference_safeguard.critic import LatentCritic
@@ -63,8 +65,9 @@ class InferenceGuard(Decoder):
     verifies every constraint (`GuardResult.constraints`).
 
     Args:
-        model: a Hugging Face causal LM.
-        tokenizer: its tokenizer.
+        model: a Hugging Face causal LM, a `vllm.LLM` (the vLLM backend, see
+            `inference_safeguard.backends`), or a backend's `LanguageModel`.
+        tokenizer: its tokenizer (optional for a `vllm.LLM` or a `LanguageModel`).
         cost: cost model C(x, y), the one constraint (named "cost", budget
             `config.budget`); this or `costs` is required (it always makes the final
             check).
@@ -86,12 +89,13 @@ class InferenceGuard(Decoder):
         CriticMismatchError: the critic was trained on another base model.
         CriticFileError: the critic's files are missing or corrupted.
         MissingCriticError: `config.scorer` is "critic" but no critic was given.
+        BackendCapabilityError: a critic on a backend without hidden states (vLLM).
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel | Any,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         cost: Scorer | None = None,
         reward: Scorer | None = None,
         critic: CriticInput = None,
@@ -100,7 +104,7 @@ class InferenceGuard(Decoder):
         allow_special_tokens_in_content: bool = False,
         costs: CostsInput | None = None,
     ) -> None:
-        lm = CausalLM(
+        lm = wrap_base_model(
             model, tokenizer, allow_special_tokens_in_content=allow_special_tokens_in_content
         )
         super().__init__(lm, cost, reward, config, costs=costs)
@@ -128,26 +132,60 @@ class InferenceGuard(Decoder):
         model_kwargs: Mapping[str, Any] | None = None,
         tokenizer_kwargs: Mapping[str, Any] | None = None,
         allow_special_tokens_in_content: bool = False,
+        backend: Backend = "huggingface",
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
+        distributed_executor_backend: str | None = None,
+        **engine_kwargs: Any,
     ) -> InferenceGuard:
         """Load the base model by hub name, local directory or `.gguf` file path and wrap it.
 
-        See `CausalLM.from_pretrained` for `device`, `dtype`, `device_map` (a string or a
-        dict), `trust_remote_code` (off by default), `model_kwargs` (e.g.
-        `quantization_config`, `attn_implementation`, `revision`, `gguf_file`) and
-        `tokenizer_kwargs`, and the class for the other arguments.
+        On the Hugging Face backend (the default), see `CausalLM.from_pretrained` for
+        `device`, `dtype`, `device_map` (a string or a dict), `trust_remote_code` (off by
+        default), `model_kwargs` (e.g. `quantization_config`, `attn_implementation`,
+        `revision`, `gguf_file`) and `tokenizer_kwargs`. With `backend="vllm"` the base
+        model runs in a vLLM engine (see `VLLMModel.from_pretrained`): `dtype` and
+        `trust_remote_code` apply, and `tensor_parallel_size`, `pipeline_parallel_size`,
+        `distributed_executor_backend` and `engine_kwargs` (e.g. `max_model_len`) are the
+        engine's. See the class for the other arguments.
+
+        Raises:
+            ValueError: engine options on the Hugging Face backend, Hugging Face loading
+                options on the vLLM backend, or an unknown backend.
         """
-        lm = CausalLM.from_pretrained(
-            model_id,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            model_kwargs=model_kwargs,
-            tokenizer_kwargs=tokenizer_kwargs,
+        engine = engine_options(
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            distributed_executor_backend=distributed_executor_backend,
+            engine_kwargs=engine_kwargs,
         )
+        if backend == "vllm":
+            hf_only = {"device_map": device_map, "model_kwargs": model_kwargs}
+            if given := sorted(name for name, value in hf_only.items() if value):
+                raise ValueError(
+                    f"{', '.join(given)} are Hugging Face loading options; with "
+                    "backend='vllm' pass the engine's options (tensor_parallel_size, "
+                    "max_model_len, quantization, ...) as keywords"
+                )
+            engine.update(trust_remote_code=trust_remote_code)
+            if dtype is not None:
+                engine["dtype"] = str(dtype).removeprefix("torch.")
+        lm = load_base_model(
+            model_id,
+            backend,
+            hf_options={
+                "device": device,
+                "dtype": dtype,
+                "device_map": device_map,
+                "trust_remote_code": trust_remote_code,
+                "model_kwargs": model_kwargs,
+                "tokenizer_kwargs": tokenizer_kwargs,
+            },
+            engine_options=engine,
+        )
+        lm.allow_special_tokens_in_content = allow_special_tokens_in_content
         return cls(
-            lm.model,
-            lm.tokenizer,
+            lm,
             cost=cost,
             reward=reward,
             critic=critic,
@@ -178,7 +216,9 @@ class InferenceGuard(Decoder):
                 "saved in, "
                 f"got {type(critic).__name__}"
             )
-        critic.check_base_model(self.lm.model)
+        self.lm.require_hidden_states("critic mode")
+        if isinstance(self.lm, CausalLM):
+            critic.check_base_model(self.lm.model)
         return critic.to(self.lm.device).eval()
 
     def _evaluator(self, config: GuardConfig) -> CandidateEvaluator | None:

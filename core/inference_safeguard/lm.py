@@ -1,25 +1,38 @@
-"""Hugging Face causal-LM adapter: loading, prompts, batched prefill and block decoding.
+"""The base model behind the search: the backend seam and the Hugging Face backend.
 
-The search talks to the model only through `CausalLM`: it prefills left-padded
-prompts once, decodes blocks of tokens for all rows in one batched forward per token,
-and fans rows out, prunes them and rewinds blocks through the transformers Cache API
-(see `inference_safeguard.kv_cache` for each cache layout), never by re-prefilling.
+The search talks to the base model only through a `LanguageModel`: prompts (validated
+and tokenized by the model's own tokenizer, the same on every backend) and, at block
+level, `sample_block`: sample a block of tokens for given rows of a decode state, with
+per-prompt seeds, the sampling settings, per-row token penalties (the unsafe-token
+resample penalty, the repetition penalty), returning tokens, raw log-probabilities,
+ended flags and, where the backend has them, hidden states at the block ends. Rows are
+fanned out, pruned, merged and rewound through the backend too.
+
+`CausalLM` is the Hugging Face backend: it prefills left-padded prompts once, decodes
+blocks of tokens for all rows in one batched forward per token, and fans rows out,
+prunes them and rewinds blocks through the transformers Cache API (see
+`inference_safeguard.kv_cache` for each cache layout), never by re-prefilling. Other
+backends live in `inference_safeguard.backends`, one module each.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.encoding import check_text, encode_chat, encode_text
 from inference_safeguard.errors import (
+    BackendCapabilityError,
     ChatTemplateError,
     CheckpointKindError,
     InvalidPromptError,
@@ -28,6 +41,7 @@ from inference_safeguard.errors import (
 )
 from inference_safeguard.grammar import GrammarCompiler, RowGrammars
 from inference_safeguard.hf_compat import cache_keyword, output_cache
+from inference_safeguard.identity import model_fingerprint
 from inference_safeguard.kv_cache import (
     CacheCheckpoint,
     check_cache_support,
@@ -45,7 +59,13 @@ from inference_safeguard.loading import (
 )
 from inference_safeguard.output_format import OutputConstraint, ToolCallFormat, output_constraint
 from inference_safeguard.reasoning import ReasoningMarkers
-from inference_safeguard.sampling import model_sampling_defaults
+from inference_safeguard.sampling import (
+    PromptSamplers,
+    RepetitionPenalty,
+    SamplingSettings,
+    model_sampling_defaults,
+    penalize_tokens,
+)
 from inference_safeguard.tools import (
     ToolChoice,
     ToolSpec,
@@ -120,24 +140,80 @@ class DecodedBlock:
         logprob: `(rows,)` sum of the model's log-probabilities (temperature 1) of the
             row's tokens, its EOS included.
         ended: `(rows,)` bool, True where the row emitted EOS in this block.
+        hidden: `(rows, hidden)` last-layer hidden state at each row's block end, or
+            `(rows, 0)` from a backend without hidden states.
     """
 
     tokens: torch.Tensor
     logprob: torch.Tensor
     ended: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """What `LanguageModel.sample_block` samples: one block for some rows of a state.
+
+    Attributes:
+        num_tokens: block length (the longest row's).
+        rows: `(n,)` long, the rows to sample, grouped contiguously by prompt.
+        prompt_ids: the prompt (a key of `samplers`) owning each group of `rows`.
+        group_sizes: rows of each group; they sum to `n`.
+        samplers: the per-prompt seeded samplers: a prompt's tokens depend on its seed
+            and its own rows only.
+        sampling: temperature, top-k, top-p, min-p and the repetition penalty.
+        histories: token ids each sampled row's repetition penalty looks at (its
+            prompt and response so far), or None when the penalty is off.
+        unsafe_mask: `(n, vocab)` bool, tokens whose logits lose `unsafe_penalty`
+            (the resample penalty), or None.
+        unsafe_penalty: amount subtracted from the masked tokens' logits.
+        limits: `(rows_of_state,)` long, tokens each row may decode, or None (all
+            `num_tokens`).
+        replay: an earlier block of this step for every row of the state; the rows not
+            in `rows` keep it (None: `rows` are all the state's rows).
+        grammar: one grammar state per sampled row, advanced as tokens are chosen, or None.
+        cancel: once set, sampling raises `GenerationCancelledError`.
+    """
+
+    num_tokens: int
+    rows: torch.Tensor
+    prompt_ids: list[int]
+    group_sizes: list[int]
+    samplers: PromptSamplers
+    sampling: SamplingSettings
+    histories: list[list[int]] | None = None
+    unsafe_mask: torch.Tensor | None = None
+    unsafe_penalty: float = 0.0
+    limits: torch.Tensor | None = None
+    replay: DecodedBlock | None = None
+    grammar: RowGrammars | None = None
+    cancel: threading.Event | None = None
+
+
+class Checkpoint(abc.ABC):
+    """A decode state as it was before a block, to sample that block again."""
+
+    @abc.abstractmethod
+    def rewind(self, state: Any) -> None:
+        """Restore `state` (the same rows) to this checkpoint; may be called repeatedly."""
 
 
 TokenChooser = Callable[[torch.Tensor, int], torch.Tensor]
 """`(logits (rows, vocab), step_in_block) -> tokens (rows,)`."""
 
 
-class CausalLM:
-    """A causal LM and its tokenizer, driven in batches for block-wise search.
+class LanguageModel(abc.ABC):
+    """A base model and its tokenizer, as the search drives it: the backend seam.
+
+    Prompts are encoded here, by the tokenizer, alike on every backend; a backend (one
+    subclass each) holds the model and samples blocks. A decode state is the backend's
+    own (`prefill` makes it, `sample_block` advances it): rows of token prefixes whose
+    order the search changes with `fan_out`, `select_rows` and `merge`.
 
     Args:
-        model: any Hugging Face causal LM whose forward takes a transformers `Cache`.
-        tokenizer: its tokenizer; not modified. Padding is masked, so any id serves:
-            the pad token, else EOS, else the model config's pad id, else 0.
+        tokenizer: the model's Hugging Face tokenizer; not modified.
+        generation_config: the model's generation config (EOS ids, sampling defaults),
+            or None.
         allow_special_tokens_in_content: let the text of special tokens in prompts (a
             message's content, a plain-text prompt) become those tokens. Off by default:
             only the chat template writes control tokens, so a user cannot end a turn or
@@ -145,138 +221,113 @@ class CausalLM:
             Turn it on only for prompts you render yourself on purpose.
     """
 
+    backend: ClassVar[str]
+    """The backend's name, as `InferenceGuard.from_pretrained(backend=...)` takes it."""
+    has_hidden_states: ClassVar[bool]
+    """Whether `sample_block` returns hidden states (critic mode needs them)."""
+    supports_grammar: ClassVar[bool] = True
+    """Whether responses can follow a grammar (`response_format`, forced tool calls)."""
+
     def __init__(
         self,
-        model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
+        generation_config: Any,
         *,
         allow_special_tokens_in_content: bool = False,
     ) -> None:
-        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
-            raise TypeError(
-                f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
-                "one by name or path use from_pretrained(...)"
-            )
-        output_embeddings = getattr(model, "get_output_embeddings", None)
-        if callable(output_embeddings) and output_embeddings() is None:
-            raise CheckpointKindError(
-                f"model is a {type(model).__name__}, which has no LM head; the base model "
-                "must be a causal LM (AutoModelForCausalLM), and a sequence classifier "
-                "belongs in ClassifierScorer, as a reward or cost model"
-            )
         if not callable(getattr(tokenizer, "batch_decode", None)):
             raise TypeError(
                 f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}"
             )
-        keyword = cache_keyword(model)
-        if keyword is None:
-            raise no_cache_error(model)
-        self._cache_keyword = keyword
-        self.model = model.eval()
-        self._attends = check_cache_support(self.model, keyword, self.device)
         self.tokenizer = tokenizer
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
-        self.eos_token_ids: frozenset[int] = self._eos_ids()
-        self.sampling_defaults = model_sampling_defaults(getattr(model, "generation_config", None))
+        self.eos_token_ids: frozenset[int] = eos_ids(tokenizer, generation_config)
+        self.sampling_defaults = model_sampling_defaults(generation_config)
         """Sampling settings the model's generation_config sets (see `GuardConfig`)."""
         self.reasoning_markers = ReasoningMarkers.of(tokenizer)
         """Markers of the model's reasoning text, or None (see `inference_safeguard.reasoning`)."""
-        candidates = (
-            tokenizer.pad_token_id,
-            min(self.eos_token_ids, default=None),
-            getattr(model.config, "pad_token_id", None),
-        )
-        self.pad_token_id: int = next((i for i in candidates if isinstance(i, int)), 0)
-        self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         self._grammar_compiler: GrammarCompiler | None = None
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        device_map: DeviceMap | None = None,
-        trust_remote_code: bool = False,
-        model_kwargs: Mapping[str, Any] | None = None,
-        tokenizer_kwargs: Mapping[str, Any] | None = None,
-    ) -> CausalLM:
-        """Load a model and tokenizer by hub name, local directory or `.gguf` file path.
+    # ------------------------------------------------------------------ the model
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Device the model takes its inputs on."""
 
-        Args:
-            device: where to put the model (default: CUDA when available, else CPU);
-                ignored when `device_map` is given or the model is quantized.
-            dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
-            device_map: transformers device map, a string (e.g. "auto") or a dict, to
-                shard a large model; such a model is never moved afterwards.
-            trust_remote_code: run code shipped with the checkpoint; off unless you
-                trust its author.
-            model_kwargs: more options of the model's `from_pretrained`
-                (`quantization_config`, `attn_implementation`, `revision`, `gguf_file`).
-            tokenizer_kwargs: more options of the tokenizer's `from_pretrained`; see
-                `inference_safeguard.loading` for those it takes from `model_kwargs`.
+    @property
+    def output_device(self) -> torch.device:
+        """Device of the logits, and of a block's log-probs and hidden states (the
+        search keeps its per-row tensors there)."""
+        return self.device
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Columns of the model's logits."""
+
+    @property
+    @abc.abstractmethod
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + response) the model attends to, or None if unknown."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The model's name or path."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the model's weights and config (see `inference_safeguard.identity`)."""
+
+    def require_hidden_states(self, needed_by: str) -> None:
+        """Refuse `needed_by` (e.g. critic mode) on a backend without hidden states.
 
         Raises:
-            LoadOptionError: a device this machine lacks, or not a floating dtype.
-            ModelLoadError: no such directory or hub name, or incomplete or corrupted files.
-            CheckpointKindError: not a causal LM (e.g. a sequence classifier), so its LM
-                head would be randomly initialised.
+            BackendCapabilityError: this backend returns no hidden states.
         """
-        device, dtype = resolve_device(device), resolve_dtype(dtype)
-        if device_map is None:
-            device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            on_cuda = device_map is not None or (device is not None and device.type == "cuda")
-            dtype = torch.bfloat16 if on_cuda else torch.float32
-        model, tokenizer = load_pretrained(
-            AutoModelForCausalLM,
-            name_or_path,
-            kind="causal-lm",
-            owner="the base model",
-            device=None if device_map is not None else device,
-            dtype=dtype,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            model_kwargs=model_kwargs,
-            tokenizer_kwargs=tokenizer_kwargs,
-        )
-        return cls(model, tokenizer)
+        if not self.has_hidden_states:
+            raise BackendCapabilityError(
+                f"{needed_by} reads the base model's hidden states, which the "
+                f"{self.backend!r} backend does not return; use backend='huggingface' "
+                "(the backends with hidden states), or scorer='models'"
+            )
 
-    # ----------------------------------------------------------------- properties
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+    # ---------------------------------------------------------------- the seam
+    @abc.abstractmethod
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Any:
+        """A decode state with one row per prompt (`prompts`: token ids, at least one each)."""
 
-    @property
-    def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+    @abc.abstractmethod
+    def fan_out(self, state: Any, repeats: int) -> None:
+        """Repeat every row `repeats` times (row i becomes rows i*r .. i*r + r-1), in place."""
 
-    @property
-    def context_window(self) -> int | None:
-        """Most tokens (prompt + response) the model attends to, from its config."""
-        config = self.model.config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+    @abc.abstractmethod
+    def select_rows(self, state: Any, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (`(new_rows,)` long, repeats allowed), in place."""
 
-    @property
-    def name(self) -> str:
-        return str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+    @abc.abstractmethod
+    def can_merge(self, state: Any) -> bool:
+        """Whether `merge` can append rows to `state`."""
 
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        generation_eos = getattr(
-            getattr(self.model, "generation_config", None), "eos_token_id", None
-        )
-        for value in (self.tokenizer.eos_token_id, generation_eos):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return frozenset(ids)
+    @abc.abstractmethod
+    def merge(self, state: Any, other: Any) -> None:
+        """Append `other`'s rows to `state`, in place."""
+
+    @abc.abstractmethod
+    def checkpoint(self, state: Any, tokens: int) -> Checkpoint:
+        """`state` as it is, before a block of at most `tokens` tokens."""
+
+    @abc.abstractmethod
+    def sample_block(self, state: Any, request: BlockRequest) -> DecodedBlock:
+        """Sample one block for `request.rows` and advance `state` by it (the other rows
+        replay `request.replay`).
+
+        Rows stop at EOS (their later positions hold -1) or at their limit. Log-probs are
+        the raw model's (temperature 1, before any penalty), of the tokens chosen.
+
+        Returns:
+            The block of every row of `state`.
+        """
 
     # -------------------------------------------------------------------- prompts
     def encode(
@@ -417,7 +468,17 @@ class CausalLM:
 
         Raises:
             OutputFormatError: a format, schema or grammar that cannot be enforced.
+            BackendCapabilityError: a format or a required tool call on a backend
+                without grammar-constrained decoding.
         """
+        if not self.supports_grammar and (response_format or call_is_required(tool_choice)):
+            raise BackendCapabilityError(
+                f"a response_format or a required tool call constrains decoding token by "
+                f"token, which the {self.backend!r} backend does not do; use "
+                "backend='huggingface' (the backends with grammar-constrained decoding)"
+            )
+        if not self.supports_grammar:
+            return list(prompts)  # tool calls, if any, are parsed from the text as written
         markers = self.reasoning_markers
         # Prompts differ only in whether they open a reasoning section: one grammar each.
         by_opening: dict[bool, OutputConstraint | None] = {}
@@ -476,6 +537,142 @@ class CausalLM:
         return self.tokenizer.batch_decode(
             [list(map(int, row)) for row in ids], skip_special_tokens=True
         )
+
+
+class CausalLM(LanguageModel):
+    """The Hugging Face backend: a causal LM and its tokenizer, driven in batches for
+    block-wise search, with the KV cache held, fanned out and pruned here.
+
+    Args:
+        model: any Hugging Face causal LM whose forward takes a transformers `Cache`.
+        tokenizer: its tokenizer; not modified. Padding is masked, so any id serves:
+            the pad token, else EOS, else the model config's pad id, else 0.
+        allow_special_tokens_in_content: see `LanguageModel`.
+    """
+
+    backend = "huggingface"
+    has_hidden_states = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        allow_special_tokens_in_content: bool = False,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+            raise TypeError(
+                f"model must be a Hugging Face causal LM, got {type(model).__name__}; to load "
+                "one by name or path use from_pretrained(...)"
+            )
+        output_embeddings = getattr(model, "get_output_embeddings", None)
+        if callable(output_embeddings) and output_embeddings() is None:
+            raise CheckpointKindError(
+                f"model is a {type(model).__name__}, which has no LM head; the base model "
+                "must be a causal LM (AutoModelForCausalLM), and a sequence classifier "
+                "belongs in ClassifierScorer, as a reward or cost model"
+            )
+        super().__init__(
+            tokenizer,
+            getattr(model, "generation_config", None),
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
+        keyword = cache_keyword(model)
+        if keyword is None:
+            raise no_cache_error(model)
+        self._cache_keyword = keyword
+        self.model = model.eval()
+        self._attends = check_cache_support(self.model, keyword, self.device)
+        candidates = (
+            tokenizer.pad_token_id,
+            min(self.eos_token_ids, default=None),
+            getattr(model.config, "pad_token_id", None),
+        )
+        self.pad_token_id: int = next((i for i in candidates if isinstance(i, int)), 0)
+        self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        device_map: DeviceMap | None = None,
+        trust_remote_code: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
+    ) -> CausalLM:
+        """Load a model and tokenizer by hub name, local directory or `.gguf` file path.
+
+        Args:
+            device: where to put the model (default: CUDA when available, else CPU);
+                ignored when `device_map` is given or the model is quantized.
+            dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
+            device_map: transformers device map, a string (e.g. "auto") or a dict, to
+                shard a large model; such a model is never moved afterwards.
+            trust_remote_code: run code shipped with the checkpoint; off unless you
+                trust its author.
+            model_kwargs: more options of the model's `from_pretrained`
+                (`quantization_config`, `attn_implementation`, `revision`, `gguf_file`).
+            tokenizer_kwargs: more options of the tokenizer's `from_pretrained`; see
+                `inference_safeguard.loading` for those it takes from `model_kwargs`.
+
+        Raises:
+            LoadOptionError: a device this machine lacks, or not a floating dtype.
+            ModelLoadError: no such directory or hub name, or incomplete or corrupted files.
+            CheckpointKindError: not a causal LM (e.g. a sequence classifier), so its LM
+                head would be randomly initialised.
+        """
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        if device_map is None:
+            device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            on_cuda = device_map is not None or (device is not None and device.type == "cuda")
+            dtype = torch.bfloat16 if on_cuda else torch.float32
+        model, tokenizer = load_pretrained(
+            AutoModelForCausalLM,
+            name_or_path,
+            kind="causal-lm",
+            owner="the base model",
+            device=None if device_map is not None else device,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            tokenizer_kwargs=tokenizer_kwargs,
+        )
+        return cls(model, tokenizer)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def output_device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens (prompt + response) the model attends to, from its config."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return model_fingerprint(self.model)
 
     # ------------------------------------------------------------------- decoding
     @torch.inference_mode()
@@ -556,7 +753,60 @@ class CausalLM:
             fed = torch.where(live, chosen, self.pad_token_id)
             self._feed(state, fed, live)
             ended |= is_eos
-        return DecodedBlock(tokens=tokens, logprob=logprob, ended=ended)
+        return DecodedBlock(tokens=tokens, logprob=logprob, ended=ended, hidden=state.hidden)
+
+    def checkpoint(self, state: DecodeState, tokens: int) -> BlockCheckpoint:
+        return BlockCheckpoint.of(state, tokens)
+
+    def sample_block(self, state: DecodeState, request: BlockRequest) -> DecodedBlock:
+        """Decode the block for every row in one batched forward per token: the rows of
+        `request.rows` sample, the others replay `request.replay` (so the cache of every
+        row grows alike); see `LanguageModel.sample_block`."""
+        return self.decode_block(state, request.num_tokens, self._chooser(request), request.limits)
+
+    def _chooser(self, request: BlockRequest) -> TokenChooser:
+        """Token chooser: sample `request.rows` (repetition penalty, then the unsafe-token
+        penalty, then the grammar's mask, which `request.grammar`, one state per sampled
+        row, follows), replay the other rows' tokens; raises `GenerationCancelledError`
+        once `request.cancel` is set, before the token's forward."""
+        sampling, replay = request.sampling, request.replay
+        sampled_rows = request.rows
+        repetition = None
+        if request.histories is not None:
+            repetition = RepetitionPenalty(
+                sampling.repetition_penalty, request.histories, self.vocab_size, self.device
+            )
+        penalty_mask, grammar = request.unsafe_mask, request.grammar
+
+        def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+            raise_if_cancelled(request.cancel)
+            picked = logits if replay is None else logits[sampled_rows.to(logits.device)]
+            if repetition is not None:
+                picked = repetition(picked)
+            if penalty_mask is not None:
+                picked = penalize_tokens(picked, penalty_mask, request.unsafe_penalty)
+            if grammar is not None:
+                picked = picked.masked_fill(~grammar.allowed(picked.device), float("-inf"))
+            sampled = request.samplers.sample(
+                picked,
+                request.group_sizes,
+                request.prompt_ids,
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                sampling.min_p,
+            )
+            if repetition is not None:
+                repetition.observe(sampled)
+            if grammar is not None:
+                grammar.advance(sampled)
+            if replay is None:
+                return sampled
+            tokens = replay.tokens[:, step].clamp_min(0)
+            tokens[sampled_rows.to(tokens.device)] = sampled
+            return tokens
+
+        return choose
 
     def _feed(self, state: DecodeState, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """Feed one token per row (`real` False feeds masked padding); updates `state`."""
@@ -617,7 +867,7 @@ class CausalLM:
 
 
 @dataclass(frozen=True)
-class BlockCheckpoint:
+class BlockCheckpoint(Checkpoint):
     """What `rewind` needs to undo one decoded block, on every cache layout (full,
     sliding-window and linear attention; see `inference_safeguard.kv_cache`)."""
 
@@ -639,12 +889,22 @@ class BlockCheckpoint:
         )
 
     def rewind(self, state: DecodeState) -> None:
-        """Restore `state` (the same rows) to this checkpoint; may be called repeatedly."""
         self.cache.restore(state.cache)
         state.attention_mask = self.attention_mask
         state.next_position = self.next_position
         state.logits = self.logits
         state.hidden = self.hidden
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any) -> frozenset[int]:
+    """The ids that end a response: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
 
 
 def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:

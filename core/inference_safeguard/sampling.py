@@ -241,3 +241,22 @@ class PromptSamplers:
         )
         gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
         return (warped + gumbel).argmax(dim=-1)
+
+    def row_seeds(self, group_sizes: Sequence[int], prompt_ids: Sequence[int]) -> list[int]:
+        """One seed per row, drawn from the generator of the prompt that owns its group:
+        for a backend that samples each row with its own seeded request.
+
+        Args:
+            group_sizes: rows of each group, in order.
+            prompt_ids: the prompt that owns each group.
+
+        Returns:
+            `sum(group_sizes)` seeds in `[0, 2**31)`.
+        """
+        seeds: list[int] = []
+        for size, prompt in zip(group_sizes, prompt_ids, strict=True):
+            drawn = torch.randint(
+                0, 2**31, (size,), generator=self.generators[prompt], device=self.device
+            )
+            seeds += drawn.tolist()
+        return seeds

@@ -46,7 +46,7 @@ import itertools
 import threading
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -56,11 +56,10 @@ from inference_safeguard.constraints import Constraints, budget_vector
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.grammar import RowGrammars
 from inference_safeguard.lm import (
-    BlockCheckpoint,
-    CausalLM,
+    BlockRequest,
     DecodedBlock,
-    DecodeState,
     EncodedPrompt,
+    LanguageModel,
 )
 from inference_safeguard.safety import (
     augmented_score,
@@ -70,12 +69,7 @@ from inference_safeguard.safety import (
     unsafe_token_mask,
     update_safety_state,
 )
-from inference_safeguard.sampling import (
-    PromptSamplers,
-    RepetitionPenalty,
-    SamplingSettings,
-    penalize_tokens,
-)
+from inference_safeguard.sampling import PromptSamplers, SamplingSettings
 from inference_safeguard.scorers import Scorer
 
 Scoring = Literal["augmented", "reward", "lagrangian"]
@@ -428,7 +422,7 @@ class BlockSearch:
 
     def __init__(
         self,
-        lm: CausalLM,
+        lm: LanguageModel,
         evaluator: CandidateEvaluator,
         *,
         scoring: Scoring = "augmented",
@@ -514,7 +508,7 @@ class BlockSearch:
     # ------------------------------------------------------------------ one step
     def _decode_step(
         self,
-        state: DecodeState,
+        state: Any,
         parents: _Rows,
         layout: _Layout,
         config: GuardConfig,
@@ -527,28 +521,27 @@ class BlockSearch:
         rounds = config.resample_rounds if self.resample else 0
         # Only a search that may resample pays for a checkpoint (on sliding-window and
         # linear-attention layers it copies part of the cache).
-        checkpoint = BlockCheckpoint.of(state, layout.block_len) if rounds else None
+        checkpoint = self.lm.checkpoint(state, layout.block_len) if rounds else None
         limits = layout.row_limits()
-        all_rows = torch.arange(state.rows)
+        all_rows = torch.arange(len(parents.token_ids))
+        sampling = SamplingSettings.of(config)
         grammar = _block_grammar(parents, all_rows)
-        block = self.lm.decode_block(
+        block = self.lm.sample_block(
             state,
-            layout.block_len,
-            self._chooser(
-                samplers,
-                layout.live,
-                layout.group_sizes,
-                all_rows,
-                None,
-                None,
-                self._repetition_penalty(config, searches, layout, parents, all_rows),
-                grammar,
-                config,
-                cancel,
+            BlockRequest(
+                num_tokens=layout.block_len,
+                rows=all_rows,
+                prompt_ids=layout.live,
+                group_sizes=layout.group_sizes,
+                samplers=samplers,
+                sampling=sampling,
+                histories=self._histories(sampling, searches, layout, parents, all_rows),
+                limits=limits,
+                grammar=grammar,
+                cancel=cancel,
             ),
-            limits,
         )
-        step = self._score(block, state, parents, layout, all_rows, grammar, config, evaluator)
+        step = self._score(block, parents, layout, all_rows, grammar, config, evaluator)
         for group, size in enumerate(layout.group_sizes):
             searches[layout.live[group]].blocks += 1
             searches[layout.live[group]].candidates_scored += size
@@ -571,108 +564,58 @@ class BlockSearch:
             if checkpoint is not None:
                 checkpoint.rewind(state)
             grammar = _block_grammar(parents, resampled)
-            block = self.lm.decode_block(
+            block = self.lm.sample_block(
                 state,
-                layout.block_len,
-                self._chooser(
-                    samplers,
-                    [layout.live[g] for g in failing],
-                    [layout.group_sizes[g] for g in failing],
-                    resampled,
-                    block.tokens,
-                    penalty_mask[layout.group_of_row[resampled].to(penalty_mask.device)],
-                    self._repetition_penalty(config, searches, layout, parents, resampled),
-                    grammar,
-                    config,
-                    cancel,
+                BlockRequest(
+                    num_tokens=layout.block_len,
+                    rows=resampled,
+                    prompt_ids=[layout.live[g] for g in failing],
+                    group_sizes=[layout.group_sizes[g] for g in failing],
+                    samplers=samplers,
+                    sampling=sampling,
+                    histories=self._histories(sampling, searches, layout, parents, resampled),
+                    unsafe_mask=penalty_mask[
+                        layout.group_of_row[resampled].to(penalty_mask.device)
+                    ],
+                    unsafe_penalty=config.unsafe_logit_penalty,
+                    limits=limits,
+                    replay=block,
+                    grammar=grammar,
+                    cancel=cancel,
                 ),
-                limits,
             )
             step = step.splice(
                 resampled,
-                self._score(block, state, parents, layout, resampled, grammar, config, evaluator),
+                self._score(block, parents, layout, resampled, grammar, config, evaluator),
             )
             for g in failing:
                 searches[layout.live[g]].resample_rounds += 1
                 searches[layout.live[g]].candidates_scored += layout.group_sizes[g]
         return step
 
-    def _repetition_penalty(
-        self,
-        config: GuardConfig,
+    @staticmethod
+    def _histories(
+        sampling: SamplingSettings,
         searches: Mapping[int, PromptSearch],
         layout: _Layout,
         parents: _Rows,
         rows: torch.Tensor,
-    ) -> RepetitionPenalty | None:
-        """The repetition penalty of `rows` (`(n,)` index into the step's rows) over each
-        row's prompt and its parent beam's response, or None when it is off. Built from
-        `parents` at every decode of a block, so the histories follow the rows through
-        fan-out, pruning and rewinds."""
-        penalty = SamplingSettings.of(config).repetition_penalty
-        if penalty == 1.0:
+    ) -> list[list[int]] | None:
+        """The token histories the repetition penalty of `rows` (`(n,)` index into the
+        step's rows) looks at: each row's prompt and its parent beam's response, or None
+        when the penalty is off. Built from `parents` at every decode of a block, so the
+        histories follow the rows through fan-out, pruning and rewinds."""
+        if sampling.repetition_penalty == 1.0:
             return None
         group_of_row = layout.group_of_row.tolist()
-        histories = [
+        return [
             searches[layout.live[group_of_row[row]]].prompt.ids + parents.token_ids[row]
             for row in rows.tolist()
         ]
-        return RepetitionPenalty(penalty, histories, self.lm.vocab_size, self.lm.device)
-
-    @staticmethod
-    def _chooser(
-        samplers: PromptSamplers,
-        prompt_ids: list[int],
-        group_sizes: list[int],
-        sampled_rows: torch.Tensor,
-        replay: torch.Tensor | None,
-        penalty_mask: torch.Tensor | None,
-        repetition: RepetitionPenalty | None,
-        grammar: RowGrammars | None,
-        config: GuardConfig,
-        cancel: threading.Event | None,
-    ):
-        """Token chooser: sample `sampled_rows` (repetition penalty, then the unsafe-token
-        penalty, then the grammar's mask, which `grammar`, one state per sampled row,
-        follows), replay the other rows' tokens; raises `GenerationCancelledError` once
-        `cancel` is set, before the token's forward."""
-
-        sampling = SamplingSettings.of(config)
-
-        def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
-            raise_if_cancelled(cancel)
-            picked = logits if replay is None else logits[sampled_rows.to(logits.device)]
-            if repetition is not None:
-                picked = repetition(picked)
-            if penalty_mask is not None:
-                picked = penalize_tokens(picked, penalty_mask, config.unsafe_logit_penalty)
-            if grammar is not None:
-                picked = picked.masked_fill(~grammar.allowed(picked.device), float("-inf"))
-            sampled = samplers.sample(
-                picked,
-                group_sizes,
-                prompt_ids,
-                sampling.temperature,
-                sampling.top_k,
-                sampling.top_p,
-                sampling.min_p,
-            )
-            if repetition is not None:
-                repetition.observe(sampled)
-            if grammar is not None:
-                grammar.advance(sampled)
-            if replay is None:
-                return sampled
-            tokens = replay[:, step].clamp_min(0)
-            tokens[sampled_rows.to(tokens.device)] = sampled
-            return tokens
-
-        return choose
 
     def _score(
         self,
         block: DecodedBlock,
-        state: DecodeState,
         parents: _Rows,
         layout: _Layout,
         rows: torch.Tensor,
@@ -710,7 +653,7 @@ class BlockSearch:
             prompt_texts=[layout.prompt_texts[g] for g in group_of_row],
             texts=texts,
             token_ids=token_ids,
-            hidden=state.hidden[index],
+            hidden=_block_hidden(block)[index],
             new_tokens=(tokens >= 0).sum(-1),
         )
         length = parents.length[index] + candidates.new_tokens
@@ -957,7 +900,7 @@ class RunningSearch:
         self._runs: dict[int, _PromptRun] = {}
         self._samplers = PromptSamplers([], search.lm.device)
         self._next_slot = 0
-        self._state: DecodeState | None = None
+        self._state: Any = None  # the backend's decode state, None when nothing is live
         self._rows: _Rows | None = None
         self._beams: list[int] = []  # live beams of each live prompt
         self._beam_rows = torch.zeros(0, dtype=torch.long)  # their rows in the state
@@ -1000,7 +943,7 @@ class RunningSearch:
         self._next_slot += len(prompts)
         lm = self.search.lm
         state = lm.prefill([p.ids for p in prompts])
-        device = state.logits.device
+        device = lm.output_device
         z = torch.tensor([budget_vector(c) for c in configs], dtype=torch.float64)
         rows = _Rows(
             token_ids=[[] for _ in prompts],
@@ -1046,7 +989,7 @@ class RunningSearch:
         else:  # one gather both drops the pruned rows and fans the kept beams out
             self.search.lm.select_rows(state, parent_index)
         self._prefilled = False
-        parents = self._rows.select(parent_index.to(state.logits.device))
+        parents = self._rows.select(parent_index.to(self.search.lm.output_device))
         runs = [self._runs[slot] for slot in self.live]
         block_lens = [min(config.block_size, r.config.max_new_tokens - r.generated) for r in runs]
         for run, block_len in zip(runs, block_lens, strict=True):
@@ -1105,8 +1048,16 @@ class RunningSearch:
             return
         rows = torch.cat([self._beam_rows[starts[g] : starts[g + 1]] for g in kept])
         self.search.lm.select_rows(self._state, rows)
-        self._rows = self._rows.select(rows.to(self._state.logits.device))
+        self._rows = self._rows.select(rows.to(self.search.lm.output_device))
         self._beam_rows = torch.arange(len(rows))
+
+
+def _block_hidden(block: DecodedBlock) -> torch.Tensor:
+    """`(rows, hidden)` hidden states at the block ends, `(rows, 0)` where the backend
+    has none."""
+    if block.hidden is not None:
+        return block.hidden
+    return torch.zeros(block.tokens.shape[0], 0, device=block.tokens.device)
 
 
 def _block_grammar(parents: _Rows, rows: torch.Tensor) -> RowGrammars | None:
@@ -1122,7 +1073,7 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
 
 
 def cut_before_stop(
-    lm: CausalLM, token_ids: list[int], text: str, stops: Sequence[str]
+    lm: LanguageModel, token_ids: list[int], text: str, stops: Sequence[str]
 ) -> tuple[list[int], str] | None:
     """A response ended before its first stop string: `(token_ids, text)`, or None when
     `text` (the decoding of `token_ids`) holds no stop string.
@@ -1142,7 +1093,7 @@ def cut_before_stop(
     return [], ""
 
 
-def settled_prefix(lm: CausalLM, token_ids: list[int], stops: Sequence[str]) -> str:
+def settled_prefix(lm: LanguageModel, token_ids: list[int], stops: Sequence[str]) -> str:
     """The text of the longest prefix of `token_ids` that can no longer change: one whose
     text ends neither in a partial character nor in the start of a stop string (the
     search may still cut there, at the token boundary before it; see `cut_before_stop`).

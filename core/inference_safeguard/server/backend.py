@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from inference_safeguard.config import GuardConfig
-from inference_safeguard.lm import CausalLM, PromptInput
+from inference_safeguard.lm import LanguageModel, PromptInput
 from inference_safeguard.results import GuardResult
 
 
@@ -44,7 +44,7 @@ class Backend(Protocol):
     def config(self) -> GuardConfig: ...
 
     @property
-    def lm(self) -> CausalLM: ...
+    def lm(self) -> LanguageModel: ...
 
     async def agenerate(
         self,
