@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long test-wheel test-lowest test-vllm bench clean
+.PHONY: demo test test-long test-wheel test-lowest test-vllm vllm-venv bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,8 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 	$(VLLM_VENV)/bin/pip install --quiet -c constraints-vllm.txt -e ".[serve]" \
 		pytest pytest-asyncio pytest-timeout hypothesis
 	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
