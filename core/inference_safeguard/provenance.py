@@ -119,30 +119,36 @@ class VerbatimIndex:
             separator += 1
         self._corpus = np.concatenate(pieces)
         self._suffixes = _suffix_array(self._corpus).astype(np.int32)
+        # Where each word's suffixes start in the suffix array: a search starts there.
+        self._word_starts = np.searchsorted(
+            self._corpus[self._suffixes], np.arange(len(self._vocabulary) + 1)
+        ).astype(np.int32)
         self.documents = len(documents)
         self.words = int(len(self._corpus) - len(documents))
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the corpus ids and the suffix array (the vocabulary aside)."""
-        return int(self._corpus.nbytes + self._suffixes.nbytes)
+        return int(self._corpus.nbytes + self._suffixes.nbytes + self._word_starts.nbytes)
 
     def _occurs(self, pattern: list[int]) -> bool:
         """Whether the word ids `pattern` occur contiguously in the corpus."""
         width = len(pattern)
-        target = tuple(pattern)
-        low, high = 0, len(self._suffixes)
+        target = tuple(pattern[1:])
+        # Every suffix in [low, end) starts with pattern[0]: compare the rest.
+        low, end = int(self._word_starts[pattern[0]]), int(self._word_starts[pattern[0] + 1])
+        high = end
         while low < high:
             middle = (low + high) // 2
             start = int(self._suffixes[middle])
-            if tuple(self._corpus[start : start + width].tolist()) < target:
+            if tuple(self._corpus[start + 1 : start + width].tolist()) < target:
                 low = middle + 1
             else:
                 high = middle
-        if low == len(self._suffixes):
+        if low == end:
             return False
         start = int(self._suffixes[low])
-        return tuple(self._corpus[start : start + width].tolist()) == target
+        return tuple(self._corpus[start + 1 : start + width].tolist()) == target
 
     def longest_span(self, text: str) -> VerbatimSpan:
         """The longest run of consecutive words of `text` that occurs in the corpus."""
