@@ -14,19 +14,20 @@ whitespace and line breaks between words are ignored, so a copy reformatted or
 re-punctuated still matches. Spans never cross from one corpus document into another.
 
 **The index** is a suffix array over the corpus's word ids (built once, by prefix
-doubling with numpy: O(n log n) per doubling round, as many rounds as the log of the
-longest repeat), 8 bytes per corpus word. A query binary-searches it: the longest span
-of a response of `m` words takes O((m + L) log n) slice comparisons for a span of `L`.
+doubling with torch: a sort of n keys per doubling round, as many rounds as the log of
+the longest repeat), about 8 bytes per corpus word, kept as C arrays. A query
+binary-searches it: the longest span of a response of `m` words takes O((m + L) log n)
+slice comparisons for a span of `L`.
 """
 
 from __future__ import annotations
 
 import re
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inference_safeguard.scorer_spec import parse_spec, spec_float, spec_int, spec_list
@@ -58,27 +59,29 @@ class VerbatimSpan:
     end: int
 
 
-def _suffix_array(sequence: np.ndarray) -> np.ndarray:
+def _suffix_array(sequence: torch.Tensor) -> torch.Tensor:
     """Start positions of the suffixes of `sequence` (`(n,)` ints) in lexicographic order
-    (a suffix that ends sooner sorts first), by prefix doubling."""
+    (a suffix that ends sooner sorts first), by prefix doubling: `(n,)` int64."""
     n = len(sequence)
-    rank = np.unique(sequence, return_inverse=True)[1].astype(np.int64)
-    order = np.argsort(rank, kind="stable")
+    rank = torch.unique(sequence, return_inverse=True)[1].to(torch.int64)
+    order = torch.argsort(rank, stable=True)
     span = 1
-    while True:
-        following = np.full(n, -1, dtype=np.int64)
+    while n > 0:
+        following = torch.full((n,), -1, dtype=torch.int64)
         following[: n - span] = rank[span:]
-        order = np.lexsort((following, rank))
-        first, second = rank[order], following[order]
-        starts = np.empty(n, dtype=bool)
-        starts[:1] = True
-        starts[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
-        sorted_rank = np.cumsum(starts) - 1
-        if n == 0 or sorted_rank[-1] == n - 1:
-            return order
-        rank = np.empty(n, dtype=np.int64)
+        # Ranks are below n, so (rank, following) as one int64 key sorts like the pair.
+        key = rank * (n + 1) + following + 1
+        order = torch.argsort(key, stable=True)
+        sorted_key = key[order]
+        starts = torch.ones(n, dtype=torch.int64)
+        starts[1:] = (sorted_key[1:] != sorted_key[:-1]).to(torch.int64)
+        sorted_rank = torch.cumsum(starts, 0) - 1
+        if int(sorted_rank[-1]) == n - 1:
+            break
+        rank = torch.empty(n, dtype=torch.int64)
         rank[order] = sorted_rank
         span *= 2
+    return order
 
 
 class VerbatimIndex:
@@ -111,44 +114,48 @@ class VerbatimIndex:
             )
         # Each document ends with its own separator id (above every word id), so no span
         # runs from one document into the next.
-        pieces: list[np.ndarray] = []
+        ids = array("i")
         separator = len(self._vocabulary)
         for words in words_per_document:
-            pieces.append(np.array([self._vocabulary[w] for w in words], dtype=np.int32))
-            pieces.append(np.array([separator], dtype=np.int32))
+            ids.extend(self._vocabulary[w] for w in words)
+            ids.append(separator)
             separator += 1
-        self._corpus = np.concatenate(pieces)
-        self._suffixes = _suffix_array(self._corpus).astype(np.int32)
+        corpus = torch.frombuffer(ids, dtype=torch.int32).to(torch.int64)
+        suffixes = _suffix_array(corpus)
         # Where each word's suffixes start in the suffix array: a search starts there.
-        self._word_starts = np.searchsorted(
-            self._corpus[self._suffixes], np.arange(len(self._vocabulary) + 1)
-        ).astype(np.int32)
+        word_starts = torch.searchsorted(corpus[suffixes], torch.arange(len(self._vocabulary) + 1))
+        # Queries index single elements and compare slices: C arrays do both fast.
+        self._corpus = ids
+        self._suffixes = array("i", suffixes.to(torch.int32).tolist())
+        self._word_starts = array("i", word_starts.to(torch.int32).tolist())
         self.documents = len(documents)
         self.words = int(len(self._corpus) - len(documents))
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the corpus ids and the suffix array (the vocabulary aside)."""
-        return int(self._corpus.nbytes + self._suffixes.nbytes + self._word_starts.nbytes)
+        arrays = (self._corpus, self._suffixes, self._word_starts)
+        return sum(len(a) * a.itemsize for a in arrays)
 
     def _occurs(self, pattern: list[int]) -> bool:
         """Whether the word ids `pattern` occur contiguously in the corpus."""
         width = len(pattern)
-        target = tuple(pattern[1:])
+        target = array("i", pattern[1:])
+        corpus, suffixes = self._corpus, self._suffixes
         # Every suffix in [low, end) starts with pattern[0]: compare the rest.
-        low, end = int(self._word_starts[pattern[0]]), int(self._word_starts[pattern[0] + 1])
+        low, end = self._word_starts[pattern[0]], self._word_starts[pattern[0] + 1]
         high = end
         while low < high:
             middle = (low + high) // 2
-            start = int(self._suffixes[middle])
-            if tuple(self._corpus[start + 1 : start + width].tolist()) < target:
+            start = suffixes[middle]
+            if corpus[start + 1 : start + width] < target:
                 low = middle + 1
             else:
                 high = middle
         if low == end:
             return False
-        start = int(self._suffixes[low])
-        return tuple(self._corpus[start + 1 : start + width].tolist()) == target
+        start = suffixes[low]
+        return corpus[start + 1 : start + width] == target
 
     def longest_span(self, text: str) -> VerbatimSpan:
         """The longest run of consecutive words of `text` that occurs in the corpus."""
