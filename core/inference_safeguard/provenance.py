@@ -71,7 +71,7 @@ def _suffix_array(sequence: torch.Tensor) -> torch.Tensor:
         following[: n - span] = rank[span:]
         # Ranks are below n, so (rank, following) as one int64 key sorts like the pair.
         key = rank * (n + 1) + following + 1
-        order = torch.argsort(key, stable=True)
+        order = torch.argsort(key)
         sorted_key = key[order]
         starts = torch.ones(n, dtype=torch.int64)
         starts[1:] = (sorted_key[1:] != sorted_key[:-1]).to(torch.int64)
