@@ -78,3 +78,12 @@ def test_real_model_example_keeps_smollm2_to_the_policy_in_langchain_and_llamain
     for answer, safety in answers:
         assert safety["safe"] or safety["refused"]
         assert not any(word in answer.lower() for word in example.HAZARD_WORDS)
+
+
+def test_deal_example_meets_the_constraints_more_often_than_plain_sampling(capsys):
+    rates = load("deal_constraints").main(["--prompts", "6", "--num-candidates", "8"])
+    out = capsys.readouterr().out
+    assert "constraints: 12-30 words and the phrase 'I hope this helps'" in out
+    plain, guard = rates["plain sampling"], rates["guard"]
+    assert guard["both"] > plain["both"]
+    assert guard["unsafe"] == 0.0
