@@ -44,6 +44,7 @@ __all__ = [
     "LengthCost",
     "RequiredKeywordsCost",
     "ShapeCost",
+    "score_complete",
 ]
 
 
