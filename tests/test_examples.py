@@ -90,3 +90,12 @@ def test_session_example_stops_a_conversation_each_answer_of_which_is_within_bud
     spent = sum(next(c.cost for c in r.constraints if c.name == "products") for r in answered)
     assert spent <= 2 and held[-1].refused and held[-1].stats.blocks == 0
     assert "with the session: " in out and "left 0" in out
+
+
+def test_deal_example_meets_the_constraints_more_often_than_plain_sampling(capsys):
+    rates = load("deal_constraints").main(["--prompts", "6", "--num-candidates", "8"])
+    out = capsys.readouterr().out
+    assert "constraints: 12-30 words and the phrase 'I hope this helps'" in out
+    plain, guard = rates["plain sampling"], rates["guard"]
+    assert guard["both"] > plain["both"]
+    assert guard["unsafe"] == 0.0

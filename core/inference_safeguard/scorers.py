@@ -13,6 +13,12 @@ responses. Each scorer applies its own model's format, and none modifies its inp
   (e.g. Beaver-style cost models, where higher means more unsafe).
 - `GuardModelCost`: P(unsafe) read from a guard LLM's next-token distribution
   (Llama-Guard style).
+
+Scorers defined in their own modules are importable from here too:
+`LengthCost`, `RequiredKeywordsCost`, `KeywordReward`, `ShapeCost`
+(`inference_safeguard.programmatic`), `ScorerSum`, `ScorerMax`
+(`inference_safeguard.composite`), `ProvenanceCost` (`inference_safeguard.provenance`)
+and `ConstitutionCost` (`inference_safeguard.constitution`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Self, cast
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 import torch
 from transformers import (
@@ -49,15 +56,54 @@ from inference_safeguard.loading import (
     resolve_device,
 )
 
+if TYPE_CHECKING:
+    from inference_safeguard.composite import ScorerMax, ScorerSum
+    from inference_safeguard.constitution import ConstitutionCost
+    from inference_safeguard.programmatic import (
+        KeywordReward,
+        LengthCost,
+        RequiredKeywordsCost,
+        ShapeCost,
+    )
+    from inference_safeguard.provenance import ProvenanceCost
+
 __all__ = [
     "BEAVER_TEMPLATE",
     "CallableScorer",
     "ClassifierScorer",
+    "ConstitutionCost",
     "GuardModelCost",
     "KeywordCost",
+    "KeywordReward",
+    "LengthCost",
+    "ProvenanceCost",
     "RegexCost",
+    "RequiredKeywordsCost",
     "Scorer",
+    "ScorerMax",
+    "ScorerSum",
+    "ShapeCost",
 ]
+
+_ELSEWHERE = {
+    "ConstitutionCost": "inference_safeguard.constitution",
+    "KeywordReward": "inference_safeguard.programmatic",
+    "LengthCost": "inference_safeguard.programmatic",
+    "ProvenanceCost": "inference_safeguard.provenance",
+    "RequiredKeywordsCost": "inference_safeguard.programmatic",
+    "ScorerMax": "inference_safeguard.composite",
+    "ScorerSum": "inference_safeguard.composite",
+    "ShapeCost": "inference_safeguard.programmatic",
+}
+"""Scorers defined in modules that import this one, re-exported on first access (an
+import at the top would be circular)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        return getattr(import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
 """Prompt format of the PKU-Alignment Beaver reward and cost models."""
