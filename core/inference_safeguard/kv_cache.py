@@ -75,6 +75,7 @@ class HeadroomLayer(cache_utils.DynamicLayer):
         end = length + key_states.shape[-2]
         buffers = self._buffers if self._has_room(end) else None
         if buffers is None:
+            self._buffers = None  # freed before the new ones are allocated
             buffers = (
                 _with_room(self.keys, key_states, length, end + HEADROOM),
                 _with_room(self.values, value_states, length, end + HEADROOM),
@@ -85,6 +86,16 @@ class HeadroomLayer(cache_utils.DynamicLayer):
         values[..., length:end, :] = value_states
         self.keys, self.values = keys[..., :end, :], values[..., :end, :]
         return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """`DynamicLayer`'s, and the buffers are let go at once (the rows are new)."""
+        super().batch_repeat_interleave(repeats)
+        self._buffers = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """`DynamicLayer`'s, and the buffers are let go at once (the rows are new)."""
+        super().batch_select_indices(indices)
+        self._buffers = None
 
     def _has_room(self, end: int) -> bool:
         """Whether `keys` and `values` are the first positions of the buffers, which hold
