@@ -208,6 +208,31 @@ def test_a_prompts_draws_do_not_depend_on_other_prompts_in_the_batch() -> None:
         assert torch.equal(tokens_batch[3:], tokens_alone)
 
 
+def test_each_prompt_draws_the_uniforms_of_its_own_seed() -> None:
+    # The noise of a group is `torch.rand` of a generator seeded with its prompt's seed,
+    # draw after draw, whatever the other groups of the batch: Gumbel-max on it picks
+    # the same tokens as this reference, call after call.
+    logits = _logits(7, 19, seed=3)
+    group_sizes, prompt_ids, seeds = [3, 4], [1, 0], [11, 12]
+    samplers = PromptSamplers(seeds, CPU)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    for _ in range(3):
+        uniforms = torch.cat(
+            [
+                torch.rand(size, 19, generator=generators[prompt])
+                for size, prompt in zip(group_sizes, prompt_ids, strict=True)
+            ]
+        )
+        gumbel = -torch.log(-torch.log(uniforms.clamp_min(1e-20)))
+        expected = (logits / 0.8 + gumbel).argmax(-1)
+        assert torch.equal(samplers.sample(logits, group_sizes, prompt_ids, 0.8), expected)
+
+
+def test_group_sizes_that_do_not_cover_the_rows_are_rejected() -> None:
+    with pytest.raises(ValueError, match="group sizes sum to 5, but the logits have 6 rows"):
+        PromptSamplers([1, 2], CPU).sample(_logits(6, 10), [2, 3], [0, 1], temperature=1.0)
+
+
 def test_sampled_tokens_never_fall_outside_top_k() -> None:
     logits = _logits(200, 40, seed=4)
     allowed = torch.topk(logits, 3, dim=-1).indices

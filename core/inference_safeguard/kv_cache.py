@@ -21,6 +21,13 @@ layer, only what that layer cannot get back by itself:
 Merging the rows of two full-attention caches (requests that join a running search)
 left-pads the shorter one's keys and values (`merge_rows`).
 
+A full-attention layer of transformers (`DynamicLayer`) grows by `torch.cat` at every
+token, copying every row's keys and values: work per row that a batch of many rows pays
+at every step. `with_headroom` turns those layers into `HeadroomLayer`s, which keep their
+keys and values in a buffer with room for `HEADROOM` more positions and write each new
+token into it, copying only when the room runs out or the rows change (fan-out, pruning,
+merging give the layer new tensors).
+
 Fan-out and pruning go through the Cache API: `batch_repeat_interleave` and
 `batch_select_indices`, except where a layer's versions miss part of its state
 (linear-attention layers in transformers 5.x implement neither, and hybrid layers
@@ -43,6 +50,96 @@ from transformers import PreTrainedModel, cache_utils
 from inference_safeguard.hf_compat import output_cache
 
 _FULL = cache_utils.DynamicLayer
+HEADROOM = 32
+"""Positions a `HeadroomLayer` allocates beyond what it holds when it copies: a block of
+up to 32 tokens decodes without a copy after its first token."""
+
+
+class HeadroomLayer(cache_utils.DynamicLayer):
+    """A `DynamicLayer` whose `(rows, heads, seq, head_dim)` keys and values are views of
+    the first `seq` positions of larger buffers, so that `update` writes the new positions
+    in place instead of concatenating. Everything else (crop, fan-out, pruning, merging)
+    is `DynamicLayer`'s: they replace `keys` and `values` (a crop by a shorter view of
+    the same buffer, whose dropped positions the next `update` overwrites), and `update`
+    copies into new buffers whenever `keys` is no longer such a view or has no room."""
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `(rows, heads, new, head_dim)` states; returns all keys and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        buffers = self._buffers if self._has_room(end) else None
+        if buffers is None:
+            self._buffers = None  # freed before the new ones are allocated
+            buffers = (
+                _with_room(self.keys, key_states, length, end + HEADROOM),
+                _with_room(self.values, value_states, length, end + HEADROOM),
+            )
+            self._buffers = buffers
+        keys, values = buffers
+        keys[..., length:end, :] = key_states
+        values[..., length:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """`DynamicLayer`'s, and the buffers are let go at once (the rows are new)."""
+        super().batch_repeat_interleave(repeats)
+        self._buffers = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """`DynamicLayer`'s, and the buffers are let go at once (the rows are new)."""
+        super().batch_select_indices(indices)
+        self._buffers = None
+
+    def _has_room(self, end: int) -> bool:
+        """Whether `keys` and `values` are the first positions of the buffers, which hold
+        `end` positions and can be written here (an inference tensor only in inference
+        mode)."""
+        if self._buffers is None or self.get_seq_length() == 0:
+            return False
+        return all(
+            held is not None
+            and held.data_ptr() == buffer.data_ptr()
+            and held.stride() == buffer.stride()
+            and held.shape[:2] == buffer.shape[:2]
+            and end <= buffer.shape[-2]
+            and (torch.is_inference_mode_enabled() or not buffer.is_inference())
+            for held, buffer in zip((self.keys, self.values), self._buffers, strict=True)
+        )
+
+
+def _with_room(
+    held: torch.Tensor | None, new: torch.Tensor, length: int, size: int
+) -> torch.Tensor:
+    """A `(rows, heads, size, head_dim)` buffer like `new` whose first `length` positions
+    are `held`'s."""
+    rows, heads, _, head_dim = new.shape
+    buffer = new.new_empty((rows, heads, size, head_dim))
+    if length and held is not None:
+        buffer[..., :length, :] = held
+    return buffer
+
+
+def with_headroom(cache: Any) -> Any:
+    """`cache` with its `DynamicLayer`s (exactly that class) replaced by `HeadroomLayer`s
+    holding the same state, in place; other layers and caches are left as they are."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return cache
+    for index, layer in enumerate(layers):
+        if type(layer) is _FULL:
+            roomy = HeadroomLayer.__new__(HeadroomLayer)
+            roomy.__dict__.update(layer.__dict__)
+            layers[index] = roomy
+    return cache
+
+
 _LINEAR = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
 """Base of linear-attention layers (absent before transformers added them to `Cache`)."""
 
@@ -58,6 +155,7 @@ _LAYOUTS: dict[type, tuple[str | None, bool]] = {
     )
     if (cls := getattr(cache_utils, name, None)) is not None
 }
+_LAYOUTS[HeadroomLayer] = ("full", False)
 """Exact layer class -> (attention kind or None, whether it holds linear-attention states).
 Subclasses are not matched: they may hold state their base does not know of."""
 

@@ -49,6 +49,7 @@ from inference_safeguard.kv_cache import (
     merge_rows,
     no_cache_error,
     repeat_rows,
+    with_headroom,
 )
 from inference_safeguard.kv_cache import select_rows as select_cache_rows
 from inference_safeguard.loading import (
@@ -709,7 +710,7 @@ class CausalLM(LanguageModel):
             device=self.device,
         )
         return DecodeState(
-            cache=output_cache(out),
+            cache=with_headroom(output_cache(out)),
             attention_mask=attention_mask,
             next_position=attention_mask.sum(-1),
             logits=out.logits[:, -1].float(),

@@ -2,7 +2,10 @@
 sampling settings a model's generation_config ships.
 
 Each prompt owns a `torch.Generator`, so the tokens drawn for a prompt depend only on
-its seed and its own rows: a prompt decodes the same alone or in a batch.
+its seed and its own rows: a prompt decodes the same alone or in a batch. (A
+counter-based hash of (seed, draw, row, token) in torch ops would draw a whole batch in
+one call, but on a CPU it costs 3-9x what the generators' `torch.rand` does:
+benchmarks/NOTES.md.)
 
 Order, as in transformers: the repetition penalty on the model's logits (also when
 decoding greedily), then temperature, top-k, top-p and min-p.
@@ -227,20 +230,33 @@ class PromptSamplers:
 
         Returns:
             `(rows,)` long token ids.
+
+        Raises:
+            ValueError: `group_sizes` do not sum to `rows`.
         """
         if temperature == 0:
             return logits.argmax(dim=-1)
+        if sum(group_sizes) != logits.shape[0]:
+            raise ValueError(
+                f"group sizes sum to {sum(group_sizes)}, but the logits have {logits.shape[0]} rows"
+            )
         warped = warp_logits(logits, temperature, top_k, top_p, min_p)
-        noise = torch.cat(
-            [
-                torch.rand(
-                    size, warped.shape[-1], generator=self.generators[prompt], device=warped.device
-                )
-                for size, prompt in zip(group_sizes, prompt_ids, strict=True)
-            ]
-        )
-        gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
-        return (warped + gumbel).argmax(dim=-1)
+        # Each group's uniforms are drawn straight into its rows of one buffer (the
+        # same numbers `torch.rand` would return), then turned into Gumbel noise in
+        # place: no per-group tensors to join, no temporaries the size of the logits.
+        noise = torch.empty_like(warped)
+        start = 0
+        for size, prompt in zip(group_sizes, prompt_ids, strict=True):
+            torch.rand(
+                size,
+                warped.shape[-1],
+                generator=self.generators[prompt],
+                device=warped.device,
+                out=noise[start : start + size],
+            )
+            start += size
+        gumbel = noise.clamp_min_(1e-20).log_().neg_().log_().neg_()
+        return warped.add_(gumbel).argmax(dim=-1)
 
     def row_seeds(self, group_sizes: Sequence[int], prompt_ids: Sequence[int]) -> list[int]:
         """One seed per row, drawn from the generator of the prompt that owns its group:
