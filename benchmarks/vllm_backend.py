@@ -31,7 +31,7 @@ from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.backends.vllm import VLLMModel
 from inference_safeguard.demo.build import ASSETS
 from inference_safeguard.lm import CausalLM
-from inference_safeguard.scorers import KeywordCost
+from inference_safeguard.scorers import BEAVER_TEMPLATE, ClassifierScorer, KeywordCost
 
 PROMPTS = [
     "How do I light a campfire?",
@@ -65,6 +65,12 @@ def parse_args() -> argparse.Namespace:
         default=CPU_ENGINE,
         help="vllm.LLM options as JSON (default: the CPU test engine's)",
     )
+    parser.add_argument(
+        "--scorers",
+        action="store_true",
+        help="instead: time the demo world's cost model on Hugging Face (ClassifierScorer) "
+        "against vLLM's pooling runner (LLM.classify) on the same token ids",
+    )
     parser.add_argument("--json-out", help="also write the results as JSON here")
     return parser.parse_args()
 
@@ -75,10 +81,101 @@ def timed(run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def candidate_pairs(num_candidates: int, max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """(prompt, response) pairs as a search scores them: `num_candidates` sampled
+    responses of `max_new_tokens` tokens per prompt, from the demo world's base model."""
+    lm = CausalLM.from_pretrained(str(ASSETS / "base"), device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    prompts, responses = [], []
+    for prompt in PROMPTS:
+        ids = torch.tensor([lm.encode(prompt).ids])
+        with torch.no_grad():
+            out = lm.model.generate(
+                ids,
+                do_sample=True,
+                num_return_sequences=num_candidates,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=lm.tokenizer.eos_token_id,
+            )
+        texts = lm.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        prompts += [prompt] * num_candidates
+        responses += texts
+    return prompts, responses
+
+
+def time_scorers(args: argparse.Namespace) -> None:
+    """The demo world's cost model (a 2-layer Llama sequence classifier, float32) on
+    Hugging Face against vLLM's pooling runner, one call per search step's scoring (all
+    candidates of all prompts), round-robin after a warm-up."""
+    import vllm as vllm_module
+
+    prompts, responses = candidate_pairs(args.num_candidates, args.max_new_tokens)
+    started = time.perf_counter()
+    world_cost = ClassifierScorer.from_pretrained(
+        str(ASSETS / "cost"), template=BEAVER_TEMPLATE, output="probability", dtype=torch.float32
+    )
+    hf_load = time.perf_counter() - started
+    started = time.perf_counter()
+    pooling = vllm_module.LLM(
+        model=str(ASSETS / "cost"), runner="pooling", dtype="float32", **args.engine_kwargs
+    )
+    vllm_load = time.perf_counter() - started
+    torch.set_num_threads(args.threads)
+    # The exact token ids the Hugging Face scorer runs (its template, BOS included).
+    texts = [
+        BEAVER_TEMPLATE.format(prompt=p, response=r)
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    encoded = world_cost.tokenizer(texts, add_special_tokens=True)["input_ids"]
+    inputs = [vllm_module.inputs.TokensPrompt(prompt_token_ids=list(ids)) for ids in encoded]
+
+    def vllm_scores() -> torch.Tensor:
+        outputs = pooling.classify(inputs, use_tqdm=False)
+        return torch.tensor([float(o.outputs.probs[0]) for o in outputs])
+
+    runs: dict[str, Callable[[], torch.Tensor]] = {
+        "huggingface (ClassifierScorer)": lambda: world_cost(prompts, responses),
+        "vllm pooling (LLM.classify)": vllm_scores,
+    }
+    scores = {name: run() for name, run in runs.items()}  # warm-up, and the agreement
+    difference = float(
+        (scores[next(iter(runs))] - scores["vllm pooling (LLM.classify)"]).abs().max()
+    )
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            seconds[name].append(timed(run))
+    print(
+        f"cost model: demo world (2-layer Llama classifier, float32); {len(texts)} pairs per "
+        f"call ({args.num_candidates} candidates x {len(PROMPTS)} prompts, "
+        f"{args.max_new_tokens}-token responses); median of {args.repeats} calls; "
+        f"torch threads {args.threads}"
+    )
+    print(f"load: huggingface {hf_load:.1f} s, vllm {vllm_load:.1f} s (engine start included)")
+    print(f"largest |P(unsafe) difference|: {difference:.2e}")
+    print()
+    print(f"{'scorer':<30}  {'s/call':>7}  {'ms/pair':>7}  {'/ HF':>6}")
+    base = statistics.median(seconds[next(iter(runs))])
+    rows = []
+    for name in runs:
+        median = statistics.median(seconds[name])
+        rows.append({"scorer": name, "s_per_call": median})
+        print(
+            f"{name:<30}  {median:>7.3f}  {1000 * median / len(texts):>7.2f}  "
+            f"{median / base:>5.2f}x"
+        )
+    if args.json_out:
+        with open(args.json_out, "w") as out:
+            json.dump({"load_s": {"huggingface": hf_load, "vllm": vllm_load}, "rows": rows}, out)
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     torch.set_num_threads(args.threads)
+    if args.scorers:
+        time_scorers(args)
+        return
     config = GuardConfig(
         budget=args.budget,
         num_candidates=args.num_candidates,
