@@ -21,11 +21,14 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.backends.vllm import VLLMModel
@@ -71,6 +74,11 @@ def parse_args() -> argparse.Namespace:
         help="instead: time the demo world's cost model on Hugging Face (ClassifierScorer) "
         "against vLLM's pooling runner (LLM.classify) on the same token ids",
     )
+    parser.add_argument(
+        "--scorer-model",
+        help="--scorers: the sequence classifier to time (default: a stand-in for the demo "
+        "world's cost model, whose head size vLLM's CPU attention refuses; see the docstring)",
+    )
     parser.add_argument("--json-out", help="also write the results as JSON here")
     return parser.parse_args()
 
@@ -103,23 +111,43 @@ def candidate_pairs(num_candidates: int, max_new_tokens: int) -> tuple[list[str]
     return prompts, responses
 
 
+def stand_in_classifier(directory: Path) -> Path:
+    """The demo world's base model (4-layer Llama, head size 32) with a seeded one-label
+    score head, saved as a sequence classifier in `directory`.
+
+    The demo world's cost model (2-layer Llama, head size 24) cannot run on vLLM's CPU
+    attention, which takes head sizes 32, 64, 80, ... ("Unsupported CPU attention
+    configuration: head_dim=24"); the stand-in has the base model's size and a head
+    size it takes. Its scores mean nothing; both runners score with the same weights.
+    """
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(ASSETS / "base"), num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = model.config.pad_token_id or 0
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(ASSETS / "cost")).save_pretrained(directory)
+    return directory
+
+
 def time_scorers(args: argparse.Namespace) -> None:
-    """The demo world's cost model (a 2-layer Llama sequence classifier, float32) on
-    Hugging Face against vLLM's pooling runner, one call per search step's scoring (all
-    candidates of all prompts), round-robin after a warm-up."""
+    """A cost model on Hugging Face against vLLM's pooling runner, one call per search
+    step's scoring (all candidates of all prompts), round-robin after a warm-up."""
     import vllm as vllm_module
 
     prompts, responses = candidate_pairs(args.num_candidates, args.max_new_tokens)
-    started = time.perf_counter()
-    world_cost = ClassifierScorer.from_pretrained(
-        str(ASSETS / "cost"), template=BEAVER_TEMPLATE, output="probability", dtype=torch.float32
-    )
-    hf_load = time.perf_counter() - started
-    started = time.perf_counter()
-    pooling = vllm_module.LLM(
-        model=str(ASSETS / "cost"), runner="pooling", dtype="float32", **args.engine_kwargs
-    )
-    vllm_load = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.scorer_model or str(stand_in_classifier(Path(scratch)))
+        started = time.perf_counter()
+        world_cost = ClassifierScorer.from_pretrained(
+            model, template=BEAVER_TEMPLATE, output="probability", dtype=torch.float32
+        )
+        hf_load = time.perf_counter() - started
+        started = time.perf_counter()
+        pooling = vllm_module.LLM(
+            model=model, runner="pooling", dtype="float32", **args.engine_kwargs
+        )
+        vllm_load = time.perf_counter() - started
     torch.set_num_threads(args.threads)
     # The exact token ids the Hugging Face scorer runs (its template, BOS included).
     texts = [
@@ -146,7 +174,8 @@ def time_scorers(args: argparse.Namespace) -> None:
         for name, run in runs.items():
             seconds[name].append(timed(run))
     print(
-        f"cost model: demo world (2-layer Llama classifier, float32); {len(texts)} pairs per "
+        f"cost model: {args.scorer_model or 'stand-in (demo base model + score head)'}, "
+        f"float32; {len(texts)} pairs per "
         f"call ({args.num_candidates} candidates x {len(PROMPTS)} prompts, "
         f"{args.max_new_tokens}-token responses); median of {args.repeats} calls; "
         f"torch threads {args.threads}"
@@ -190,10 +219,16 @@ def main() -> None:
     started = time.perf_counter()
     vllm = VLLMModel.from_pretrained(str(ASSETS / "base"), dtype="float32", **args.engine_kwargs)
     vllm_load = time.perf_counter() - started
+    started = time.perf_counter()
+    vllm_async = VLLMModel.from_pretrained(
+        str(ASSETS / "base"), dtype="float32", engine="async", **args.engine_kwargs
+    )
+    async_load = time.perf_counter() - started
     torch.set_num_threads(args.threads)  # the engine may have changed it
     guards = {
         "huggingface": InferenceGuard(hf, cost=cost, config=config),
         "vllm": InferenceGuard(vllm, cost=cost, config=config),
+        "vllm async": InferenceGuard(vllm_async, cost=cost, config=config),
     }
     workloads: dict[str, Callable[[InferenceGuard, int], Any]] = {
         "one prompt at a time": lambda g, seed: [g.generate(p, seed=seed) for p in PROMPTS],
@@ -212,18 +247,27 @@ def main() -> None:
         f"K={args.beam_width} block={args.block_size} max_new_tokens={args.max_new_tokens}; "
         f"{len(PROMPTS)} prompts; median of {args.repeats} runs; torch threads {args.threads}"
     )
-    print(f"load: huggingface {hf_load:.1f} s, vllm {vllm_load:.1f} s (engine start included)")
+    loads = {"huggingface": hf_load, "vllm": vllm_load, "vllm async": async_load}
+    print("load (engine start included): " + ", ".join(f"{n} {s:.1f} s" for n, s in loads.items()))
     print()
-    print(f"{'workload':<22}  {'HF s/response':>13}  {'vLLM s/response':>15}  {'vLLM / HF':>9}")
+    print(
+        f"{'workload':<22}  {'HF s/response':>13}  {'vLLM s/response':>15}  {'vLLM / HF':>9}  "
+        f"{'async s/response':>16}  {'async / HF':>10}"
+    )
     rows = []
     for workload in workloads:
-        hf_s = statistics.median(seconds[(workload, "huggingface")])
-        vllm_s = statistics.median(seconds[(workload, "vllm")])
-        rows.append({"workload": workload, "huggingface_s": hf_s, "vllm_s": vllm_s})
-        print(f"{workload:<22}  {hf_s:>13.3f}  {vllm_s:>15.3f}  {vllm_s / hf_s:>8.2f}x")
+        hf_s, vllm_s, async_s = (statistics.median(seconds[(workload, name)]) for name in guards)
+        rows.append(
+            {"workload": workload, "huggingface_s": hf_s, "vllm_s": vllm_s, "vllm_async_s": async_s}
+        )
+        print(
+            f"{workload:<22}  {hf_s:>13.3f}  {vllm_s:>15.3f}  {vllm_s / hf_s:>8.2f}x  "
+            f"{async_s:>16.3f}  {async_s / hf_s:>9.2f}x"
+        )
+    vllm_async.llm.shutdown()
     if args.json_out:
         with open(args.json_out, "w") as out:
-            json.dump({"load_s": {"huggingface": hf_load, "vllm": vllm_load}, "rows": rows}, out)
+            json.dump({"load_s": loads, "rows": rows}, out)
 
 
 if __name__ == "__main__":
