@@ -201,6 +201,9 @@ def time_scorers(args: argparse.Namespace) -> None:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.device == "cpu":  # an AsyncLLM's engine core process: as many threads, unpinned
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     torch.set_num_threads(args.threads)
     if args.scorers:
         time_scorers(args)

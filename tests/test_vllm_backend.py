@@ -67,8 +67,9 @@ def vllm_lm() -> VLLMModel:
 @pytest.fixture(scope="session")
 def async_llm() -> Iterator[Any]:
     """The same base model in one `AsyncLLM` for the session (its engine core runs in a
-    process of its own)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    process of its own, with one unpinned CPU thread)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     lm = VLLMModel.from_pretrained(str(BASE), engine="async", **ENGINE_OPTIONS)
     yield lm.llm
     lm.llm.shutdown()

@@ -31,7 +31,8 @@ _LOOPS_LOCK = threading.Lock()
 
 
 def _engine_loop(engine: Any) -> asyncio.AbstractEventLoop:
-    """The background event loop of `engine`, started on first use (a daemon thread)."""
+    """The background event loop of `engine`, started on first use (a daemon thread that
+    ends when the engine is freed)."""
     with _LOOPS_LOCK:
         loop = _LOOPS.get(engine)
         if loop is None or loop.is_closed():
@@ -41,6 +42,7 @@ def _engine_loop(engine: Any) -> asyncio.AbstractEventLoop:
             )
             thread.start()
             _LOOPS[engine] = loop
+            weakref.finalize(engine, loop.call_soon_threadsafe, loop.stop)  # the thread ends
         return loop
 
 
