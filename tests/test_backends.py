@@ -103,3 +103,9 @@ def test_cli_engine_options_need_backend_vllm(tiny_model_dir, capsys):
         ],
     )
     assert "--backend vllm" in error
+
+
+def test_cli_vllm_engine_needs_backend_vllm(tiny_model_dir, capsys):
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--cost-keywords", "x"]
+    error = run_failing(capsys, [*argv, "--vllm-engine", "async"])
+    assert "--vllm-engine" in error and "--backend vllm" in error

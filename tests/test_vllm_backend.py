@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,10 +26,11 @@ from hypothesis import strategies as st
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.backends.vllm import VLLMModel
+from inference_safeguard.backends.vllm_async import AsyncEngineDriver
 from inference_safeguard.cli import DEMO_MODEL_NAME, build_parser, main
 from inference_safeguard.demo.build import ASSETS
 from inference_safeguard.engine import GuardEngine
-from inference_safeguard.errors import BackendCapabilityError
+from inference_safeguard.errors import BackendCapabilityError, GenerationCancelledError
 from inference_safeguard.lm import BlockRequest, CausalLM
 from inference_safeguard.sampling import PromptSamplers, SamplingSettings
 from inference_safeguard.scorers import KeywordCost
@@ -58,6 +62,17 @@ def vllm_lm() -> VLLMModel:
     """The demo world's base model in one vLLM engine for the session."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return VLLMModel.from_pretrained(str(BASE), **ENGINE_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def async_llm() -> Iterator[Any]:
+    """The same base model in one `AsyncLLM` for the session (its engine core runs in a
+    process of its own, with one unpinned CPU thread)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    lm = VLLMModel.from_pretrained(str(BASE), engine="async", **ENGINE_OPTIONS)
+    yield lm.llm
+    lm.llm.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +168,72 @@ def test_a_prompts_block_does_not_depend_on_what_else_is_batched(vllm_lm):
     assert torch.equal(batched.tokens[:3], by_itself.tokens)
 
 
+def test_an_async_engine_samples_the_blocks_of_the_llm_engine(vllm_lm, async_llm):
+    async_lm = VLLMModel(async_llm)
+    assert async_lm.is_async and not vllm_lm.is_async
+    ids = [vllm_lm.encode(p).ids for p in PROMPTS]
+    mask = torch.zeros(6, vllm_lm.vocab_size, dtype=torch.bool)
+    mask[::2, vllm_lm.encode(" the").ids] = True
+    blocks = []
+    for lm in (vllm_lm, async_lm):
+        state = lm.prefill(ids)
+        lm.fan_out(state, 3)
+        request = _request(
+            6, 2, unsafe_mask=mask, unsafe_penalty=5.0, limits=torch.tensor([6, 2, 0, 6, 6, 1])
+        )
+        blocks.append((lm.sample_block(state, request), state.prefixes))
+    (sync, sync_prefixes), (async_, async_prefixes) = blocks
+    assert torch.equal(sync.tokens, async_.tokens)
+    assert torch.allclose(sync.logprob, async_.logprob, atol=1e-4)
+    assert torch.equal(sync.ended, async_.ended)
+    assert sync_prefixes == async_prefixes
+    assert (async_.tokens[2] == -1).all()  # no token left to it: no request
+
+
+def test_a_cancelled_block_aborts_its_requests_on_the_async_engine(async_llm):
+    import vllm
+
+    driver = AsyncEngineDriver(async_llm)
+    prompts = [vllm.inputs.TokensPrompt(prompt_token_ids=[1, 2, 3])] * 4
+    params = [vllm.SamplingParams(max_tokens=240, ignore_eos=True, detokenize=False)] * 4
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    with pytest.raises(GenerationCancelledError):
+        driver.generate(prompts, params, cancel)
+    timer.join()
+    time.sleep(0.5)  # the aborts reach the engine
+    assert async_llm.output_processor.get_num_unfinished_requests() == 0
+    [output] = driver.generate(prompts[:1], [vllm.SamplingParams(max_tokens=3)])
+    assert len(output.outputs[0].token_ids) == 3
+
+
+def test_engines_sharing_one_async_llm_serve_concurrently_within_budget(vllm_lm, async_llm):
+    budget = 1.0
+    sync_guard = _guard(vllm_lm, budget=budget)
+    expected = [sync_guard.generate(p) for p in PROMPTS]
+    guards = [_guard(VLLMModel(async_llm), budget=budget) for _ in range(2)]
+
+    async def serve_both() -> list[list[Any]]:
+        with GuardEngine(guards[0]) as first, GuardEngine(guards[1]) as second:
+            return list(
+                await asyncio.gather(
+                    first.agenerate_batch(list(PROMPTS)),
+                    second.agenerate_batch(list(reversed(PROMPTS))),
+                )
+            )
+
+    first, second = asyncio.run(serve_both())
+    second = list(reversed(second))
+    cost = KeywordCost(WORDS)
+    for results in (first, second):
+        for prompt, result, alone in zip(PROMPTS, results, expected, strict=True):
+            assert result.text == alone.text  # each row's seed: the same search as alone
+            assert result.stats.completion_tokens <= 12
+            if result.safe and not result.refused:
+                assert float(cost([prompt], [result.text])[0]) <= budget
+
+
 # ------------------------------------------------------------------------- guard
 @settings(
     max_examples=6,
@@ -230,13 +311,13 @@ def test_critic_mode_and_grammars_say_which_backend_has_them(vllm_lm, hf_lm):
 
 # ------------------------------------------------------------------------ server
 def test_safeguard_serve_with_the_vllm_backend_answers_chat_completions(
-    vllm_lm, monkeypatch: pytest.MonkeyPatch
+    async_llm, monkeypatch: pytest.MonkeyPatch
 ):
     started: dict[str, Any] = {}
 
     def start_engine(name: str, **options: Any) -> VLLMModel:
         started.update(name=name, **options)
-        return vllm_lm  # the session's engine: one per process
+        return VLLMModel(async_llm)  # the session's engine: one per process
 
     def serve(app: Any, **address: Any) -> None:
         client = TestClient(app)
@@ -270,6 +351,7 @@ def test_safeguard_serve_with_the_vllm_backend_answers_chat_completions(
     assert started["name"] == str(BASE)
     assert started["tensor_parallel_size"] == 1
     assert started["max_model_len"] == 256
+    assert started["engine"] == "async"  # the server's default
     response = started["response"]
     assert response.status_code == 200, response.text
     [choice] = response.json()["choices"]
@@ -312,6 +394,7 @@ def test_safeguard_generate_with_the_vllm_backend(vllm_lm, monkeypatch, capsys):
         "name": str(BASE),
         "pipeline_parallel_size": 1,
         "dtype": "float32",
+        "engine": "llm",  # generate's default
         "trust_remote_code": False,
     }
     record = json.loads(capsys.readouterr().out)

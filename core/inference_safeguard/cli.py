@@ -161,6 +161,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool, help_
         dtype_help="dtype of every model (default: bfloat16 on CUDA and float32 on CPU for "
         "the base model; the checkpoint's own for cost and reward models)",
     )
+    parser.set_defaults(default_vllm_engine="llm")
     backend = parser.add_argument_group(
         "backend",
         "Where the base model runs. vllm (installed separately) serves it from a vLLM "
@@ -191,6 +192,13 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool, help_
         help="vllm: mp (processes on one node), ray (several nodes) or uni (one process)",
     )
     backend.add_argument(
+        "--vllm-engine",
+        choices=("llm", "async"),
+        help="vllm: llm (vllm.LLM, driven by one thread at a time; default of generate) or "
+        "async (vLLM's AsyncLLM: every request's rows batch continuously in one engine core "
+        "process, whatever thread submits them; default of serve)",
+    )
+    backend.add_argument(
         "--engine-kwargs",
         type=json_object,
         metavar="JSON",
@@ -209,12 +217,14 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         engine_kwargs=args.engine_kwargs,
     )
     if args.backend != "vllm":
-        if options:
+        if options or args.vllm_engine is not None:
             raise CommandLineError(
                 "--tensor-parallel-size, --pipeline-parallel-size, "
-                "--distributed-executor-backend and --engine-kwargs need --backend vllm"
+                "--distributed-executor-backend, --vllm-engine and --engine-kwargs need "
+                "--backend vllm"
             )
         return {}
+    options["engine"] = args.vllm_engine or args.default_vllm_engine
     options["trust_remote_code"] = args.trust_remote_code
     if args.dtype is not None:
         options["dtype"] = args.dtype
@@ -397,6 +407,9 @@ def _add_serve(subcommands: argparse._SubParsersAction) -> None:
         help_text="causal LM: hub name, local directory or path to a .gguf file (default: "
         "the demo world's model, cost and reward; a cost or reward given replaces the world's)",
     )
+    # The server's threads (its engine's scheduler, calls the engine cannot take) share
+    # the model: an AsyncLLM batches them, where a vllm.LLM takes them in turn.
+    parser.set_defaults(default_vllm_engine="async")
     _add_scorer_and_search_options(parser, costs_title="cost and reward (a --model needs a cost)")
 
     http = parser.add_argument_group("HTTP")

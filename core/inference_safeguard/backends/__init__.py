@@ -3,7 +3,8 @@
 - "huggingface" (`inference_safeguard.lm.CausalLM`): a transformers model in this
   process; the search's own KV-cache fan-out, pruning and rewinds; hidden states (critic
   mode) and grammar-constrained responses.
-- "vllm" (`inference_safeguard.backends.vllm.VLLMModel`): a `vllm.LLM` engine; the rows
+- "vllm" (`inference_safeguard.backends.vllm.VLLMModel`): a `vllm.LLM` engine, or an
+  `AsyncLLM` driven from a background event loop (`backends.vllm_async`); the rows
   the search fans out share their prompt's KV cache through vLLM's prefix cache, and the
   engine scales out with tensor and pipeline parallelism and Ray. No hidden states, no
   grammars.
@@ -23,8 +24,9 @@ BACKENDS: tuple[Backend, ...] = ("huggingface", "vllm")
 def wrap_base_model(
     model: Any, tokenizer: Any, *, allow_special_tokens_in_content: bool = False
 ) -> LanguageModel:
-    """The backend of `model`: a `LanguageModel` as it is, a `vllm.LLM` (its own tokenizer
-    unless `tokenizer` is given), else a Hugging Face causal LM with `tokenizer`."""
+    """The backend of `model`: a `LanguageModel` as it is, a `vllm.LLM` or `AsyncLLM` (its
+    own tokenizer unless `tokenizer` is given), else a Hugging Face causal LM with
+    `tokenizer`."""
     if isinstance(model, LanguageModel):
         return model
     if type(model).__module__.partition(".")[0] == "vllm":

