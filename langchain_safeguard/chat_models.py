@@ -52,6 +52,7 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
+from langchain_safeguard._sessions import SessionBatch
 from langchain_safeguard._structured import (
     format_instruction,
     json_schema_format,
@@ -338,7 +339,24 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         LangChain still runs (and traces) one call per input; the first call decodes
         every input and the others pick up their responses (see `_batching`). An input
         that fails on its own (e.g. a prompt too long) fails alone.
+
+        Inputs on safety sessions (see `session_budgets`) are decoded once each: the
+        inputs on one session one after another, in input order, each charged before the
+        next starts; inputs on different sessions side by side (they decode together in
+        the engine); inputs on no session in one search, as above.
         """
+        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
+        if split is not None:
+            return split.run(
+                lambda i: self.invoke(inputs[i], split.configs[i], **kwargs),
+                lambda free: self.batch(
+                    [inputs[i] for i in free],
+                    [split.configs[i] for i in free],
+                    return_exceptions=True,
+                    **kwargs,
+                ),
+                return_exceptions,
+            )
         with planned(self._plan_inputs(inputs, kwargs)):
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
@@ -350,8 +368,21 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[AIMessage]:
-        """`batch` without blocking the event loop: one batched search in a worker thread."""
+        """`batch` without blocking the event loop: one batched search in a worker thread
+        (inputs on safety sessions as `batch` says)."""
         await self._aload_guard()
+        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
+        if split is not None:
+            return await split.arun(
+                lambda i: self.ainvoke(inputs[i], split.configs[i], **kwargs),
+                lambda free: self.abatch(
+                    [inputs[i] for i in free],
+                    [split.configs[i] for i in free],
+                    return_exceptions=True,
+                    **kwargs,
+                ),
+                return_exceptions,
+            )
         with planned(self._plan_inputs(inputs, kwargs)):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs

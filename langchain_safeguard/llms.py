@@ -11,8 +11,9 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
     Callbacks,
 )
-from langchain_core.language_models import BaseLLM
+from langchain_core.language_models import BaseLLM, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import RunnableConfig
 
 from inference_safeguard import GuardResult
 from langchain_safeguard._params import (
@@ -21,6 +22,7 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
+from langchain_safeguard._sessions import SessionBatch
 
 
 class SafeguardLLM(SafeguardParams, BaseLLM):
@@ -85,6 +87,104 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
             **kwargs,
         )
 
+    # -------------------------------------------------------------- sessions
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """LangChain's `invoke`; a session named in `config` (see `session_budgets`) is
+        charged with the call."""
+        return super().invoke(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """`invoke` for async code."""
+        return await super().ainvoke(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """LangChain's `stream`; a session's call yields its text once it is charged."""
+        return super().stream(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[str]:
+        """`stream` for async code."""
+        return super().astream(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """LangChain's `batch` (all inputs in one search); inputs on safety sessions are
+        decoded once each, those on one session one after another in input order (see
+        `ChatSafeguard.batch`)."""
+        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
+        if split is None:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        return split.run(
+            lambda i: self.invoke(inputs[i], split.configs[i], **kwargs),
+            lambda free: self.batch(
+                [inputs[i] for i in free],
+                [split.configs[i] for i in free],
+                return_exceptions=True,
+                **kwargs,
+            ),
+            return_exceptions,
+        )
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """`batch` for async code."""
+        await self._aload_guard()
+        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
+        if split is None:
+            return await super().abatch(
+                inputs, config, return_exceptions=return_exceptions, **kwargs
+            )
+        return await split.arun(
+            lambda i: self.ainvoke(inputs[i], split.configs[i], **kwargs),
+            lambda free: self.abatch(
+                [inputs[i] for i in free],
+                [split.configs[i] for i in free],
+                return_exceptions=True,
+                **kwargs,
+            ),
+            return_exceptions,
+        )
+
+    # ------------------------------------------------------------ LangChain hooks
     def _generate(
         self,
         prompts: list[str],
@@ -92,12 +192,14 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        """All prompts in one batched search (or, with `streaming=True`, one stream each)."""
+        """All prompts in one batched search (or, with `streaming=True`, one stream each);
+        on a session, one after another, each charged before the next starts."""
         if self.streaming:
             chunks = [self._streamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
-        results = self._runner().generate_batch(prompts, **overrides)
+        results = self._runner().generate_batch(prompts, session=session, **overrides)
         return self._llm_result(results)
 
     async def _agenerate(
@@ -110,9 +212,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         if self.streaming:
             chunks = [await self._astreamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         await self._aload_guard()
-        results = await self._runner().agenerate_batch(prompts, **overrides)
+        results = await self._runner().agenerate_batch(prompts, session=session, **overrides)
         return self._llm_result(results)
 
     def _stream(
@@ -122,9 +225,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         # Leaving the stream early (LangChain closes this generator) stops the search.
-        with self.load_guard().stream(prompt, **overrides) as stream:
+        with self.load_guard().stream(prompt, session=session, **overrides) as stream:
             for delta in stream:
                 chunk = GenerationChunk(text=delta)
                 if run_manager:
@@ -140,9 +244,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         await self._aload_guard()
-        async with self.load_guard().astream(prompt, **overrides) as stream:
+        async with self.load_guard().astream(prompt, session=session, **overrides) as stream:
             async for delta in stream:
                 chunk = GenerationChunk(text=delta)
                 if run_manager:
