@@ -29,6 +29,7 @@ Choices:
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -197,8 +198,7 @@ class SafetySession:
         (once the budget is spent, the rest refuse or raise without generating).
         Calls of other threads may run between them."""
         return [
-            self.run(guard, overrides, lambda budgeted, i=index: call(i, budgeted))
-            for index in range(count)
+            self.run(guard, overrides, functools.partial(call, index)) for index in range(count)
         ]
 
     def state(self) -> SessionState:
