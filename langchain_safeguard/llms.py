@@ -42,6 +42,11 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     `llm.invoke("The year is ", response_format={"type": "regex", "pattern": "[0-9]{4}"})`.
     A completion cut by `max_tokens` can still end mid-shape (`finish_reason="length"`).
 
+    Safety sessions work as for `ChatSafeguard`: with `session_budgets`, a call whose
+    `RunnableConfig` names a session (`configurable["session_id"]`) is held to and
+    charged to that session's remaining budget (or pass `session=` per call), and its
+    safety record says what the session has left (`"session"`).
+
     Example:
         ```python
         from inference_safeguard.scorers import KeywordCost
@@ -50,6 +55,8 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         llm = SafeguardLLM(model="gpt2", cost=KeywordCost(["bomb"]), max_tokens=64)
         llm.invoke("Once upon a time")
         result = llm.generate(["first prompt", "second prompt"])  # one batched search
+        llm = SafeguardLLM(model="gpt2", cost=KeywordCost(["bomb"]), session_budgets={"cost": 1.0})
+        llm.invoke("Once upon a time", config={"configurable": {"session_id": "user-1"}})
         result.generations[0][0].generation_info["safety"]
         ```
     """
