@@ -13,12 +13,84 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config, get_config_list, get_executor_for_config
 
 from inference_safeguard.session import SafetySession, SafetySessions
+
+
+class SessionModel(Protocol):
+    """What `batch_on_sessions` needs of a model: its sessions and its calls."""
+
+    session_key: str
+
+    @property
+    def sessions(self) -> SafetySessions | None: ...
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any: ...
+
+    async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any: ...
+
+    def batch(
+        self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]: ...  # fmt: skip
+
+    async def abatch(
+        self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]: ...  # fmt: skip
+
+
+def batch_on_sessions(
+    model: SessionModel,
+    inputs: list[Any],
+    config: RunnableConfig | Sequence[RunnableConfig] | None,
+    kwargs: dict[str, Any],
+    return_exceptions: bool,
+) -> list[Any] | None:
+    """`model.batch(inputs, config, **kwargs)` when some input is on a safety session:
+    the calls on each session one after another in input order, the sessions side by
+    side, the inputs on no session in one `model.batch`; None when no input is on a
+    session (the model then batches as usual)."""
+    split = SessionBatch.of(len(inputs), config, kwargs, model.sessions, model.session_key)
+    if split is None:
+        return None
+    return split.run(
+        lambda i: model.invoke(inputs[i], split.configs[i], **kwargs),
+        lambda free: model.batch(
+            [inputs[i] for i in free],
+            [split.configs[i] for i in free],
+            return_exceptions=True,
+            **kwargs,
+        ),
+        return_exceptions,
+    )
+
+
+async def abatch_on_sessions(
+    model: SessionModel,
+    inputs: list[Any],
+    config: RunnableConfig | Sequence[RunnableConfig] | None,
+    kwargs: dict[str, Any],
+    return_exceptions: bool,
+) -> list[Any] | None:
+    """`batch_on_sessions` for async code: `model.ainvoke` and `model.abatch`."""
+    split = SessionBatch.of(len(inputs), config, kwargs, model.sessions, model.session_key)
+    if split is None:
+        return None
+    return await split.arun(
+        lambda i: model.ainvoke(inputs[i], split.configs[i], **kwargs),
+        lambda free: model.abatch(
+            [inputs[i] for i in free],
+            [split.configs[i] for i in free],
+            return_exceptions=True,
+            **kwargs,
+        ),
+        return_exceptions,
+    )
 
 
 class SessionBatch:

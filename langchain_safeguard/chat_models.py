@@ -52,7 +52,7 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
-from langchain_safeguard._sessions import SessionBatch
+from langchain_safeguard._sessions import abatch_on_sessions, batch_on_sessions
 from langchain_safeguard._structured import (
     format_instruction,
     json_schema_format,
@@ -345,18 +345,9 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         next starts; inputs on different sessions side by side (they decode together in
         the engine); inputs on no session in one search, as above.
         """
-        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
-        if split is not None:
-            return split.run(
-                lambda i: self.invoke(inputs[i], split.configs[i], **kwargs),
-                lambda free: self.batch(
-                    [inputs[i] for i in free],
-                    [split.configs[i] for i in free],
-                    return_exceptions=True,
-                    **kwargs,
-                ),
-                return_exceptions,
-            )
+        outputs = batch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
         with planned(self._plan_inputs(inputs, kwargs)):
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
@@ -371,18 +362,9 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         """`batch` without blocking the event loop: one batched search in a worker thread
         (inputs on safety sessions as `batch` says)."""
         await self._aload_guard()
-        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
-        if split is not None:
-            return await split.arun(
-                lambda i: self.ainvoke(inputs[i], split.configs[i], **kwargs),
-                lambda free: self.abatch(
-                    [inputs[i] for i in free],
-                    [split.configs[i] for i in free],
-                    return_exceptions=True,
-                    **kwargs,
-                ),
-                return_exceptions,
-            )
+        outputs = await abatch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
         with planned(self._plan_inputs(inputs, kwargs)):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs

@@ -22,7 +22,7 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
-from langchain_safeguard._sessions import SessionBatch
+from langchain_safeguard._sessions import abatch_on_sessions, batch_on_sessions
 
 
 class SafeguardLLM(SafeguardParams, BaseLLM):
@@ -151,19 +151,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         """LangChain's `batch` (all inputs in one search); inputs on safety sessions are
         decoded once each, those on one session one after another in input order (see
         `ChatSafeguard.batch`)."""
-        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
-        if split is None:
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        return split.run(
-            lambda i: self.invoke(inputs[i], split.configs[i], **kwargs),
-            lambda free: self.batch(
-                [inputs[i] for i in free],
-                [split.configs[i] for i in free],
-                return_exceptions=True,
-                **kwargs,
-            ),
-            return_exceptions,
-        )
+        outputs = batch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
+        return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     async def abatch(
         self,
@@ -175,21 +166,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     ) -> list[str]:
         """`batch` for async code."""
         await self._aload_guard()
-        split = SessionBatch.of(len(inputs), config, kwargs, self.sessions, self.session_key)
-        if split is None:
-            return await super().abatch(
-                inputs, config, return_exceptions=return_exceptions, **kwargs
-            )
-        return await split.arun(
-            lambda i: self.ainvoke(inputs[i], split.configs[i], **kwargs),
-            lambda free: self.abatch(
-                [inputs[i] for i in free],
-                [split.configs[i] for i in free],
-                return_exceptions=True,
-                **kwargs,
-            ),
-            return_exceptions,
-        )
+        outputs = await abatch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
+        return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     # ------------------------------------------------------------ LangChain hooks
     def _generate(

@@ -184,3 +184,10 @@ def test_a_batch_on_a_spent_session_raises_once_every_input_is_done(tiny_model, 
     assert [type(o).__name__ for o in outputs[1:]] == ["SessionBudgetSpentError"] * 2
     with pytest.raises(Exception, match="spent"):
         llm.batch(PROMPTS[:2], [on("z")] * 2)
+
+
+def test_a_chat_batch_on_sessions_through_the_engine_is_charged_in_order(guard):
+    chat = ChatSafeguard(guard=guard, seed=0, session_budgets={"cost": 2.0})
+    replies = chat.batch([[HumanMessage(p)] for p in _inputs()], _batch_configs())
+    assert [r.content == REFUSAL for r in replies] == [False, False, False, False, True, False]
+    assert chat.sessions is not None and chat.sessions.get("x").turns == 2
