@@ -150,13 +150,7 @@ class Decoder(ABC):
                 refuses or raises without generating (see `inference_safeguard.session`).
             **overrides: `GuardConfig` fields for this call only.
         """
-        if session is not None:
-            return session.run(
-                self,
-                overrides,
-                lambda budgeted: self.generate_batch([prompt], tools=tools, **budgeted)[0],
-            )
-        return self.generate_batch([prompt], tools=tools, **overrides)[0]
+        return self.generate_batch([prompt], tools=tools, session=session, **overrides)[0]
 
     def generate_batch(
         self,

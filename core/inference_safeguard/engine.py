@@ -281,15 +281,9 @@ class GuardEngine:
     ) -> GuardResult:
         """`Decoder.generate` through the engine; blocks until the response is ready. With
         a `session`, the request is held to (and charged to) its remaining budget."""
-        if session is not None:
-            return session.run(
-                self.guard,
-                overrides,
-                lambda budgeted: self.generate_batch(
-                    [prompt], tools=tools, timeout=timeout, **budgeted
-                )[0],
-            )
-        return self.generate_batch([prompt], tools=tools, timeout=timeout, **overrides)[0]
+        return self.generate_batch(
+            [prompt], tools=tools, timeout=timeout, session=session, **overrides
+        )[0]
 
     def generate_batch(
         self,
