@@ -52,6 +52,7 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
+from langchain_safeguard._sessions import abatch_on_sessions, batch_on_sessions
 from langchain_safeguard._structured import (
     format_instruction,
     json_schema_format,
@@ -338,7 +339,15 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         LangChain still runs (and traces) one call per input; the first call decodes
         every input and the others pick up their responses (see `_batching`). An input
         that fails on its own (e.g. a prompt too long) fails alone.
+
+        Inputs on safety sessions (see `session_budgets`) are decoded once each: the
+        inputs on one session one after another, in input order, each charged before the
+        next starts; inputs on different sessions side by side (they decode together in
+        the engine); inputs on no session in one search, as above.
         """
+        outputs = batch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
         with planned(self._plan_inputs(inputs, kwargs)):
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
@@ -350,8 +359,12 @@ class ChatSafeguard(SafeguardParams, BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[AIMessage]:
-        """`batch` without blocking the event loop: one batched search in a worker thread."""
+        """`batch` without blocking the event loop: one batched search in a worker thread
+        (inputs on safety sessions as `batch` says)."""
         await self._aload_guard()
+        outputs = await abatch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
         with planned(self._plan_inputs(inputs, kwargs)):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs

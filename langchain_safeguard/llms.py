@@ -11,8 +11,9 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
     Callbacks,
 )
-from langchain_core.language_models import BaseLLM
+from langchain_core.language_models import BaseLLM, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import RunnableConfig
 
 from inference_safeguard import GuardResult
 from langchain_safeguard._params import (
@@ -21,6 +22,7 @@ from langchain_safeguard._params import (
     response_metadata_of,
     usage_of,
 )
+from langchain_safeguard._sessions import abatch_on_sessions, batch_on_sessions
 
 
 class SafeguardLLM(SafeguardParams, BaseLLM):
@@ -40,6 +42,11 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
     `llm.invoke("The year is ", response_format={"type": "regex", "pattern": "[0-9]{4}"})`.
     A completion cut by `max_tokens` can still end mid-shape (`finish_reason="length"`).
 
+    Safety sessions work as for `ChatSafeguard`: with `session_budgets`, a call whose
+    `RunnableConfig` names a session (`configurable["session_id"]`) is held to and
+    charged to that session's remaining budget (or pass `session=` per call), and its
+    safety record says what the session has left (`"session"`).
+
     Example:
         ```python
         from inference_safeguard.scorers import KeywordCost
@@ -48,6 +55,8 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         llm = SafeguardLLM(model="gpt2", cost=KeywordCost(["bomb"]), max_tokens=64)
         llm.invoke("Once upon a time")
         result = llm.generate(["first prompt", "second prompt"])  # one batched search
+        llm = SafeguardLLM(model="gpt2", cost=KeywordCost(["bomb"]), session_budgets={"cost": 1.0})
+        llm.invoke("Once upon a time", config={"configurable": {"session_id": "user-1"}})
         result.generations[0][0].generation_info["safety"]
         ```
     """
@@ -85,6 +94,84 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
             **kwargs,
         )
 
+    # -------------------------------------------------------------- sessions
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """LangChain's `invoke`; a session named in `config` (see `session_budgets`) is
+        charged with the call."""
+        return super().invoke(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """`invoke` for async code."""
+        return await super().ainvoke(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """LangChain's `stream`; a session's call yields its text once it is charged."""
+        return super().stream(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[str]:
+        """`stream` for async code."""
+        return super().astream(input, config, stop=stop, **self.with_session(config, kwargs))
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """LangChain's `batch` (all inputs in one search); inputs on safety sessions are
+        decoded once each, those on one session one after another in input order (see
+        `ChatSafeguard.batch`)."""
+        outputs = batch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
+        return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """`batch` for async code."""
+        await self._aload_guard()
+        outputs = await abatch_on_sessions(self, inputs, config, kwargs, return_exceptions)
+        if outputs is not None:
+            return outputs
+        return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+
+    # ------------------------------------------------------------ LangChain hooks
     def _generate(
         self,
         prompts: list[str],
@@ -92,12 +179,14 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        """All prompts in one batched search (or, with `streaming=True`, one stream each)."""
+        """All prompts in one batched search (or, with `streaming=True`, one stream each);
+        on a session, one after another, each charged before the next starts."""
         if self.streaming:
             chunks = [self._streamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
-        results = self._runner().generate_batch(prompts, **overrides)
+        results = self._runner().generate_batch(prompts, session=session, **overrides)
         return self._llm_result(results)
 
     async def _agenerate(
@@ -110,9 +199,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         if self.streaming:
             chunks = [await self._astreamed(p, stop, run_manager, kwargs) for p in prompts]
             return LLMResult(generations=[[chunk] for chunk in chunks])
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         await self._aload_guard()
-        results = await self._runner().agenerate_batch(prompts, **overrides)
+        results = await self._runner().agenerate_batch(prompts, session=session, **overrides)
         return self._llm_result(results)
 
     def _stream(
@@ -122,9 +212,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         # Leaving the stream early (LangChain closes this generator) stops the search.
-        with self.load_guard().stream(prompt, **overrides) as stream:
+        with self.load_guard().stream(prompt, session=session, **overrides) as stream:
             for delta in stream:
                 chunk = GenerationChunk(text=delta)
                 if run_manager:
@@ -140,9 +231,10 @@ class SafeguardLLM(SafeguardParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
+        session = self.session_of(kwargs)
         overrides = self.config_overrides(stop, kwargs)
         await self._aload_guard()
-        async with self.load_guard().astream(prompt, **overrides) as stream:
+        async with self.load_guard().astream(prompt, session=session, **overrides) as stream:
             async for delta in stream:
                 chunk = GenerationChunk(text=delta)
                 if run_manager:

@@ -57,6 +57,20 @@ def test_a_chat_engine_on_a_bound_llm_is_stopped_by_its_session(long_model, tiny
     assert other.remaining() == {"cost": 1.0}
 
 
+def test_each_response_of_a_bound_llm_says_what_its_session_has_left(long_model, tiny_tokenizer):
+    session = SafetySession({"cost": 1.0}, session_id="conv")
+    llm = scripted_llm(long_model, tiny_tokenizer, "Hello there.").with_session(session)
+    first, second = (llm.chat([ChatMessage(role="user", content="Hi")]) for _ in range(2))
+    assert first.raw is not None and second.raw is not None
+    assert first.raw["safety"]["session"] == {
+        "id": "conv",
+        "remaining": {"cost": 0.0},
+        "spent": True,
+        "turns": 1,
+    }
+    assert second.raw["safety"]["refused"] and second.raw["safety"]["session"]["spent"]
+
+
 def test_a_streamed_chat_on_a_bound_llm_is_charged(long_model, tiny_tokenizer):
     session = SafetySession({"cost": 5.0})
     llm = scripted_llm(long_model, tiny_tokenizer, "Hello there.").with_session(session)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -67,6 +68,51 @@ def test_a_streamed_session_response_is_charged(client):
             text = "".join(response.iter_text())
         assert "The dog is in the garden." in text
     assert chat(client, safety_session="s")["safety"]["refused"]
+
+
+def test_each_response_reports_what_its_session_has_left(client):
+    first = chat(client, safety_session="conv-9")
+    assert first["safety"]["session"] == {
+        "id": "conv-9",
+        "remaining": {"cost": 1.0},
+        "spent": False,
+        "turns": 1,
+    }
+    completion = client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "Hi", "safety_session": "conv-9"}
+    )
+    assert completion.status_code == 200, completion.text
+    session = completion.json()["choices"][0]["safety"]["session"]
+    assert session == {"id": "conv-9", "remaining": {"cost": 0.0}, "spent": True, "turns": 2}
+    refused = chat(client, safety_session="conv-9")["safety"]
+    assert refused["refused"] and refused["session"]["spent"]
+    assert refused["session"]["turns"] == 2  # the refusal generated nothing
+    assert "session" not in chat(client)["safety"]  # no session: no session record
+
+
+def test_a_streamed_session_response_reports_the_session_in_its_last_chunk(client):
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "stream": True,
+            "safety_session": "streamed",
+        },
+    ) as response:
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in response.iter_lines()
+            if line.startswith("data: {")
+        ]
+    records = [c["safety"] for e in events for c in e["choices"] if c.get("safety")]
+    assert records[-1]["session"] == {
+        "id": "streamed",
+        "remaining": {"cost": 1.0},
+        "spent": False,
+        "turns": 1,
+    }
 
 
 def test_a_server_without_sessions_refuses_a_session_id(tiny_model, tiny_tokenizer):

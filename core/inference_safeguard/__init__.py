@@ -35,7 +35,12 @@ from inference_safeguard.errors import (
 )
 from inference_safeguard.extras import MissingExtraError
 from inference_safeguard.guard import InferenceGuard
-from inference_safeguard.results import ConstraintOutcome, GenerationStats, GuardResult
+from inference_safeguard.results import (
+    ConstraintOutcome,
+    GenerationStats,
+    GuardResult,
+    SessionState,
+)
 from inference_safeguard.session import SafetySession
 
 try:
@@ -73,6 +78,7 @@ __all__ = [
     "SafetySession",
     "ScorerOutputError",
     "SessionBudgetSpentError",
+    "SessionState",
     "SessionStateError",
     "UnsafeGenerationError",
     "__version__",

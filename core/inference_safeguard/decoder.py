@@ -150,18 +150,29 @@ class Decoder(ABC):
                 refuses or raises without generating (see `inference_safeguard.session`).
             **overrides: `GuardConfig` fields for this call only.
         """
-        if session is not None:
-            return session.run(
-                self,
-                overrides,
-                lambda budgeted: self.generate_batch([prompt], tools=tools, **budgeted)[0],
-            )
-        return self.generate_batch([prompt], tools=tools, **overrides)[0]
+        return self.generate_batch([prompt], tools=tools, session=session, **overrides)[0]
 
     def generate_batch(
-        self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
+        self,
+        prompts: Sequence[PromptInput],
+        *,
+        tools: ToolsInput = None,
+        session: SafetySession | None = None,
+        **overrides: Any,
     ) -> list[GuardResult]:
-        """Generate one response per prompt, all prompts decoded together."""
+        """Generate one response per prompt, all prompts decoded together.
+
+        With a `session`, the prompts are answered one after another, in order, each held
+        to what the one before left of the session (so they are not decoded together):
+        the same as `generate(prompt, session=session)` for each prompt in turn.
+        """
+        if session is not None:
+            return session.run_each(
+                self,
+                len(prompts),
+                overrides,
+                lambda i, budgeted: self._generate_batch([prompts[i]], tools, budgeted, None)[0],
+            )
         return self._generate_batch(prompts, tools, overrides, cancel=None)
 
     def _generate_batch(
@@ -254,27 +265,32 @@ class Decoder(ABC):
         stops the search within one decoded token; the cancellation completes once it
         has stopped (a cancelled call charges nothing to `session`).
         """
-        if session is not None:
-            cancel = threading.Event()
-
-            def work() -> GuardResult:
-                return session.run(
-                    self,
-                    overrides,
-                    lambda budgeted: self._generate_batch([prompt], tools, budgeted, cancel)[0],
-                )
-
-            return await run_in_worker(work, cancel.set)
-        [result] = await self.agenerate_batch([prompt], tools=tools, **overrides)
+        [result] = await self.agenerate_batch([prompt], tools=tools, session=session, **overrides)
         return result
 
     async def agenerate_batch(
-        self, prompts: Sequence[PromptInput], *, tools: ToolsInput = None, **overrides: Any
+        self,
+        prompts: Sequence[PromptInput],
+        *,
+        tools: ToolsInput = None,
+        session: SafetySession | None = None,
+        **overrides: Any,
     ) -> list[GuardResult]:
         """`generate_batch` in a worker thread; cancellable like `agenerate`."""
         cancel = threading.Event()
-        work = functools.partial(self._generate_batch, prompts, tools, overrides, cancel)
-        return await run_in_worker(work, cancel.set)
+        if session is None:
+            work = functools.partial(self._generate_batch, prompts, tools, overrides, cancel)
+            return await run_in_worker(work, cancel.set)
+
+        def charged() -> list[GuardResult]:
+            return session.run_each(
+                self,
+                len(prompts),
+                overrides,
+                lambda i, budgeted: self._generate_batch([prompts[i]], tools, budgeted, cancel)[0],
+            )
+
+        return await run_in_worker(charged, cancel.set)
 
     def astream(
         self, prompt: PromptInput, *, tools: ToolsInput = None, **overrides: Any

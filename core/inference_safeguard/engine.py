@@ -281,15 +281,9 @@ class GuardEngine:
     ) -> GuardResult:
         """`Decoder.generate` through the engine; blocks until the response is ready. With
         a `session`, the request is held to (and charged to) its remaining budget."""
-        if session is not None:
-            return session.run(
-                self.guard,
-                overrides,
-                lambda budgeted: self.generate_batch(
-                    [prompt], tools=tools, timeout=timeout, **budgeted
-                )[0],
-            )
-        return self.generate_batch([prompt], tools=tools, timeout=timeout, **overrides)[0]
+        return self.generate_batch(
+            [prompt], tools=tools, timeout=timeout, session=session, **overrides
+        )[0]
 
     def generate_batch(
         self,
@@ -297,9 +291,21 @@ class GuardEngine:
         *,
         tools: ToolsInput = None,
         timeout: float | None = None,
+        session: SafetySession | None = None,
         **overrides: Any,
     ) -> list[GuardResult]:
-        """`Decoder.generate_batch` through the engine: the prompts join together."""
+        """`Decoder.generate_batch` through the engine: the prompts join together. With a
+        `session`, they are requests made one after another, in order, each held to what
+        the one before left (see `Decoder.generate_batch`)."""
+        if session is not None:
+            return session.run_each(
+                self.guard,
+                len(prompts),
+                overrides,
+                lambda i, budgeted: self.generate_batch(
+                    [prompts[i]], tools=tools, timeout=timeout, **budgeted
+                )[0],
+            )
         try:
             request = self._submit(prompts, tools, overrides, timeout, streaming=False)
         except EngineOverloadedError:
@@ -337,10 +343,21 @@ class GuardEngine:
         *,
         tools: ToolsInput = None,
         timeout: float | None = None,
+        session: SafetySession | None = None,
         **overrides: Any,
     ) -> list[GuardResult]:
         """`generate_batch` for async code; waiting takes no thread, the final check by
-        the cost model runs in a worker thread."""
+        the cost model runs in a worker thread. With a `session`, the requests wait in a
+        worker thread for the session's turn."""
+        if session is not None:
+            return await asyncio.to_thread(
+                self.generate_batch,
+                prompts,
+                tools=tools,
+                timeout=timeout,
+                session=session,
+                **overrides,
+            )
         try:
             request = self._submit(prompts, tools, overrides, timeout, streaming=False)
         except EngineOverloadedError:
@@ -360,12 +377,17 @@ class GuardEngine:
         *,
         tools: ToolsInput = None,
         timeout: float | None = None,
+        session: SafetySession | None = None,
         **overrides: Any,
     ) -> GuardStream:
         """`Decoder.stream` through the engine: an `InferenceGuard` commits text as its
         search settles it (`stream_commit`), a baseline yields its response at the end.
         The search runs whether or not deltas are asked for; `close()` makes the request
-        leave at the next block boundary."""
+        leave at the next block boundary. With a `session` (see `generate`), the request
+        runs when the first delta is asked for and is charged before any of it is shown,
+        so the response comes as one delta."""
+        if session is not None:
+            return GuardStream(self._charged(prompt, tools, timeout, session, overrides))
         try:
             request = self._submit([prompt], tools, overrides, timeout, streaming=True)
         except EngineOverloadedError:
@@ -384,6 +406,20 @@ class GuardEngine:
     ) -> AsyncGuardStream:
         """`stream` for async code: `async for delta in engine.astream(...)`."""
         return AsyncGuardStream(self.stream(prompt, tools=tools, timeout=timeout, **overrides))
+
+    def _charged(
+        self,
+        prompt: PromptInput,
+        tools: ToolsInput,
+        timeout: float | None,
+        session: SafetySession,
+        overrides: dict[str, Any],
+    ) -> Generator[str, None, GuardResult]:
+        """The whole response of a request charged to `session`, as one delta."""
+        result = self.generate(prompt, tools=tools, timeout=timeout, session=session, **overrides)
+        if result.text:
+            yield result.text
+        return result
 
     def stats(self) -> EngineStats:
         """The engine's load now and its totals so far."""

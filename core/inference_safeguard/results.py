@@ -51,6 +51,33 @@ class ConstraintOutcome:
 
 
 @dataclass(frozen=True)
+class SessionState:
+    """What a safety session had left once a call on it was over (see
+    `inference_safeguard.session`).
+
+    Attributes:
+        session_id: the session's label, or None.
+        remaining: what is left of each constraint's budget, by name.
+        spent: whether the session's budget is spent: its next call will not generate.
+        turns: calls that generated a response charged to the session so far.
+    """
+
+    session_id: str | None
+    remaining: dict[str, float]
+    spent: bool
+    turns: int
+
+    def record(self) -> dict[str, Any]:
+        """The state as a JSON-able dict."""
+        return {
+            "id": self.session_id,
+            "remaining": dict(self.remaining),
+            "spent": self.spent,
+            "turns": self.turns,
+        }
+
+
+@dataclass(frozen=True)
 class GuardResult:
     """One generated response and its safety outcome.
 
@@ -85,6 +112,8 @@ class GuardResult:
             result built by hand).
         reasoning: the reasoning text before the answer, or None when the response has
             none (and when refused: the reasoning was part of what was withheld).
+        session: for a call on a safety session, what the session had left once the call
+            was charged; None otherwise.
     """
 
     text: str
@@ -98,12 +127,14 @@ class GuardResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
     reasoning: str | None = None
     constraints: tuple[ConstraintOutcome, ...] = ()
+    session: SessionState | None = None
 
     def safety_record(self) -> dict[str, Any]:
         """The safety record the framework integrations attach to their responses: the
-        scalar fields, and under "constraints" each constraint's cost, budget and verdict
-        by name."""
-        return {
+        scalar fields, under "constraints" each constraint's cost, budget and verdict by
+        name, and, for a call on a safety session, under "session" what it has left
+        (`SessionState.record`)."""
+        record: dict[str, Any] = {
             "safe": self.safe,
             "cost": self.cost,
             "budget": self.budget,
@@ -112,3 +143,6 @@ class GuardResult:
             "resample_rounds": self.stats.resample_rounds,
             "constraints": {c.name: c.record() for c in self.constraints},
         }
+        if self.session is not None:
+            record["session"] = self.session.record()
+        return record

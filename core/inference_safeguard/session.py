@@ -18,21 +18,28 @@ Choices:
 - Calls on one session run one at a time (each starts from what the one before left);
   calls on different sessions are independent. Reading the state never waits for a
   running call.
+- A batch of prompts on one session is charged prompt by prompt, in order, as the same
+  calls made one after another (each starts from what the one before left, so they
+  cannot share one search); `SafetySession.run_each`.
+- Each result of a call on a session reports what the session had left once the call
+  was charged (`GuardResult.session`).
 - A constraint the guard has but the session does not name is held per response only;
   a session naming a constraint the guard lacks is refused at the call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from inference_safeguard.constraints import budget_vector
 from inference_safeguard.errors import ConstraintError, SessionBudgetSpentError, SessionStateError
-from inference_safeguard.results import GuardResult
+from inference_safeguard.results import GuardResult, SessionState
 
 if TYPE_CHECKING:
     from inference_safeguard.decoder import Decoder
@@ -170,13 +177,39 @@ class SafetySession:
                 )
             budgets = {name: min(own[name], left.get(name, own[name])) for name in own}
             if spent:
-                return guard.withheld(config, budgets, spent)
+                return replace(guard.withheld(config, budgets, spent), session=self.state())
             result = call({**_without_budget(overrides), "budgets": budgets})
             if not result.refused:
                 self.charge({c.name: c.cost for c in result.constraints})
             with self._state:
                 self._turns += 1
-            return result
+            return replace(result, session=self.state())
+
+    def run_each(
+        self,
+        guard: Decoder,
+        count: int,
+        overrides: Mapping[str, Any],
+        call: Callable[[int, dict[str, Any]], GuardResult],
+    ) -> list[GuardResult]:
+        """Run `count` calls on this session one after another, in order: call `i` is
+        `call(i, overrides with the budgets left)` and starts from what call `i - 1` left,
+        so a batch on one session is charged as the same calls made in turn would be
+        (once the budget is spent, the rest refuse or raise without generating).
+        Calls of other threads may run between them."""
+        return [
+            self.run(guard, overrides, functools.partial(call, index)) for index in range(count)
+        ]
+
+    def state(self) -> SessionState:
+        """What the session has left now, as a `GuardResult.session` reports it."""
+        with self._state:
+            return SessionState(
+                session_id=self.session_id,
+                remaining=dict(self._remaining),
+                spent=bool(self._spent()),
+                turns=self._turns,
+            )
 
     # ---------------------------------------------------------- serialising
     def to_dict(self) -> dict[str, Any]:

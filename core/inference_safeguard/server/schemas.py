@@ -15,7 +15,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 
 # ------------------------------------------------------------------------- requests
@@ -114,10 +120,23 @@ class ConstraintRecord(BaseModel):
     safe: bool
 
 
+class SessionRecord(BaseModel):
+    """What the safety session a request named had left once the request was charged."""
+
+    id: str | None
+    remaining: dict[str, float]
+    """What is left of each constraint's session budget, by name."""
+    spent: bool
+    """Whether the session is spent: its next request is refused without generating."""
+    turns: int
+    """Requests that generated a response charged to the session so far."""
+
+
 class SafetyRecord(BaseModel):
     """The safety outcome of one response (`GuardResult.safety_record`); a cost that is
     not a finite number is sent as null (JSON has no infinities). `cost` and `budget` are
-    the worst constraint's; `constraints` has each constraint's by name."""
+    the worst constraint's; `constraints` has each constraint's by name; `session`, only
+    on a response to a request that named a safety session, what the session has left."""
 
     safe: bool
     cost: float | None
@@ -126,6 +145,14 @@ class SafetyRecord(BaseModel):
     refused: bool
     resample_rounds: int
     constraints: dict[str, ConstraintRecord] = {}
+    session: SessionRecord | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_session(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        record: dict[str, Any] = handler(self)
+        if record.get("session") is None:
+            record.pop("session", None)
+        return record
 
 
 class Usage(BaseModel):
