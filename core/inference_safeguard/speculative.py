@@ -77,6 +77,26 @@ class SpeculativeCheckpoint(Checkpoint):
         self.draft.rewind(state.draft)
 
 
+@dataclass
+class DraftStats:
+    """How many drafted tokens the base model kept, over every sampled block so far.
+
+    Attributes:
+        drafted: drafted tokens verified (sampled rows that were still decoding).
+        kept: those the base model kept.
+        rounds: rounds of drafting and verification (one base forward each).
+    """
+
+    drafted: int = 0
+    kept: int = 0
+    rounds: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens kept (0 before any)."""
+        return self.kept / self.drafted if self.drafted else 0.0
+
+
 # ------------------------------------------------------------------ the distributions
 def warped_probs(
     logits: torch.Tensor,
@@ -165,6 +185,7 @@ class SpeculativeCausalLM(CausalLM):
         )
         self.draft = draft
         self.draft_tokens = draft_tokens
+        self.stats = DraftStats()
 
     # ------------------------------------------------------------- rows in step
     def prefill(self, prompts: Sequence[Sequence[int]]) -> SpeculativeState:  # type: ignore[override]
@@ -367,6 +388,7 @@ class _SpeculativeBlock:
         # Verify: one base forward over the round's first token and the drafts.
         fed_all = live[:, None].expand(rows, gamma + 1)
         logits, hidden = _forward(lm, state, block, fed_all, True)
+        assert hidden is not None  # asked for
         logits = logits.to(self.device)
         base_probs = [self._probs(logits[:, i], seen_at[i]) for i in range(gamma + 1)]
         accepted = torch.ones(rows, gamma, dtype=torch.bool, device=self.device)
@@ -377,6 +399,11 @@ class _SpeculativeBlock:
             accepted[:, i] = uniforms[:, gamma + i] < accept_probability(p, q)
         accepted |= ~self.sampled[:, None]
         kept_drafts = accepted.long().cumprod(-1).sum(-1)  # (rows,)
+        counted = live & self.sampled
+        stats = self.lm.stats
+        stats.rounds += 1
+        stats.drafted += int(counted.sum()) * gamma
+        stats.kept += int(kept_drafts[counted].sum())
         # Tokens committed: the first one and the kept drafts, up to the budget and
         # through the first EOS.
         count = torch.minimum(kept_drafts + 1, self.budget - self.emitted)
