@@ -3,6 +3,7 @@ distributed exactly as the base model's own samples."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from scipy import stats
 
 from inference_safeguard import InferenceGuard, speculative
+from inference_safeguard.cli import main
 from inference_safeguard.errors import (
     BackendCapabilityError,
     DraftModelError,
@@ -308,3 +310,55 @@ def test_the_guard_keeps_its_budget_with_speculative_candidates(
     costs = keyword_cost([PROMPT] * len(results), [r.text for r in results])
     assert (costs <= guard.config.budget).all()
     assert all(r.safe and not r.refused and r.token_ids for r in results)
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_generates_with_a_draft_model(
+    tiny_model_dir, frequent_words, tiny_tokenizer, tmp_path, capsys
+) -> None:
+    draft_dir = tmp_path / "draft"
+    build_tiny_llama(tiny_tokenizer, seed=5, hidden_size=32, num_layers=1).save_pretrained(
+        draft_dir
+    )
+    tiny_tokenizer.save_pretrained(draft_dir)
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--draft-model",
+        str(draft_dir),
+        "--draft-tokens",
+        "3",
+        "--cost-keywords",
+        ",".join(frequent_words),
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "0",
+        "--json",
+        "--prompt",
+        "The safe cat",
+    ]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["safe"] and record["cost"] <= 0 and record["text"]
+
+
+def test_cli_refuses_a_draft_model_with_another_tokenizer(tiny_model_dir, tmp_path, capsys) -> None:
+    other = build_tiny_tokenizer(vocab_size=600)
+    draft_dir = tmp_path / "draft"
+    build_tiny_llama(other, seed=5, hidden_size=32, num_layers=1).save_pretrained(draft_dir)
+    other.save_pretrained(draft_dir)
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--draft-model",
+        str(draft_dir),
+        "--cost-keywords",
+        "x",
+        "--prompt",
+        "The safe cat",
+    ]
+    assert main(argv) == 2
+    assert "tokenizer" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ from inference_safeguard.lm import (
     Checkpoint,
     DecodedBlock,
     DecodeState,
+    LanguageModel,
     TokenChooser,
 )
 from inference_safeguard.sampling import RepetitionPenalty, SamplingSettings, warp_logits
@@ -479,3 +481,28 @@ def _fit(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     if width >= vocab:
         return logits[:, :vocab]
     return torch.nn.functional.pad(logits, (0, vocab - width), value=float("-inf"))
+
+
+def with_draft_model(
+    lm: LanguageModel,
+    draft_model: str,
+    *,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    **load_options: Any,
+) -> SpeculativeCausalLM:
+    """`lm` with a draft model loaded beside it (`CausalLM.from_pretrained` options).
+
+    Raises:
+        DraftModelError: `lm` is not on the Hugging Face backend, or the draft model's
+            tokenizer differs from the base model's.
+    """
+    if not isinstance(lm, CausalLM):
+        raise DraftModelError(
+            f"a draft model needs the Hugging Face backend, not {lm.backend!r}; "
+            "drop draft_model or use backend='huggingface'"
+        )
+    options = {
+        k: load_options[k] for k in ("device", "dtype", "trust_remote_code") if k in load_options
+    }
+    draft = CausalLM.from_pretrained(draft_model, **options)
+    return SpeculativeCausalLM(lm, draft, draft_tokens=draft_tokens)
