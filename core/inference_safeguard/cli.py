@@ -53,7 +53,7 @@ from inference_safeguard.config import TOOL_CALL_FIELDS, GuardConfig
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.demo.command import add_demo_command
 from inference_safeguard.engine import GuardEngine
-from inference_safeguard.errors import SafeguardError, UnsafeGenerationError
+from inference_safeguard.errors import LoadOptionError, SafeguardError, UnsafeGenerationError
 from inference_safeguard.evaluation.cli import add_eval_command
 from inference_safeguard.extras import MissingExtraError, import_extra
 from inference_safeguard.guard import InferenceGuard
@@ -155,6 +155,15 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool, help_
     """The base model and how every model loads: the options `_load_guard` reads."""
     model = parser.add_argument_group("base model")
     model.add_argument("--model", required=required, metavar="NAME_OR_PATH", help=help_text)
+    model.add_argument(
+        "--draft-model",
+        metavar="NAME_OR_PATH",
+        help="a smaller model with the same tokenizer that drafts tokens for --model to "
+        "verify (speculative candidates: the same distribution, faster when it agrees)",
+    )
+    model.add_argument(
+        "--draft-tokens", type=int, default=4, metavar="N", help="tokens drafted per round"
+    )
     add_loading_options(
         model,
         device_help="device of every model (default: cuda when available, else cpu)",
@@ -343,6 +352,8 @@ def _load_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
     engine = _engine_options(args)
     with loading("--model", args.model):
         if args.backend == "vllm":
+            if args.draft_model is not None:
+                raise LoadOptionError("--draft-model needs --backend huggingface")
             return InferenceGuard(
                 VLLMModel.from_pretrained(args.model, **engine),
                 cost=cost,
@@ -358,6 +369,8 @@ def _load_guard(args: argparse.Namespace, config: GuardConfig) -> InferenceGuard
             reward=reward,
             critic=critic,
             config=config,
+            draft_model=args.draft_model,
+            draft_tokens=args.draft_tokens,
             **base_model_options(args),
         )
 

@@ -154,3 +154,8 @@ class UnsafeGenerationError(SafeguardError):
         super().__init__(message)
         self.result = result
         self.results = results
+
+
+class DraftModelError(SafeguardError, ValueError):
+    """A draft model that cannot propose tokens for the base model (another tokenizer,
+    a cache layout the drafted blocks cannot be cropped in, a bad draft length)."""

@@ -136,6 +136,8 @@ class InferenceGuard(Decoder):
         tensor_parallel_size: int | None = None,
         pipeline_parallel_size: int | None = None,
         distributed_executor_backend: str | None = None,
+        draft_model: str | None = None,
+        draft_tokens: int = 4,
         **engine_kwargs: Any,
     ) -> InferenceGuard:
         """Load the base model by hub name, local directory or `.gguf` file path and wrap it.
@@ -147,7 +149,11 @@ class InferenceGuard(Decoder):
         model runs in a vLLM engine (see `VLLMModel.from_pretrained`): `dtype` and
         `trust_remote_code` apply, and `tensor_parallel_size`, `pipeline_parallel_size`,
         `distributed_executor_backend` and `engine_kwargs` (e.g. `max_model_len`) are the
-        engine's. See the class for the other arguments.
+        engine's. `draft_model` (Hugging Face backend) names a smaller model with the
+        same tokenizer that drafts `draft_tokens` tokens at a time for the base model to
+        verify: candidates then follow the base model's distribution exactly, faster when
+        the draft often agrees (see `inference_safeguard.speculative`). See the class for
+        the other arguments.
 
         Raises:
             ValueError: engine options on the Hugging Face backend, Hugging Face loading
@@ -183,6 +189,17 @@ class InferenceGuard(Decoder):
             },
             engine_options=engine,
         )
+        if draft_model is not None:
+            from inference_safeguard.speculative import with_draft_model
+
+            lm = with_draft_model(
+                lm,
+                draft_model,
+                draft_tokens=draft_tokens,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
         lm.allow_special_tokens_in_content = allow_special_tokens_in_content
         return cls(
             lm,
