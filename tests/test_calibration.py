@@ -143,3 +143,23 @@ def test_calibration_off_leaves_the_search_unchanged(parts, length_reward):
         assert _texts(decoder_type, parts, length_reward, config, 0.3) == _texts(
             decoder_type, parts, length_reward, explicit, 0.3
         )
+
+
+def test_calibration_is_a_command_line_option():
+    from inference_safeguard.cli import build_parser
+    from inference_safeguard.cli_options import guard_config
+
+    parser = build_parser()
+    flags = "--reward-calibration exponential --calibration-exponent 3"
+    for command in ("generate", "eval"):
+        extra = ["--model", "m", "--prompt", "p"] if command == "generate" else []
+        args = parser.parse_args([command, *extra, *flags.split()])
+        config = guard_config(args)
+        assert (config.reward_calibration, config.calibration_exponent) == ("exponential", 3.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--reward-calibration", "rank"])
+
+
+def test_calibration_exponent_must_be_positive():
+    with pytest.raises(ValueError, match="calibration_exponent"):
+        GuardConfig(calibration_exponent=0.0)
