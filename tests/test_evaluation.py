@@ -156,9 +156,11 @@ def test_every_method_builds_its_decoder_with_the_shared_config(parts, eval_conf
         "base": (SamplingDecoder, None),
         "bon-reward": (BestOfN, "reward"),
         "bon-lagrangian": (BestOfN, "lagrangian"),
+        "bon-lagrangian-calibrated": (BestOfN, "lagrangian"),
         "bon-augmented": (BestOfN, "augmented"),
         "beam-reward": (BlockBeamSearch, "reward"),
         "beam-lagrangian": (BlockBeamSearch, "lagrangian"),
+        "beam-lagrangian-calibrated": (BlockBeamSearch, "lagrangian"),
         "beam-augmented": (BlockBeamSearch, "augmented"),
         "args": (ARGS, None),
         "args-cost": (ARGS, None),
@@ -174,6 +176,8 @@ def test_every_method_builds_its_decoder_with_the_shared_config(parts, eval_conf
         if name == "inferenceguard-critic":
             assert decoder.config == shared.with_overrides(scorer="critic")
             assert decoder.critic is critic
+        elif name.endswith("-calibrated"):
+            assert decoder.config == shared.with_overrides(reward_calibration="quantile")
         else:
             assert decoder.config == shared
         if scoring is not None:

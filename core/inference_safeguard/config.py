@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from inference_safeguard.calibration import RewardCalibration
 from inference_safeguard.output_format import check_response_format
 
 MIN_TEMPERATURE = 1e-3
@@ -224,6 +225,23 @@ class GuardConfig(BaseModel):
         description="Critic mode: lambda of a candidate's value r_hat - lambda * sd_R * "
         "(1 - p_safe), sd_R being the spread of the critic's training rewards; a large one "
         "ranks the likeliest-safe candidates first, whatever their reward.",
+    )
+    reward_calibration: RewardCalibration = Field(
+        "none",
+        description="InfAlign's calibrated rewards: 'quantile' scores a candidate by its "
+        "reward's quantile among the candidates of its prompt at the same step (the base "
+        "model's own samples), so the Lagrangian scorings and the critic's value do not "
+        "depend on the reward model's scale; 'exponential' (InfAlign's Best-of-N transform) "
+        "by (exp(t q) - 1) / (exp(t) - 1) of that quantile q; 'none' uses raw rewards.",
+    )
+    calibration_exponent: float = Field(
+        5.0,
+        strict=True,
+        allow_inf_nan=False,
+        gt=0,
+        le=100,
+        description="t of reward_calibration='exponential', in (0, 100]: larger values "
+        "weigh the top quantiles more.",
     )
     on_unsafe: Literal["refuse", "return", "raise"] = Field(
         "refuse",

@@ -36,6 +36,10 @@ Costs and safety states hold one column per constraint (`inference_safeguard.con
 `>= 0`; over budget it ranks by its worst column; a block is resampled when every
 candidate of its prompt breaks some constraint, penalising the tokens of those candidates.
 
+With `reward_calibration` on, a candidate's reward enters the scoring as its quantile
+among the candidates of its prompt at the same step (`inference_safeguard.calibration`);
+finished candidates of different steps then compete on quantiles within their own steps.
+
 Candidates are scored through a `CandidateEvaluator`: `ModelsEvaluator` (the cost and
 reward models on the text) or `CriticEvaluator` (the latent critic on the hidden states).
 """
@@ -50,6 +54,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from inference_safeguard.calibration import calibrate_rewards
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.constraints import Constraints, budget_vector
@@ -667,8 +672,10 @@ class BlockSearch:
         cost, z, reward, score = self._values(
             candidates, estimate, budget, parent, logprob, length, evaluator, config
         )
+        group_sizes = layout.group_of_row[rows].unique_consecutive(return_counts=True)[1]
+        if config.reward_calibration != "none":
+            score = self._calibrated_objective(reward, cost, z, group_sizes.tolist(), config)
         if not evaluator.exact_cost:
-            group_sizes = layout.group_of_row[rows].unique_consecutive(return_counts=True)[1]
             self._settle(
                 candidates,
                 group_sizes.tolist(),
@@ -775,6 +782,26 @@ class BlockSearch:
             )
             for tensor, new in zip(values, fresh, strict=True):
                 tensor[pending] = new
+            if config.reward_calibration != "none":
+                cost, z, reward = values[:3]
+                score[:] = self._calibrated_objective(reward, cost, z, group_sizes, config)
+
+    def _calibrated_objective(
+        self,
+        reward: torch.Tensor,
+        cost: torch.Tensor,
+        z: torch.Tensor,
+        group_sizes: list[int],
+        config: GuardConfig,
+    ) -> torch.Tensor:
+        """`(rows,)` scores of candidates whose raw rewards `reward` (`(rows,)`, in contiguous
+        prompt groups of `group_sizes`) are first calibrated within their group under
+        `config.reward_calibration` (`inference_safeguard.calibration`); the group's
+        candidates are the reference sample. The raw rewards stay what results report."""
+        calibrated = calibrate_rewards(
+            reward, group_sizes, config.reward_calibration, config.calibration_exponent
+        )
+        return self._objective(calibrated, cost, z, config)
 
     def _objective(
         self, reward: torch.Tensor, cost: torch.Tensor, z: torch.Tensor, config: GuardConfig

@@ -3,6 +3,9 @@
 Every method gets the same `GuardConfig`, so N (`num_candidates`), K (`beam_width`),
 block size and `max_new_tokens` are equal across the table; settings that only some
 methods have are `MethodOptions`. Adding a method is one entry in `METHODS`.
+The "-calibrated" Lagrangian rows score quantile-calibrated rewards
+(`GuardConfig.reward_calibration`, "quantile" unless the shared config names one), so
+their multiplier weighs cost against reward quantiles rather than raw reward.
 """
 
 from __future__ import annotations
@@ -89,15 +92,30 @@ class Method:
     needs_critic: bool = False
 
 
-def _best_of_n(scoring: Scoring) -> Builder:
+def _best_of_n(scoring: Scoring, *, calibrated: bool = False) -> Builder:
     return lambda parts, options: BestOfN(
-        **parts, scoring=scoring, lagrange_multiplier=options.lagrange_multiplier
+        **(_calibrated(parts) if calibrated else parts),
+        scoring=scoring,
+        lagrange_multiplier=options.lagrange_multiplier,
     )
 
 
-def _beam(scoring: Scoring) -> Builder:
+def _beam(scoring: Scoring, *, calibrated: bool = False) -> Builder:
     return lambda parts, options: BlockBeamSearch(
-        **parts, scoring=scoring, lagrange_multiplier=options.lagrange_multiplier
+        **(_calibrated(parts) if calibrated else parts),
+        scoring=scoring,
+        lagrange_multiplier=options.lagrange_multiplier,
+    )
+
+
+def _calibrated(parts: DecoderParts) -> DecoderParts:
+    """`parts` whose config calibrates rewards: its own `reward_calibration`, or
+    "quantile" where that is "none"."""
+    config = parts["config"]
+    if config.reward_calibration != "none":
+        return parts
+    return DecoderParts(
+        **(parts | {"config": config.with_overrides(reward_calibration="quantile")})
     )
 
 
@@ -114,9 +132,15 @@ METHODS: dict[str, Method] = {
     "base": Method("Base (sampling)", lambda parts, _: SamplingDecoder(**parts)),
     "bon-reward": Method("BoN (reward)", _best_of_n("reward")),
     "bon-lagrangian": Method("BoN (Lagrangian)", _best_of_n("lagrangian")),
+    "bon-lagrangian-calibrated": Method(
+        "BoN (Lagrangian, calibrated)", _best_of_n("lagrangian", calibrated=True)
+    ),
     "bon-augmented": Method("BoN (augmented)", _best_of_n("augmented")),
     "beam-reward": Method("Beam (reward)", _beam("reward")),
     "beam-lagrangian": Method("Beam (Lagrangian)", _beam("lagrangian")),
+    "beam-lagrangian-calibrated": Method(
+        "Beam (Lagrangian, calibrated)", _beam("lagrangian", calibrated=True)
+    ),
     "beam-augmented": Method("Beam (augmented)", _beam("augmented")),
     "args": Method("ARGS", _args(with_cost=False), needs_reward=True),
     "args-cost": Method("ARGS (cost)", _args(with_cost=True), needs_reward=True),
