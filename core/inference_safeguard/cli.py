@@ -34,6 +34,7 @@ from inference_safeguard.cli_constraints import (
     load_constraints,
 )
 from inference_safeguard.cli_options import (
+    KEYWORDS_REWARD,
     CommandLineError,
     add_config_option,
     add_cost_keywords_option,
@@ -276,7 +277,8 @@ def _add_scorer_and_search_options(parser: argparse.ArgumentParser, *, costs_tit
         "--reward",
         dest="reward_model",
         metavar="PATH",
-        help="sequence-classification reward model (default: rank candidates by likelihood)",
+        help="sequence-classification reward model, or keywords-reward:words=W1,W2[;weight=W] "
+        "(a reward per listed word present; default: rank candidates by likelihood)",
     )
     scorers.add_argument(
         "--critic",
@@ -307,6 +309,8 @@ def _check_costs(args: argparse.Namespace, *, command: str) -> None:
     """Refuse, before any load, cost options that do not go together, and a `--model`
     without a cost."""
     constraint_specs(args)
+    if (args.reward_model or "").startswith(KEYWORDS_REWARD):
+        load_reward(args)  # a malformed spec fails before anything loads
     if args.cost_template is not None and args.cost_model is None:
         raise CommandLineError(
             "--cost-template formats the input of --cost-model; add --cost-model"

@@ -2,9 +2,21 @@
 
 Repeatable; each gives one constraint of `InferenceGuard(costs=...)`. SCORER is one of
 `keywords:WORD[,WORD...]`, `regex:PATTERN`, `model:PATH` (a sequence-classification cost
-model), `guard-model:PATH` (a Llama-Guard style LLM), or `world` (the demo world's cost
-model, without `--model`). The single-cost flags (`--cost-keywords`, ...) and `--budget`
-are the one-constraint case and do not mix with it.
+model), `guard-model:PATH` (a Llama-Guard style LLM), `world` (the demo world's cost
+model, without `--model`), or a scorer written as its one-line spec
+(`inference_safeguard.scorer_spec`):
+
+- `length:max_words=N;min_words=N;weight=W` (`LengthCost.from_spec`),
+- `required:words=W1,W2;weight=W` (`RequiredKeywordsCost.from_spec`),
+- `shape-regex:PATTERN` and `json-schema:FILE` (`ShapeCost.regex`, `ShapeCost.json_schema`;
+  the whole rest of the argument is the pattern, `;` included),
+- `provenance:corpus=F1,F2;min_span=N;weight=W` (`ProvenanceCost.from_spec`),
+- `constitution:judge=PATH;constitution=FILE;device=D;batch_size=N`
+  (`ConstitutionCost.from_spec`).
+
+The programmatic ones (length, required, shapes) are built when the arguments are
+checked, so a bad spec fails before any model loads. The single-cost flags
+(`--cost-keywords`, ...) and `--budget` are the one-constraint case and do not mix with it.
 """
 
 from __future__ import annotations
@@ -21,9 +33,36 @@ from inference_safeguard.cli_options import (
     parse_keyword_cost,
     parse_regex_cost,
 )
+from inference_safeguard.constitution import ConstitutionCost
+from inference_safeguard.errors import SafeguardError
+from inference_safeguard.programmatic import LengthCost, RequiredKeywordsCost, ShapeCost
+from inference_safeguard.provenance import ProvenanceCost
 from inference_safeguard.scorers import ClassifierScorer, GuardModelCost, Scorer
 
-SCORER_KINDS = ("keywords", "regex", "model", "guard-model", "world")
+SCORER_USAGE = (
+    "keywords:W1,W2, regex:PATTERN, model:PATH, guard-model:PATH, world, "
+    "length:max_words=N;min_words=N, required:words=W1,W2, shape-regex:PATTERN, "
+    "json-schema:FILE, provenance:corpus=FILE;min_span=N or constitution:judge=PATH"
+)
+
+
+def _json_schema_cost(path: str) -> ShapeCost:
+    """`ShapeCost.json_schema` of the schema in the file at `path`."""
+    return ShapeCost.from_spec(f"json_schema={path}")
+
+
+SPEC_BUILDERS: dict[str, Callable[[str], Scorer]] = {
+    "length": LengthCost.from_spec,
+    "required": RequiredKeywordsCost.from_spec,
+    "shape-regex": ShapeCost.regex,
+    "json-schema": _json_schema_cost,
+}
+"""Scorers built from the rest of the argument, cheaply: checked with the arguments."""
+
+LOADED_KINDS = ("model", "guard-model", "provenance", "constitution")
+"""Scorers that read files or load models: built when the constraints load."""
+
+SCORER_KINDS = ("keywords", "regex", "world", *SPEC_BUILDERS, *LOADED_KINDS)
 
 
 @dataclass(frozen=True)
@@ -44,8 +83,11 @@ def add_constraint_option(group: argparse._ArgumentGroup) -> None:
         action="append",
         metavar=("NAME", "BUDGET", "SCORER"),
         help="a named constraint with its own budget; SCORER is keywords:W1,W2, "
-        "regex:PATTERN, model:PATH, guard-model:PATH or world (the demo world's cost); "
-        "repeatable; per-call budgets by name with --budgets '{\"NAME\": X}'",
+        "regex:PATTERN, model:PATH, guard-model:PATH, world (the demo world's cost), "
+        "length:max_words=N;min_words=N, required:words=W1,W2, shape-regex:PATTERN, "
+        "json-schema:FILE, provenance:corpus=FILE[,FILE];min_span=N or "
+        "constitution:judge=PATH[;constitution=FILE]; repeatable; per-call budgets by "
+        "name with --budgets '{\"NAME\": X}'",
     )
 
 
@@ -70,10 +112,12 @@ def constraint_specs(args: argparse.Namespace) -> list[ConstraintSpec]:
         kind, _, value = scorer.partition(":")
         if kind not in SCORER_KINDS or (kind != "world") != bool(value):
             raise CommandLineError(
-                f"--constraint {name}: SCORER must be keywords:W1,W2, regex:PATTERN, "
-                f"model:PATH, guard-model:PATH or world, got {scorer!r}"
+                f"--constraint {name}: SCORER must be one of {SCORER_USAGE}; got {scorer!r}"
             )
-        specs.append(ConstraintSpec(name, budget, kind, value))
+        spec = ConstraintSpec(name, budget, kind, value)
+        if kind in SPEC_BUILDERS:
+            _build(spec)  # a bad spec fails now, before anything loads
+        specs.append(spec)
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise CommandLineError(f"--constraint names must be distinct, got {names}")
@@ -126,8 +170,30 @@ def _scorer(spec: ConstraintSpec, args: argparse.Namespace, world_cost: Scorer |
             return builders[spec.kind](spec.value)
         except argparse.ArgumentTypeError as exc:
             raise CommandLineError(f"{flag}: {exc}") from exc
+    if spec.kind in SPEC_BUILDERS or spec.kind in ("provenance", "constitution"):
+        return _build(spec)
     load = from_pretrained_options(args)
     with loading(flag, spec.value):
         if spec.kind == "model":
             return ClassifierScorer.from_pretrained(spec.value, **load)
         return GuardModelCost.from_pretrained(spec.value, **load)
+
+
+def _build(spec: ConstraintSpec) -> Scorer:
+    """The scorer of a spec-written constraint (`SPEC_BUILDERS`, provenance, constitution).
+
+    Raises:
+        CommandLineError: the spec is malformed, names a missing file, or the judge fails
+            to load; the message says how to write it.
+    """
+    flag = f"--constraint {spec.name} {spec.kind}:"
+    if spec.kind == "provenance":
+        build: Callable[[str], Scorer] = ProvenanceCost.from_spec
+    elif spec.kind == "constitution":
+        build = ConstitutionCost.from_spec
+    else:
+        build = SPEC_BUILDERS[spec.kind]
+    try:
+        return build(spec.value)
+    except (SafeguardError, OSError, TypeError, ValueError) as exc:
+        raise CommandLineError(f"{flag} {exc}") from exc

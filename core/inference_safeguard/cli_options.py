@@ -27,6 +27,7 @@ from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import LoadOptionError, SafeguardError
 from inference_safeguard.lm import CausalLM, PromptInput
 from inference_safeguard.loading import resolve_device
+from inference_safeguard.programmatic import KeywordReward
 from inference_safeguard.scorers import ClassifierScorer, KeywordCost, RegexCost, Scorer
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -349,10 +350,24 @@ def load_cost(args: argparse.Namespace, *, required: bool = False) -> Scorer | N
         return ClassifierScorer.from_pretrained(args.cost_model, **from_pretrained_options(args))
 
 
+KEYWORDS_REWARD = "keywords-reward:"
+"""`--reward keywords-reward:words=W1,W2;weight=W`: a `KeywordReward` from its spec."""
+
+
 def load_reward(args: argparse.Namespace) -> Scorer | None:
-    """The reward model given by `--reward-model`, or None."""
+    """The reward given by `--reward-model`: a reward model, a `KeywordReward` written
+    `keywords-reward:words=W1,W2;weight=W`, or None.
+
+    Raises:
+        CommandLineError: the model does not load, or the keyword spec is malformed.
+    """
     if args.reward_model is None:
         return None
+    if args.reward_model.startswith(KEYWORDS_REWARD):
+        try:
+            return KeywordReward.from_spec(args.reward_model.removeprefix(KEYWORDS_REWARD))
+        except (TypeError, ValueError) as exc:
+            raise CommandLineError(f"--reward {args.reward_model!r}: {exc}") from exc
     with loading("--reward-model", args.reward_model):
         return ClassifierScorer.from_pretrained(args.reward_model, **from_pretrained_options(args))
 

@@ -22,6 +22,7 @@ import torch
 
 from inference_safeguard.config import GuardConfig
 from inference_safeguard.errors import ConstraintError, MissingCostModelError
+from inference_safeguard.programmatic import ConstraintScorer
 from inference_safeguard.results import ConstraintOutcome
 from inference_safeguard.scorers import Scorer
 
@@ -130,9 +131,27 @@ class Constraints:
         """The scorer when there is one constraint, else None."""
         return self.items[0].scorer if len(self.items) == 1 else None
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """`(batch, constraints)` float64 CPU costs of each pair under each constraint."""
-        columns = [c.scorer(prompts, responses).to(torch.float64).cpu() for c in self.items]
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        finished: bool | Sequence[bool] = False,
+    ) -> torch.Tensor:
+        """`(batch, constraints)` float64 CPU costs of each pair under each constraint.
+
+        Args:
+            prompts, responses: the pairs, `batch` of each.
+            finished: whether each response is finished (one flag for all, or one per
+                pair). A finished response gets its scorers' finished cost
+                (`programmatic.score_complete`: a length under the minimum, a required
+                word missing), the others their prefix cost. A scorer that does not tell
+                the two apart scores all pairs in one call; one that does, in at most two
+                (the finished pairs and the rest).
+        """
+        flags = [finished] * len(responses) if isinstance(finished, bool) else list(finished)
+        if len(flags) != len(responses):
+            raise ValueError(f"finished has {len(flags)} flags for {len(responses)} responses")
+        columns = [_column(c.scorer, prompts, responses, flags) for c in self.items]
         return torch.stack(columns, dim=-1)
 
     # -------------------------------------------------------------- budgets
@@ -203,6 +222,29 @@ class Constraints:
             ConstraintOutcome(c.name, cost, budget, cost <= budget)
             for c, cost, budget in zip(self.items, costs, budget_vector(config), strict=True)
         )
+
+
+def _column(
+    scorer: Scorer, prompts: Sequence[str], responses: Sequence[str], finished: list[bool]
+) -> torch.Tensor:
+    """`(batch,)` float64 CPU costs of one scorer: finished cost where `finished`, prefix
+    cost elsewhere."""
+    if not isinstance(scorer, ConstraintScorer) or not any(finished):
+        return scorer(prompts, responses).to(torch.float64).cpu()
+    if all(finished):
+        return scorer.score_complete(prompts, responses).to(torch.float64).cpu()
+    done = [i for i, flag in enumerate(finished) if flag]
+    going = [i for i, flag in enumerate(finished) if not flag]
+    column = torch.empty(len(responses), dtype=torch.float64)
+    column[done] = (
+        scorer.score_complete([prompts[i] for i in done], [responses[i] for i in done])
+        .to(torch.float64)
+        .cpu()
+    )
+    column[going] = (
+        scorer([prompts[i] for i in going], [responses[i] for i in going]).to(torch.float64).cpu()
+    )
+    return column
 
 
 def budget_vector(config: GuardConfig) -> list[float]:

@@ -407,9 +407,10 @@ class Decoder(ABC):
         config: GuardConfig,
         seconds: float,
     ) -> list[GuardResult]:
-        """Score the responses with the real cost models (unless the search already scored
-        the very text) and the reward model (where the search did not), and build the
-        results, each constraint verified. Baselines report; InferenceGuard enforces."""
+        """Score the responses with the real cost models, as finished responses (unless the
+        search already scored the very text so) and the reward model (where the search did
+        not), and build the results, each constraint verified. Baselines report;
+        InferenceGuard enforces."""
         prompt_texts = [p.text for p in prompts]
         texts = [r.text for r in responses]
         # The cost of what was said: the full text's, or a prefix's if that was higher.
@@ -418,7 +419,7 @@ class Decoder(ABC):
         costs = [list(r.prefix_cost) or [-math.inf] * width for r in responses]
         if unchecked:
             scored = self.constraints.score(
-                [prompt_texts[i] for i in unchecked], [texts[i] for i in unchecked]
+                [prompt_texts[i] for i in unchecked], [texts[i] for i in unchecked], finished=True
             )
             for i, row in zip(unchecked, scored.tolist(), strict=True):
                 costs[i] = [max(new, old) for new, old in zip(row, costs[i], strict=True)]

@@ -387,7 +387,7 @@ class InferenceGuard(Decoder):
             )
         refused = [i for i, r in enumerate(results) if not r.safe]
         refusal_costs = self.constraints.score(
-            [prompts[i].text for i in refused], [config.refusal_text] * len(refused)
+            [prompts[i].text for i in refused], [config.refusal_text] * len(refused), finished=True
         )
         refusal_ids = self.lm.tokenizer(config.refusal_text, add_special_tokens=False)["input_ids"]
         budgets = torch.tensor(budget_vector(config), dtype=refusal_costs.dtype)

@@ -29,7 +29,11 @@ Choices where the paper is silent:
   increments that could round across 0;
 - where costs are estimates (the critic's cost probe), the cost model replaces them
   for every candidate the search would keep before it keeps any, so beams and
-  finished responses always carry the cost model's own costs.
+  finished responses always carry the cost model's own costs;
+- a candidate whose response ends in its block is charged its finished cost
+  (`programmatic.score_complete`: a length under the minimum, a required word missing),
+  so a finished response that breaks a constraint only a whole response can break ranks
+  over budget like any other, and the final check reuses that cost.
 
 Costs and safety states hold one column per constraint (`inference_safeguard.constraints`):
 `(rows, constraints)`. A candidate is within budget when every column of its state is
@@ -57,7 +61,12 @@ import torch
 from inference_safeguard.calibration import calibrate_rewards
 from inference_safeguard.cancellation import raise_if_cancelled
 from inference_safeguard.config import GuardConfig
-from inference_safeguard.constraints import Constraints, budget_vector
+from inference_safeguard.constraints import (
+    DEFAULT_CONSTRAINT,
+    Constraint,
+    Constraints,
+    budget_vector,
+)
 from inference_safeguard.critic import LatentCritic
 from inference_safeguard.grammar import RowGrammars
 from inference_safeguard.lm import (
@@ -90,6 +99,9 @@ class Candidates:
         token_ids: each row's response token ids (EOS excluded).
         hidden: `(rows, hidden)` last-layer hidden state at each row's block end.
         new_tokens: `(rows,)` tokens the block added to each row (EOS included).
+        finished: whether each row's response ends in this block (EOS, a stop string or
+            `max_new_tokens`): such a row is charged its finished cost
+            (`programmatic.score_complete`), the others their prefix cost.
     """
 
     prompt_texts: list[str]
@@ -97,6 +109,7 @@ class Candidates:
     token_ids: list[list[int]]
     hidden: torch.Tensor
     new_tokens: torch.Tensor
+    finished: list[bool]
 
     def select(self, index: torch.Tensor) -> Candidates:
         """The candidates at rows `index` (`(n,)` long)."""
@@ -107,6 +120,7 @@ class Candidates:
             token_ids=[self.token_ids[i] for i in rows],
             hidden=self.hidden[index.to(self.hidden.device)],
             new_tokens=self.new_tokens[index.to(self.new_tokens.device)],
+            finished=[self.finished[i] for i in rows],
         )
 
 
@@ -126,11 +140,11 @@ class CandidateEvaluator(Protocol):
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
         """`(rows, constraints)` cumulative cost C(x, y_<=t) of each candidate under each
-        constraint (maybe an estimate)."""
+        constraint (maybe an estimate; the finished cost where `candidates.finished`)."""
 
     def model_cost(self, candidates: Candidates) -> torch.Tensor:
         """`(rows, constraints)` the cost models' own C(x, y_<=t) (what `cost` is when
-        `exact_cost`)."""
+        `exact_cost`), the finished cost where `candidates.finished`."""
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
         """`(rows,)` reward of each candidate given its `(rows, constraints)` safety
@@ -154,7 +168,9 @@ class ModelsEvaluator:
         self.has_reward_model = reward is not None
 
     def cost(self, candidates: Candidates) -> torch.Tensor:
-        return self.constraints.score(candidates.prompt_texts, candidates.texts)
+        return self.constraints.score(
+            candidates.prompt_texts, candidates.texts, candidates.finished
+        )
 
     model_cost = cost
 
@@ -199,6 +215,7 @@ class CriticEvaluator:
             raise ValueError("use_probe=True needs a critic with a cost probe")
         self.critic = critic
         self.cost_scorer = cost
+        self._constraints = Constraints([Constraint(DEFAULT_CONSTRAINT, cost)])
         self.use_probe = use_probe
         self.exact_cost = not use_probe
         self.risk_weight = risk_weight
@@ -209,7 +226,9 @@ class CriticEvaluator:
         return self.model_cost(candidates)
 
     def model_cost(self, candidates: Candidates) -> torch.Tensor:
-        return self.cost_scorer(candidates.prompt_texts, candidates.texts)[:, None]
+        return self._constraints.score(
+            candidates.prompt_texts, candidates.texts, candidates.finished
+        )
 
     def reward(self, candidates: Candidates, z: torch.Tensor) -> torch.Tensor:
         prediction = self.critic.predict(candidates.hidden, z[:, 0])
@@ -660,6 +679,7 @@ class BlockSearch:
             token_ids=token_ids,
             hidden=_block_hidden(block)[index],
             new_tokens=(tokens >= 0).sum(-1),
+            finished=[reason is not None for reason in reasons],
         )
         length = parents.length[index] + candidates.new_tokens
         logprob = parents.logprob[index] + block.logprob[index]

@@ -132,7 +132,11 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     models.add_argument(
         "--model", metavar="NAME_OR_PATH", help="base causal LM; needs --prompts and a cost"
     )
-    add_scorer_options(models, reward_help="sequence-classification reward model")
+    add_scorer_options(
+        models,
+        reward_help="sequence-classification reward model, or "
+        "keywords-reward:words=W1,W2[;weight=W]",
+    )
     add_constraint_option(models)
     models.add_argument(
         "--critic",

@@ -141,7 +141,7 @@ def _scored_as_returned(
         return results
     refused_prompts = [prompts[i] for i in refused]
     texts = [results[i].text for i in refused]
-    costs = decoder.constraints.score(refused_prompts, texts).tolist()
+    costs = decoder.constraints.score(refused_prompts, texts, finished=True).tolist()
     rewards = [None] * len(refused) if reward is None else reward(refused_prompts, texts).tolist()
     rescored = list(results)
     for i, new_costs, new_reward in zip(refused, costs, rewards, strict=True):
