@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from serve_load import QUESTIONS, SHAPES  # the load benchmark's shapes and requests
 
 from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.lm import CausalLM
@@ -51,21 +52,6 @@ from inference_safeguard.scorers import KeywordCost
 from inference_safeguard.search import BlockSearch, RunningSearch
 from inference_safeguard.testing import build_tiny_llama, build_tiny_tokenizer
 
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 256, "num_layers": 4, "num_heads": 4},
-    "test": {"hidden_size": 64, "num_layers": 2, "num_heads": 4},
-}
-QUESTIONS = (
-    "Where is the dog?",
-    "Name a bird that sings in the morning.",
-    "What is in the garden?",
-    "How do I bake bread?",
-    "Tell me about the cat and the mouse.",
-    "What should I feed a small bird in winter?",
-    "Say hello to the neighbours.",
-    "Why is the sky blue?",
-)
-"""Request i asks question i mod 8, as client i of `serve_load.py` does."""
 PHASES: tuple[tuple[type, str, str], ...] = (
     (CausalLM, "_feed", "forward"),
     (PromptSamplers, "sample", "sampling"),
