@@ -36,6 +36,7 @@ from inference_safeguard import (
     InvalidPromptError,
     MissingCostModelError,
 )
+from inference_safeguard.calibration import RewardCalibration
 from inference_safeguard.config import CALL_SHAPE_FIELDS, reject_bool_number
 from inference_safeguard.decoder import Decoder
 from inference_safeguard.engine import GuardEngine, shared_engine
@@ -185,6 +186,10 @@ class SafeguardParams(BaseModel):
     """Critic mode: steer the search by the critic's cost probe (final check: cost model)."""
     critic_risk_weight: float | None = None
     """Critic mode: lambda of a candidate's value r_hat - lambda * sd_R * (1 - p_safe)."""
+    reward_calibration: RewardCalibration | None = None
+    """InfAlign's calibrated rewards: a candidate's reward quantile among its prompt's."""
+    calibration_exponent: float | None = None
+    """t of reward_calibration='exponential', in (0, 100]."""
     on_unsafe: Literal["refuse", "return", "raise"] | None = None
     """Over-budget final response: refuse (default), return flagged, or raise."""
     refusal_text: str | None = None

@@ -42,6 +42,7 @@ from llama_index.core.program.utils import FlexibleModel, process_streaming_obje
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.types import PydanticProgramMode
 
+from inference_safeguard.calibration import RewardCalibration
 from inference_safeguard.config import CALL_SHAPE_FIELDS, GuardConfig, reject_bool_number
 from inference_safeguard.constraints import CostsInput
 from inference_safeguard.decoder import Decoder
@@ -210,6 +211,12 @@ class SafeguardLLM(FunctionCallingLLM):
     cost_probe: bool | None = Field(default=None, description=_describe("cost_probe"))
     critic_risk_weight: float | None = Field(
         default=None, description=_describe("critic_risk_weight")
+    )
+    reward_calibration: RewardCalibration | None = Field(
+        default=None, description=_describe("reward_calibration")
+    )
+    calibration_exponent: float | None = Field(
+        default=None, description=_describe("calibration_exponent")
     )
     on_unsafe: Literal["refuse", "return", "raise"] | None = Field(
         default=None, description=_describe("on_unsafe")
