@@ -5,51 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from contextlib import contextmanager
 
 import pytest
 from conftest import OTHER_PROMPT, PROMPT
+from session_helpers import REFUSAL, answer_counting_guard, counted_forwards, says_anything
 
 from inference_safeguard import (
     ConstraintError,
-    GuardConfig,
     GuardEngine,
     InferenceGuard,
     SafetySession,
     SessionBudgetSpentError,
     SessionStateError,
 )
-from inference_safeguard.scorers import CallableScorer, KeywordCost
-
-REFUSAL = GuardConfig().refusal_text
-
-
-def says_anything() -> CallableScorer:
-    """Cost 1 for any non-empty response but the refusal: each answer spends exactly 1."""
-    return CallableScorer(
-        lambda prompt, response: float(bool(response.strip()) and response != REFUSAL),
-        batched=False,
-    )
+from inference_safeguard.scorers import KeywordCost
 
 
 @pytest.fixture()
 def guard(tiny_model, tiny_tokenizer, small_config) -> InferenceGuard:
-    return InferenceGuard(
-        tiny_model,
-        tiny_tokenizer,
-        cost=says_anything(),
-        config=small_config.with_overrides(budget=5.0, max_new_tokens=8),
-    )
-
-
-@contextmanager
-def counted_forwards(model):
-    calls = [0]
-    handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
+    return answer_counting_guard(tiny_model, tiny_tokenizer, small_config)
 
 
 def test_each_answer_within_its_own_budget_is_stopped_by_the_session_budget(guard, tiny_model):

@@ -7,15 +7,14 @@ import asyncio
 import random
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from conftest import OTHER_PROMPT, PROMPT
+from session_helpers import REFUSAL, answer_counting_guard, counted_forwards
 
 from inference_safeguard import (
-    GuardConfig,
     GuardEngine,
     GuardResult,
     InferenceGuard,
@@ -23,37 +22,11 @@ from inference_safeguard import (
     SessionBudgetSpentError,
 )
 from inference_safeguard.results import ConstraintOutcome
-from inference_safeguard.scorers import CallableScorer
-
-REFUSAL = GuardConfig().refusal_text
-
-
-def says_anything() -> CallableScorer:
-    """Cost 1 for any non-empty response but the refusal: each answer spends exactly 1."""
-    return CallableScorer(
-        lambda prompt, response: float(bool(response.strip()) and response != REFUSAL),
-        batched=False,
-    )
 
 
 @pytest.fixture()
 def guard(tiny_model, tiny_tokenizer, small_config) -> InferenceGuard:
-    return InferenceGuard(
-        tiny_model,
-        tiny_tokenizer,
-        cost=says_anything(),
-        config=small_config.with_overrides(budget=5.0, max_new_tokens=8),
-    )
-
-
-@contextmanager
-def counted_forwards(model):
-    calls = [0]
-    handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
+    return answer_counting_guard(tiny_model, tiny_tokenizer, small_config)
 
 
 def test_a_batch_on_one_session_is_charged_prompt_by_prompt_in_order(guard, tiny_model):
