@@ -49,6 +49,7 @@ from inference_safeguard.lm import (
     LanguageModel,
     TokenChooser,
 )
+from inference_safeguard.quantized_draft import is_self_draft, quantized_draft
 from inference_safeguard.sampling import RepetitionPenalty, SamplingSettings, warp_logits
 
 DEFAULT_DRAFT_TOKENS = 4
@@ -490,17 +491,22 @@ def with_draft_model(
     draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     **load_options: Any,
 ) -> SpeculativeCausalLM:
-    """`lm` with a draft model loaded beside it (`CausalLM.from_pretrained` options).
+    """`lm` with a draft model loaded beside it (`CausalLM.from_pretrained` options),
+    or, for `draft_model` in `SELF_DRAFT_KINDS` (`"self:bf16"`, `"self:int8"`,
+    `"self:int4"`), a copy of `lm` itself in cheaper arithmetic (`quantized_draft`).
 
     Raises:
-        DraftModelError: `lm` is not on the Hugging Face backend, or the draft model's
-            tokenizer differs from the base model's.
+        DraftModelError: `lm` is not on the Hugging Face backend, the draft model's
+            tokenizer differs from the base model's, or an unknown `self:` kind.
     """
     if not isinstance(lm, CausalLM):
         raise DraftModelError(
             f"a draft model needs the Hugging Face backend, not {lm.backend!r}; "
             "drop draft_model or use backend='huggingface'"
         )
+    if is_self_draft(draft_model):
+        draft = quantized_draft(lm, draft_model)
+        return SpeculativeCausalLM(lm, draft, draft_tokens=draft_tokens)
     options = {
         k: load_options[k] for k in ("device", "dtype", "trust_remote_code") if k in load_options
     }
