@@ -16,7 +16,12 @@ Both models keep their own KV cache rows in step: `fan_out`, `select_rows`, `mer
 checkpoints act on both. Drafted tokens that are rejected stay in the caches as masked
 holes (attention mask 0, position ids continue from the kept tokens), as `CausalLM`
 masks the tokens fed after a row ended; so only full-attention caches are accepted
-(a sliding window or a recurrent state cannot skip a hole).
+(a sliding window or a recurrent state cannot skip a hole). A round costs the draft
+model `draft_tokens` forwards: its last drafted token is read in the next round's first
+forward (two positions), or at the block's end.
+
+`inference_safeguard.quantized_draft` makes a draft model of the base model itself
+(`draft_model="self:int8"` and the like).
 
 Grammar-constrained responses are refused (`supports_grammar = False`): a grammar's
 mask depends on the tokens before it, which the draft and the verification would have
