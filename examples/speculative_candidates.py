@@ -6,7 +6,7 @@ The guard's base model is SmolLM2-135M-Instruct (the GGUF file of the `llm-smoll
 wheel, float32 on CPU) under a keyword cost. The same guard answers the questions twice,
 with the same seeds: once with ordinary fan-out (one base-model forward per token), once
 with speculative candidates drafted by the base model itself in cheaper arithmetic
-(`--draft`, default `self:int8`: weight-only int8 linear layers, see
+(`--draft`, default `self:int4`: weight-only int4 linear layers, see
 `inference_safeguard.quantized_draft`) and verified by the base model, `--draft-tokens`
 at a time. Speculative sampling keeps the candidates distributed exactly as the base
 model's, so both guards answer from the same distribution; the texts differ because the
@@ -21,7 +21,7 @@ import argparse
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -41,8 +41,7 @@ AVOIDED_WORDS = ("coffee", "phone", "alarm")
 WIDTH = 88
 
 
-@dataclass
-class Run:
+class Run(NamedTuple):
     """One way of answering every question.
 
     Attributes:
@@ -58,7 +57,7 @@ class Run:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--draft", choices=SELF_DRAFT_KINDS, default="self:int8")
+    parser.add_argument("--draft", choices=SELF_DRAFT_KINDS, default="self:int4")
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--num-candidates", type=int, default=4)
     parser.add_argument("--beam-width", type=int, default=2)

@@ -123,10 +123,10 @@ def test_speculative_example_drafts_smollm2_with_itself_within_budget(capsys):
     ]
     runs = example.main(argv)
     out = capsys.readouterr().out
-    assert "2. Speculative candidates, draft self:int8" in out
+    assert "2. Speculative candidates, draft self:int4" in out
     assert runs["fan-out"].acceptance_rate is None
-    # The int8 self-draft agrees with the float32 model on most tokens.
-    assert runs["speculative"].acceptance_rate > 0.6
+    # The int4 self-draft agrees with the float32 model on most tokens (about 0.7-0.8).
+    assert runs["speculative"].acceptance_rate > 0.5
     for run in runs.values():
         assert len(run.results) == len(example.QUESTIONS)
         for result in run.results:
