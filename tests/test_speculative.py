@@ -408,6 +408,9 @@ def test_bad_self_drafts_are_refused(base, tiny_tokenizer) -> None:
     narrow = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=40), tiny_tokenizer)
     with pytest.raises(DraftModelError, match="multiple of 32"):
         quantized_draft(narrow, "int4")
+    half = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=32).bfloat16(), tiny_tokenizer)
+    with pytest.raises(DraftModelError, match="already in bfloat16"):
+        quantized_draft(half, "self:bf16")
     with pytest.raises(DraftModelError, match="Hugging Face backend"):
         quantized_draft(object(), "int8")  # type: ignore[arg-type]
 

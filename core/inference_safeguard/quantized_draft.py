@@ -146,7 +146,7 @@ def quantized_draft(lm: LanguageModel, kind: str = "int8") -> CausalLM:
     """A draft model for `lm`: its own weights in bfloat16, or weight-only int8 or int4.
 
     The base model is copied, not modified (the copy's weights take 1/2, 1/4 or about
-    1/7 of the float32 base's memory, plus a bfloat16 embedding table).
+    1/6 of the float32 base's memory, plus a bfloat16 embedding table).
 
     Args:
         lm: the base model's Hugging Face backend.
@@ -156,9 +156,10 @@ def quantized_draft(lm: LanguageModel, kind: str = "int8") -> CausalLM:
         A `CausalLM` on the base model's tokenizer, for `SpeculativeCausalLM`.
 
     Raises:
-        DraftModelError: `lm` is not a `CausalLM`, an unknown kind, a quantized kind for
-            a model off the CPU (the int8 and int4 kernels are CPU ones), or an int4
-            layer whose input size is not a multiple of `INT4_GROUP_SIZE`.
+        DraftModelError: `lm` is not a `CausalLM`, an unknown kind, `bf16` for a base
+            model already in bfloat16, a quantized kind for a model off the CPU (the
+            int8 and int4 kernels are CPU ones), or an int4 layer whose input size is
+            not a multiple of `INT4_GROUP_SIZE`.
     """
     if not isinstance(lm, CausalLM):
         raise DraftModelError(
@@ -172,6 +173,11 @@ def quantized_draft(lm: LanguageModel, kind: str = "int8") -> CausalLM:
         raise DraftModelError(
             f"the self:{chosen} draft runs CPU kernels, and the base model is on "
             f"{lm.device}; use draft_model='self:bf16' there"
+        )
+    if chosen == "bf16" and lm.model.dtype == torch.bfloat16:
+        raise DraftModelError(
+            "the base model is already in bfloat16, so self:bf16 would draft with the base "
+            "model itself at the same cost; use self:int8 or self:int4"
         )
     model = copy.deepcopy(lm.model).to(torch.bfloat16)
     if chosen != "bf16":
