@@ -6,16 +6,22 @@ every row decodes them all. Two ways, the same model, prompt, seeds and settings
 (temperature 1, no top-k/top-p):
 
 - **fan-out**: `CausalLM.sample_block`, one base-model forward per token;
-- **speculative**: `SpeculativeCausalLM.sample_block`, rounds of `--draft-tokens`
-  drafted tokens and one base forward over them.
+- **speculative**: `SpeculativeCausalLM.sample_block`, rounds of gamma
+  (`--draft-tokens`, several values allowed) drafted tokens and one base forward over
+  them.
 
-The draft model is the base model cut to its first `--draft-layers` layers (its own
-embeddings, final norm and head kept): several times cheaper, the same tokenizer, and
-with real weights a model that agrees with the base model on easy tokens (self-
-speculative decoding, as in LayerSkip). Each row's timing is the median of `--repeats`
-runs, methods alternating; the table gives time per response (total / N), the speed-up
-(fan-out time / speculative time, same run) and the share of drafted tokens the base
-model kept.
+Drafts (`--drafts`, several allowed):
+
+- `layer-cut`: the base model cut to its first `--draft-layers` layers (its own
+  embeddings, final norm and head kept), as in LayerSkip: several times cheaper, but a
+  model not trained to exit early disagrees with the full one;
+- `self:bf16`, `self:int8`, `self:int4`: the base model itself in bfloat16, or with
+  weight-only int8 / int4 linear layers (`inference_safeguard.quantized_draft`): close
+  to the base model, and cheaper by the weight bytes it no longer reads.
+
+Each repeat runs fan-out, then every (draft, gamma) in turn, with the repeat's seed;
+each row's time is the median over `--repeats`, the speed-up is the median fan-out time
+over the row's (same run), acceptance the share of drafted tokens the base model kept.
 
 Shapes: `tiny`: a random-weight Llama (hidden 512, 8 layers) with the 768-token test
 tokenizer: random weights make the draft's guesses poor, so this is the overhead floor;
@@ -23,7 +29,8 @@ tokenizer: random weights make the draft's guesses poor, so this is the overhead
 Nothing is downloaded.
 
 Usage:
-    python benchmarks/speculative.py --shape smollm2 --num-candidates 8
+    python benchmarks/speculative.py --shape smollm2 --num-candidates 4 16 \
+        --drafts self:bf16 self:int8 --draft-tokens 3 5
     python benchmarks/speculative.py --shape tiny --json-out spec.json
 """
 
@@ -40,8 +47,9 @@ import torch
 from transformers import PreTrainedModel
 
 from inference_safeguard.lm import BlockRequest, CausalLM
+from inference_safeguard.quantized_draft import SELF_DRAFT_KINDS, quantized_draft
 from inference_safeguard.sampling import PromptSamplers, SamplingSettings
-from inference_safeguard.speculative import SpeculativeCausalLM
+from inference_safeguard.speculative import DraftStats, SpeculativeCausalLM
 from inference_safeguard.testing import build_tiny_llama, build_tiny_tokenizer
 
 PROMPT = "Write a short story about a careful cat who finds a way home."
@@ -51,6 +59,8 @@ SETTINGS = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repe
 @dataclass
 class Row:
     method: str
+    draft: str
+    draft_tokens: int
     num_candidates: int
     seconds_per_response: float
     speedup: float
@@ -99,12 +109,22 @@ def run_once(lm: CausalLM, ids: list[int], args: argparse.Namespace, seed: int) 
     return time.perf_counter() - start
 
 
+def make_draft(base: CausalLM, kind: str, layers: int) -> CausalLM:
+    """The draft model named by `kind` (see the module docstring)."""
+    if kind == "layer-cut":
+        return CausalLM(layer_skip_draft(base.model, layers), base.tokenizer)
+    return quantized_draft(base, kind)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=("tiny", "smollm2"), default="smollm2")
     parser.add_argument("--num-candidates", type=int, nargs="+", default=[4, 16])
+    parser.add_argument(
+        "--drafts", nargs="+", choices=("layer-cut", *SELF_DRAFT_KINDS), default=["self:bf16"]
+    )
     parser.add_argument("--draft-layers", type=int, default=None)
-    parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[4])
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,34 +135,45 @@ def main() -> None:
     base = load(args.shape)
     layers = base.model.config.num_hidden_layers
     draft_layers = args.draft_layers or max(1, layers // 5)
-    draft = CausalLM(layer_skip_draft(base.model, draft_layers), base.tokenizer)
-    spec = SpeculativeCausalLM(base, draft, draft_tokens=args.draft_tokens)
+    drafts = {kind: make_draft(base, kind, draft_layers) for kind in args.drafts}
+    specs = {
+        (kind, gamma): SpeculativeCausalLM(base, draft, draft_tokens=gamma)
+        for kind, draft in drafts.items()
+        for gamma in args.draft_tokens
+    }
     ids = base.encode(PROMPT).ids
     rows: list[Row] = []
     for n in args.num_candidates:
         per_call = argparse.Namespace(**{**vars(args), "num_candidates": n})
         run_once(base, ids, per_call, 0)  # warm-up
-        run_once(spec, ids, per_call, 0)
-        spec.stats.drafted = spec.stats.kept = spec.stats.rounds = 0
-        plain, fast = [], []
+        for spec in specs.values():
+            run_once(spec, ids, per_call, 0)
+            spec.stats = DraftStats()
+        plain: list[float] = []
+        fast: dict[tuple[str, int], list[float]] = {key: [] for key in specs}
         for repeat in range(args.repeats):
             plain.append(run_once(base, ids, per_call, repeat + 1))
-            fast.append(run_once(spec, ids, per_call, repeat + 1))
-        t_plain, t_fast = statistics.median(plain) / n, statistics.median(fast) / n
-        rows.append(Row("fan-out", n, t_plain, 1.0, None))
-        rows.append(Row("speculative", n, t_fast, t_plain / t_fast, spec.stats.acceptance_rate))
+            for key, spec in specs.items():
+                fast[key].append(run_once(spec, ids, per_call, repeat + 1))
+        t_plain = statistics.median(plain) / n
+        rows.append(Row("fan-out", "", 0, n, t_plain, 1.0, None))
+        for (kind, gamma), spec in specs.items():
+            t_fast = statistics.median(fast[kind, gamma]) / n
+            rate = spec.stats.acceptance_rate
+            rows.append(Row("speculative", kind, gamma, n, t_fast, t_plain / t_fast, rate))
     print(
-        f"base {base.name} ({layers} layers), draft: its first {draft_layers} layers, "
-        f"gamma={args.draft_tokens}, block {args.block_size}, {args.max_new_tokens} tokens, "
-        f"{args.threads} thread(s)"
+        f"base {base.name} ({layers} layers), layer-cut draft: its first {draft_layers} "
+        f"layers, block {args.block_size}, {args.max_new_tokens} tokens, "
+        f"{args.threads} thread(s), median of {args.repeats}"
     )
-    print("| method | N | s / response | speed-up | acceptance |")
-    print("|---|---|---|---|---|")
+    print("| method | draft | gamma | N | s / response | speed-up | acceptance |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         rate = "" if row.acceptance_rate is None else f"{row.acceptance_rate:.2f}"
+        gamma = str(row.draft_tokens) if row.draft_tokens else ""
         print(
-            f"| {row.method} | {row.num_candidates} | {row.seconds_per_response:.4f} | "
-            f"{row.speedup:.2f}x | {rate} |"
+            f"| {row.method} | {row.draft} | {gamma} | {row.num_candidates} | "
+            f"{row.seconds_per_response:.4f} | {row.speedup:.2f}x | {rate} |"
         )
     if args.json_out:
         with open(args.json_out, "w") as handle:

@@ -99,3 +99,36 @@ def test_deal_example_meets_the_constraints_more_often_than_plain_sampling(capsy
     plain, guard = rates["plain sampling"], rates["guard"]
     assert guard["both"] > plain["both"]
     assert guard["unsafe"] == 0.0
+
+
+@pytest.mark.real_model
+def test_speculative_example_drafts_smollm2_with_itself_within_budget(capsys):
+    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
+    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except OfflineModelMissingError as error:
+        pytest.skip(str(error))
+    example = load("speculative_candidates")
+    argv = [
+        "--num-candidates",
+        "2",
+        "--beam-width",
+        "1",
+        "--max-new-tokens",
+        "16",
+        "--threads",
+        "1",
+    ]
+    runs = example.main(argv)
+    out = capsys.readouterr().out
+    assert "2. Speculative candidates, draft self:int4" in out
+    assert runs["fan-out"].acceptance_rate is None
+    # The int4 self-draft agrees with the float32 model on most tokens (about 0.7-0.8).
+    assert runs["speculative"].acceptance_rate > 0.5
+    for run in runs.values():
+        assert len(run.results) == len(example.QUESTIONS)
+        for result in run.results:
+            assert (result.safe and result.cost <= 0) or result.refused
+            assert not any(word in result.text.lower() for word in example.AVOIDED_WORDS)

@@ -18,6 +18,7 @@ from inference_safeguard.errors import (
     GenerationCancelledError,
 )
 from inference_safeguard.lm import BlockRequest, CausalLM
+from inference_safeguard.quantized_draft import quantized_draft
 from inference_safeguard.sampling import (
     PromptSamplers,
     RepetitionPenalty,
@@ -362,3 +363,95 @@ def test_cli_refuses_a_draft_model_with_another_tokenizer(tiny_model_dir, tmp_pa
     ]
     assert main(argv) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- self-drafts
+def _mean_total_variation(first: CausalLM, second: CausalLM, ids: list[int]) -> float:
+    """Mean total variation between the two models' next-token distributions at every
+    position of `ids` (temperature 1, no warping)."""
+    with torch.inference_mode():
+        p = first.model(torch.tensor([ids])).logits[0].float().softmax(-1)
+        q = second.model(torch.tensor([ids])).logits[0].float().softmax(-1)
+    return float(0.5 * (p - q).abs().sum(-1).mean())
+
+
+@pytest.mark.parametrize(("kind", "bound"), [("bf16", 0.02), ("int8", 0.03), ("int4", 0.3)])
+def test_a_self_draft_predicts_nearly_what_the_base_model_does(
+    base, draft, tiny_tokenizer, kind, bound
+) -> None:
+    """The self-draft's next-token distributions lie within `bound` of the base model's
+    (total variation), far closer than the perturbed one-layer draft's."""
+    ids = tiny_tokenizer("The safe cat sat on the warm mat and looked at the door").input_ids
+    before = {name: value.clone() for name, value in base.model.state_dict().items()}
+    self_draft = quantized_draft(base, kind)
+    distance = _mean_total_variation(base, self_draft, ids)
+    assert 0 < distance < bound < _mean_total_variation(base, draft, ids)
+    assert self_draft.tokenizer is base.tokenizer
+    after = base.model.state_dict()
+    assert all(torch.equal(value, after[name]) for name, value in before.items())
+
+
+def test_candidates_with_a_quantized_self_draft_follow_the_base_model(base, exact_setting) -> None:
+    lm = SpeculativeCausalLM(base, quantized_draft(base, "int8"), draft_tokens=3)
+    ids, unsafe, exact = exact_setting
+    counts = _sampled_distribution(lm, ids, unsafe, 3)
+    assert _chi_square_p_value(exact, counts) > 1e-3
+    assert _total_variation(exact, counts) < 0.06
+    assert lm.stats.acceptance_rate > 0.3  # the flat tiny model under top-k 3: about 0.45
+
+
+def test_bad_self_drafts_are_refused(base, tiny_tokenizer) -> None:
+    with pytest.raises(DraftModelError, match="self:int8"):
+        quantized_draft(base, "int3")
+    with pytest.raises(DraftModelError, match="self:bf16"):
+        speculative.with_draft_model(base, "self:fp8")
+    narrow = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=40), tiny_tokenizer)
+    with pytest.raises(DraftModelError, match="multiple of 32"):
+        quantized_draft(narrow, "int4")
+    half = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=32).bfloat16(), tiny_tokenizer)
+    with pytest.raises(DraftModelError, match="already in bfloat16"):
+        quantized_draft(half, "self:bf16")
+    with pytest.raises(DraftModelError, match="Hugging Face backend"):
+        quantized_draft(object(), "int8")  # type: ignore[arg-type]
+
+
+def test_from_pretrained_drafts_with_the_base_model_itself(
+    tiny_model_dir, keyword_cost, small_config
+) -> None:
+    guard = InferenceGuard.from_pretrained(
+        str(tiny_model_dir), draft_model="self:int8", cost=keyword_cost, config=small_config
+    )
+    assert isinstance(guard.lm, SpeculativeCausalLM)
+    result = guard.generate(PROMPT, seed=0)
+    assert result.safe and result.token_ids
+    assert keyword_cost([PROMPT], [result.text]).item() <= guard.config.budget
+    assert guard.lm.stats.drafted > 0
+
+
+@pytest.mark.parametrize(("draft_model", "status"), [("self:int4", 0), ("self:fp8", 2)])
+def test_cli_drafts_with_the_base_model_itself(
+    tiny_model_dir, frequent_words, capsys, draft_model, status
+) -> None:
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--draft-model",
+        draft_model,
+        "--cost-keywords",
+        ",".join(frequent_words),
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "0",
+        "--json",
+        "--prompt",
+        "The safe cat",
+    ]
+    assert main(argv) == status
+    captured = capsys.readouterr()
+    if status:
+        assert "self:int8" in captured.err
+    else:
+        record = json.loads(captured.out)
+        assert record["safe"] and record["cost"] <= 0 and record["text"]

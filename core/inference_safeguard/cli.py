@@ -160,7 +160,9 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool, help_
         "--draft-model",
         metavar="NAME_OR_PATH",
         help="a smaller model with the same tokenizer that drafts tokens for --model to "
-        "verify (speculative candidates: the same distribution, faster when it agrees)",
+        "verify (speculative candidates: the same distribution, faster when it agrees); "
+        "self:bf16, self:int8 or self:int4 drafts with --model itself in bfloat16 or "
+        "with weight-only int8/int4 linear layers (CPU)",
     )
     model.add_argument(
         "--draft-tokens", type=int, default=4, metavar="N", help="tokens drafted per round"

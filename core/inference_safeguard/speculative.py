@@ -16,7 +16,12 @@ Both models keep their own KV cache rows in step: `fan_out`, `select_rows`, `mer
 checkpoints act on both. Drafted tokens that are rejected stay in the caches as masked
 holes (attention mask 0, position ids continue from the kept tokens), as `CausalLM`
 masks the tokens fed after a row ended; so only full-attention caches are accepted
-(a sliding window or a recurrent state cannot skip a hole).
+(a sliding window or a recurrent state cannot skip a hole). A round costs the draft
+model `draft_tokens` forwards: its last drafted token is read in the next round's first
+forward (two positions), or at the block's end.
+
+`inference_safeguard.quantized_draft` makes a draft model of the base model itself
+(`draft_model="self:int8"` and the like).
 
 Grammar-constrained responses are refused (`supports_grammar = False`): a grammar's
 mask depends on the tokens before it, which the draft and the verification would have
@@ -49,6 +54,7 @@ from inference_safeguard.lm import (
     LanguageModel,
     TokenChooser,
 )
+from inference_safeguard.quantized_draft import is_self_draft, quantized_draft
 from inference_safeguard.sampling import RepetitionPenalty, SamplingSettings, warp_logits
 
 DEFAULT_DRAFT_TOKENS = 4
@@ -307,14 +313,23 @@ class _SpeculativeBlock:
         self.emitted = torch.zeros(rows, dtype=torch.long, device=device)
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
         self.pending: torch.Tensor | None = None
+        # The round's last drafted token and whether it was kept: the draft model reads
+        # it in the next round's first forward (or at the block's end), not in a forward
+        # of its own whose logits nobody reads.
+        self.unread: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def run(self) -> DecodedBlock:
-        while True:
-            live = ~self.ended & (self.emitted < self.budget)
-            if not bool(live.any()):
-                break
-            raise_if_cancelled(self.request.cancel)
-            self._round(live)
+        try:
+            while True:
+                live = ~self.ended & (self.emitted < self.budget)
+                if not bool(live.any()):
+                    break
+                raise_if_cancelled(self.request.cancel)
+                self._round(live)
+        finally:
+            if self.unread is not None:  # the draft's cache as long as the base's again
+                token, kept = self.unread
+                self._feed_draft(token[:, None], kept[:, None], -1)
         return DecodedBlock(
             tokens=self.tokens[:, : self.request.num_tokens],
             logprob=self.logprob,
@@ -351,6 +366,17 @@ class _SpeculativeBlock:
         index = offset.clamp_max(self.forced.shape[1] - 1)[:, None]
         return self.forced.gather(1, index).squeeze(1)
 
+    def _feed_draft(self, tokens: torch.Tensor, fed: torch.Tensor, offset: int) -> torch.Tensor:
+        """Feed `(rows, n)` tokens to the draft model at positions `next_position +
+        offset` on, appending `fed` (`(rows, n)` bool) to its attention mask; returns
+        the `(rows, vocab)` logits after the last."""
+        lm, draft_state = self.lm, self.state.draft
+        start = draft_state.next_position + offset
+        logits, _ = _forward(
+            lm.draft, draft_state, _to(tokens, lm.draft), _to(fed, lm.draft), False, start
+        )
+        return _fit(logits[:, -1].to(self.device), self.vocab)
+
     def _round(self, live: torch.Tensor) -> None:
         lm, state, gamma, rows = self.lm, self.state, self.gamma, self.state.rows
         arange_rows = torch.arange(rows, device=self.device)
@@ -365,27 +391,26 @@ class _SpeculativeBlock:
         # for the base's distribution at position i and the draft's of token i + 1.
         seen_at: list[torch.Tensor | None] = []
         draft_probs: list[torch.Tensor] = []
-        fed = live[:, None]
-        # Draft: feed the round's first token, then gamma drafted ones (the last only to
-        # keep the draft's cache as long as the base's).
-        for j in range(gamma + 1):
+        # Draft: gamma forwards, of the round's first token (after the last round's
+        # unread draft, at the position before it) and of the drafts but the last.
+        for j in range(gamma):
             if seen is not None:
                 seen[arange_rows, proposed[-1]] = True
             seen_at.append(None if seen is None else seen.clone())
-            draft_logits, _ = _forward(
-                lm.draft,
-                state.draft,
-                _to(proposed[-1][:, None], lm.draft),
-                _to(fed, lm.draft),
-                False,
-            )
-            if j == gamma:
-                break
-            q = self._probs(_fit(draft_logits[:, -1].to(self.device), self.vocab), seen_at[j])
+            if j == 0 and self.unread is not None:
+                unread, unread_kept = self.unread
+                tokens = torch.stack([unread, first], dim=1)
+                draft_logits = self._feed_draft(tokens, torch.stack([unread_kept, live], 1), -1)
+            else:
+                draft_logits = self._feed_draft(proposed[-1][:, None], live[:, None], j)
+            q = self._probs(draft_logits, seen_at[j])
             drafted = draw(q, uniforms[:, j])
             drafted = torch.where(self.sampled, drafted, self._forced_at(self.emitted + 1 + j))
             draft_probs.append(q)
             proposed.append(drafted)
+        if seen is not None:
+            seen[arange_rows, proposed[-1]] = True
+        seen_at.append(None if seen is None else seen.clone())
         block = torch.stack(proposed, dim=1)  # (rows, gamma + 1)
         # Verify: one base forward over the round's first token and the drafts.
         fed_all = live[:, None].expand(rows, gamma + 1)
@@ -436,32 +461,39 @@ class _SpeculativeBlock:
         # Crop: the rejected positions become masked holes in both caches.
         last = (count - 1).clamp_min(0)
         has_new = count > 0
-        for target in (state, state.draft):
+        for target, width in ((state, gamma + 1), (state.draft, gamma)):
             mask_device = target.attention_mask.device
-            target.attention_mask[:, -(gamma + 1) :] = kept.long().to(mask_device)
+            target.attention_mask[:, -width:] = kept[:, :width].long().to(mask_device)
             target.next_position = target.next_position + count.to(target.next_position.device)
+        self.unread = (block[:, gamma], kept[:, gamma])
         state.logits = torch.where(has_new[:, None], logits[arange_rows, last], state.logits)
         new_hidden = hidden[arange_rows.to(hidden.device), last.to(hidden.device)]
         state.hidden = torch.where(has_new[:, None].to(hidden.device), new_hidden, state.hidden)
 
 
 def _forward(
-    lm: CausalLM, state: DecodeState, tokens: torch.Tensor, fed: torch.Tensor, hidden: bool
+    lm: CausalLM,
+    state: DecodeState,
+    tokens: torch.Tensor,
+    fed: torch.Tensor,
+    hidden: bool,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed `(rows, n)` tokens to `lm` in one forward, appending `fed` (`(rows, n)` bool)
-    to the attention mask and growing the cache by n; positions continue from
-    `next_position`, which is left for the caller to advance.
+    to the attention mask and growing the cache by n; positions run from `start`
+    (`(rows,)`, default `next_position`), which is left for the caller to advance.
 
     Returns:
         `(rows, n, vocab)` float logits, and `(rows, n, hidden)` last-layer states when
         `hidden`, else None.
     """
     state.attention_mask = torch.cat([state.attention_mask, fed.long()], dim=-1)
-    steps = torch.arange(tokens.shape[1], device=state.next_position.device)
+    first = state.next_position if start is None else start
+    steps = torch.arange(tokens.shape[1], device=first.device)
     out = lm.model(
         input_ids=tokens,
         attention_mask=state.attention_mask,
-        position_ids=state.next_position[:, None] + steps[None],
+        position_ids=first[:, None] + steps[None],
         use_cache=True,
         output_hidden_states=hidden,
         **{lm._cache_keyword: state.cache},
@@ -490,17 +522,22 @@ def with_draft_model(
     draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     **load_options: Any,
 ) -> SpeculativeCausalLM:
-    """`lm` with a draft model loaded beside it (`CausalLM.from_pretrained` options).
+    """`lm` with a draft model loaded beside it (`CausalLM.from_pretrained` options),
+    or, for `draft_model` in `SELF_DRAFT_KINDS` (`"self:bf16"`, `"self:int8"`,
+    `"self:int4"`), a copy of `lm` itself in cheaper arithmetic (`quantized_draft`).
 
     Raises:
-        DraftModelError: `lm` is not on the Hugging Face backend, or the draft model's
-            tokenizer differs from the base model's.
+        DraftModelError: `lm` is not on the Hugging Face backend, the draft model's
+            tokenizer differs from the base model's, or an unknown `self:` kind.
     """
     if not isinstance(lm, CausalLM):
         raise DraftModelError(
             f"a draft model needs the Hugging Face backend, not {lm.backend!r}; "
             "drop draft_model or use backend='huggingface'"
         )
+    if is_self_draft(draft_model):
+        draft = quantized_draft(lm, draft_model)
+        return SpeculativeCausalLM(lm, draft, draft_tokens=draft_tokens)
     options = {
         k: load_options[k] for k in ("device", "dtype", "trust_remote_code") if k in load_options
     }
