@@ -99,3 +99,21 @@ def test_deal_example_meets_the_constraints_more_often_than_plain_sampling(capsy
     plain, guard = rates["plain sampling"], rates["guard"]
     assert guard["both"] > plain["both"]
     assert guard["unsafe"] == 0.0
+
+
+def test_calibrated_example_choices_do_not_move_when_the_reward_model_is_rescaled(capsys):
+    arms = load("calibrated_rewards").main(
+        ["--prompts", "3", "--num-candidates", "4", "--max-new-tokens", "24", "--lambdas", "0.1"]
+    )
+    out = capsys.readouterr().out
+    assert "3 risky demo prompts; N=4, K=2 (beam), 24 new tokens" in out
+    for method in ("BoN", "beam"):
+        calibrated = [arms[0.1, method, "calibrated", scale] for scale in (1.0, 10.0)]
+        assert calibrated[0] == calibrated[1]  # same texts, so the same scores
+        assert f"0.1 {method:6} calibrated" in out
+    assert out.count("  3/3") >= 2
+    # Raw rewards times 10 make lambda 0.1 act as 0.01: some choice moves.
+    raw = [
+        arms[0.1, method, "raw", scale].texts for method in ("BoN", "beam") for scale in (1.0, 10.0)
+    ]
+    assert raw[0] != raw[1] or raw[2] != raw[3]
