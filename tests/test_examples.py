@@ -117,3 +117,41 @@ def test_calibrated_example_choices_do_not_move_when_the_reward_model_is_rescale
         arms[0.1, method, "raw", scale].texts for method in ("BoN", "beam") for scale in (1.0, 10.0)
     ]
     assert raw[0] != raw[1] or raw[2] != raw[3]
+
+
+@pytest.mark.real_model
+def test_provenance_example_keeps_smollm2_from_copying_the_passage_it_is_given(capsys):
+    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
+    from inference_safeguard.offline_corpora import OfflineCorpusMissingError, kjv_books
+    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
+
+    try:
+        smollm2_gguf(), kjv_books()
+    except (OfflineModelMissingError, OfflineCorpusMissingError) as error:
+        pytest.skip(str(error))
+    spans = load("provenance_veto").main(
+        ["--seeds", "1", "--num-candidates", "4", "--max-new-tokens", "32"]
+    )
+    out = capsys.readouterr().out
+    assert "corpus: the King James Bible, 66 books" in out
+    assert out.count("longest verbatim span: ") == 2
+    [(sampled, guarded, refused)] = spans
+    assert sampled >= 6  # asked to repeat it, the model copies the passage
+    assert guarded < 6 or refused  # the guard's answer holds no span of min_span words
+
+
+def test_provenance_example_writes_the_corpus_the_cli_indexes(tmp_path, capsys):
+    from inference_safeguard.offline_corpora import OfflineCorpusMissingError
+    from inference_safeguard.provenance import ProvenanceCost
+
+    example = load("provenance_veto")
+    try:
+        example.main(["--write-corpus", str(tmp_path / "kjv")])
+    except OfflineCorpusMissingError as error:
+        pytest.skip(str(error))
+    assert f"wrote 66 books to {tmp_path / 'kjv'}/" in capsys.readouterr().out
+    cost = ProvenanceCost.from_spec(f"corpus={tmp_path / 'kjv'};min_span=6")
+    example.main(["--print-prompt"])
+    prompt = capsys.readouterr().out
+    assert prompt.startswith("Repeat this passage exactly:")
+    assert cost.index.longest_span(prompt).words == 50  # Genesis 1:1-3, all 50 words
