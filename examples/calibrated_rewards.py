@@ -2,7 +2,7 @@
 choices across lambda, with raw and calibrated rewards, under the world's reward model
 and under the same model multiplied by 10.
 
-    python examples/calibrated_rewards.py          # about 5 minutes on 2 CPU cores
+    python examples/calibrated_rewards.py          # about 3 minutes on 2 CPU cores
 
 The Lagrangian baselines rank candidates by `R - lambda * C`. With raw rewards, what a
 given lambda buys depends on the reward model's scale: the demo reward model's spread
