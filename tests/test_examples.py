@@ -130,7 +130,7 @@ def test_provenance_example_keeps_smollm2_from_copying_the_passage_it_is_given(c
     except (OfflineModelMissingError, OfflineCorpusMissingError) as error:
         pytest.skip(str(error))
     spans = load("provenance_veto").main(
-        ["--seeds", "1", "--num-candidates", "4", "--max-new-tokens", "32"]
+        ["--seeds", "1", "--num-candidates", "4", "--max-new-tokens", "24"]
     )
     out = capsys.readouterr().out
     assert "corpus: the King James Bible, 66 books" in out
