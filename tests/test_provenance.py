@@ -155,7 +155,7 @@ def test_guard_keeps_the_demo_assistant_from_copying_known_hazards(world):
 
 
 def test_kjv_corpus_is_one_document_per_book_and_a_wrong_path_says_what_to_name(tmp_path):
-    with pytest.raises(OfflineCorpusMissingError, match="name its Bible.db file"):
+    with pytest.raises(OfflineCorpusMissingError, match=r"name its Bible\.db file"):
         kjv_books(tmp_path / "Bible.db")
     try:
         books = kjv_books()
