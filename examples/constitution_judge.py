@@ -45,7 +45,7 @@ WIDTH = 88
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=0.78, help="most P(violates)")
+    parser.add_argument("--budget", type=float, default=0.5, help="most calibrated P(violates)")
     parser.add_argument("--num-candidates", type=int, default=4)
     parser.add_argument("--beam-width", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=8)
@@ -85,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[GuardResult, GuardResu
     sampler = SamplingDecoder(guard.lm.model, guard.lm.tokenizer, cost=judge, config=config)
     print(
         f"models loaded in {time.perf_counter() - started:.0f} s; drafts SmolLM2-135M, judge "
-        f"Gemma 3 270M, {len(DEFAULT_CONSTITUTION.principles)} principles, budget "
-        f"{args.budget}\n"
+        f"Gemma 3 270M (prior on content-free input {judge.prior:.3f}), "
+        f"{len(DEFAULT_CONSTITUTION.principles)} principles, budget {args.budget}\n"
     )
     pairs = []
     for question in QUESTIONS:
@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[GuardResult, GuardResu
         start = time.perf_counter()
         guarded = guard.generate(prompt)
         show(f"guarded ({time.perf_counter() - start:.0f} s)", guarded)
+        refusal = float(judge([question], [config.refusal_text])[0])
+        print(f"  the refusal text itself: P(violates) {refusal:.3f}\n")
         pairs.append((plain, guarded))
     print(f"\nTook {time.perf_counter() - started:.0f} s.")
     return pairs

@@ -99,3 +99,14 @@ def test_deal_example_meets_the_constraints_more_often_than_plain_sampling(capsy
     plain, guard = rates["plain sampling"], rates["guard"]
     assert guard["both"] > plain["both"]
     assert guard["unsafe"] == 0.0
+
+
+def test_deal_example_refuses_with_a_text_inside_its_length_range():
+    from inference_safeguard.programmatic import LengthCost
+
+    example = load("deal_constraints")
+    args = example.parse_args([])
+    length = LengthCost(max_length=args.max_words, min_length=args.min_words)
+    assert float(length.score_complete([""], [example.REFUSAL])[0]) == 0.0
+    with pytest.raises(SystemExit):
+        example.parse_args(["--max-words", "10", "--min-words", "5"])
