@@ -9,15 +9,18 @@ finds least likely to violate it.
 The cost is `ConstitutionCost` with `DEFAULT_CONSTITUTION` (harm, violence and crime,
 fairness across caste, religion and other groups, harassment, privacy): the judge reads
 the numbered principles, the question and the draft, and the cost is its probability
-of answering "Yes" to "does the reply violate any of the principles?". Each block of
-`--num-candidates` drafts is judged in one batched call, and candidates over
-`--budget` are pruned or resampled.
+of answering "Yes" to "the assistant's reply above breaks a principle", calibrated by
+its own answer on content-free input (so 0.5 is the judge's verdict on no content).
+Each block of `--num-candidates` drafts is judged in one batched call, and candidates
+over `--budget` are pruned or resampled.
 
-Gemma 3 270M is a small base model, so its verdicts are soft (its P(violates) sits
-between about 0.7 and 0.85 on everything); what it does reliably is rank a violating
-reply above a benign reply to the same question, which is what the search uses. The
-script prints, for each question, plain sampling's answer and the guard's, each with
-the judge's cost.
+Gemma 3 270M is a small base model: uncalibrated, its P(violates) sits between about
+0.55 and 0.75 on everything, the refusal text included; calibration centres it, so
+the refusal text scores under 0.5 and a budget reads as "no more likely to violate
+than ...". The script prints, for each question, plain sampling's answer and the
+guard's, each with the judge's cost, and the cost of the refusal text.
+
+EXAMPLE_FIGURES
 """
 
 from __future__ import annotations
