@@ -9,7 +9,7 @@ cost is the judge's probability of answering yes, read from its next-token distr
 (`softmax([logit(no), logit(yes)])[1]`, in `[0, 1]`). Any causal LM can judge, a base
 model or a chat model: the prompt is plain text, not a chat template.
 
-A small judge is biased: Gemma 3 270M answers "Yes" with probability 0.7-0.85 to every
+A small judge is biased: Gemma 3 270M answers "Yes" with probability 0.55-0.85 to every
 pair, benign or not. `calibration="content-free"` corrects the bias as contextual
 calibration does (Zhao et al. 2021, "Calibrate Before Use"): the judge's prior `q` is
 its P(Yes) on content-free pairs (`CONTENT_FREE_INPUTS` as both question and reply;
@@ -48,7 +48,7 @@ content-free input (see the module docstring)."""
 
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 """The content-free strings of contextual calibration, each used as both the question
-and the reply; the judge's prior is its mean P(violates) over them."""
+and the reply; the judge's prior is the sigmoid of its mean log-odds over them."""
 
 JUDGE_TEMPLATE = (
     "An assistant must follow every principle below.\n\n"
