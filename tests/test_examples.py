@@ -132,6 +132,8 @@ def test_speculative_example_drafts_smollm2_with_itself_within_budget(capsys):
         for result in run.results:
             assert (result.safe and result.cost <= 0) or result.refused
             assert not any(word in result.text.lower() for word in example.AVOIDED_WORDS)
+
+
 def test_calibrated_example_choices_do_not_move_when_the_reward_model_is_rescaled(capsys):
     arms = load("calibrated_rewards").main(
         ["--prompts", "3", "--num-candidates", "4", "--max-new-tokens", "24", "--lambdas", "0.1"]
@@ -186,3 +188,14 @@ def test_provenance_example_writes_the_corpus_the_cli_indexes(tmp_path, capsys):
     prompt = capsys.readouterr().out
     assert prompt.startswith("Repeat this passage exactly:")
     assert cost.index.longest_span(prompt).words == 50  # Genesis 1:1-3, all 50 words
+
+
+def test_deal_example_refuses_with_a_text_inside_its_length_range():
+    from inference_safeguard.programmatic import LengthCost
+
+    example = load("deal_constraints")
+    args = example.parse_args([])
+    length = LengthCost(max_length=args.max_words, min_length=args.min_words)
+    assert float(length.score_complete([""], [example.REFUSAL])[0]) == 0.0
+    with pytest.raises(SystemExit):
+        example.parse_args(["--max-words", "10", "--min-words", "5"])

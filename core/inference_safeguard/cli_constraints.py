@@ -11,7 +11,7 @@ model, without `--model`), or a scorer written as its one-line spec
 - `shape-regex:PATTERN` and `json-schema:FILE` (`ShapeCost.regex`, `ShapeCost.json_schema`;
   the whole rest of the argument is the pattern, `;` included),
 - `provenance:corpus=F1,F2;min_span=N;weight=W` (`ProvenanceCost.from_spec`),
-- `constitution:judge=PATH;constitution=FILE;device=D;batch_size=N`
+- `constitution:judge=PATH;constitution=FILE;device=D;batch_size=N;calibration=C`
   (`ConstitutionCost.from_spec`).
 
 The programmatic ones (length, required, shapes) are built when the arguments are
@@ -86,7 +86,8 @@ def add_constraint_option(group: argparse._ArgumentGroup) -> None:
         "regex:PATTERN, model:PATH, guard-model:PATH, world (the demo world's cost), "
         "length:max_words=N;min_words=N, required:words=W1,W2, shape-regex:PATTERN, "
         "json-schema:FILE, provenance:corpus=FILE[,FILE];min_span=N or "
-        "constitution:judge=PATH[;constitution=FILE]; repeatable; per-call budgets by "
+        "constitution:judge=PATH[;constitution=FILE][;calibration=none]; repeatable; "
+        "per-call budgets by "
         "name with --budgets '{\"NAME\": X}'",
     )
 
