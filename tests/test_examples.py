@@ -58,14 +58,8 @@ def test_critic_example_trains_saves_loads_and_guides_the_search(capsys, tmp_pat
 
 
 @pytest.mark.real_model
+@pytest.mark.usefixtures("smollm2_path")  # skips, saying what to install, without it
 def test_real_model_example_keeps_smollm2_to_the_policy_in_langchain_and_llamaindex(capsys):
-    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
-    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
-
-    try:
-        smollm2_gguf()
-    except OfflineModelMissingError as error:
-        pytest.skip(str(error))
     example = load("real_model")
     answers = example.main(["--num-candidates", "4", "--max-new-tokens", "32", "--threads", "1"])
     out = capsys.readouterr().out
@@ -102,14 +96,8 @@ def test_deal_example_meets_the_constraints_more_often_than_plain_sampling(capsy
 
 
 @pytest.mark.real_model
+@pytest.mark.usefixtures("smollm2_path")  # skips, saying what to install, without it
 def test_speculative_example_drafts_smollm2_with_itself_within_budget(capsys):
-    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
-    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
-
-    try:
-        smollm2_gguf()
-    except OfflineModelMissingError as error:
-        pytest.skip(str(error))
     example = load("speculative_candidates")
     argv = [
         "--num-candidates",
@@ -153,14 +141,13 @@ def test_calibrated_example_choices_do_not_move_when_the_reward_model_is_rescale
 
 
 @pytest.mark.real_model
+@pytest.mark.usefixtures("smollm2_path")  # skips, saying what to install, without it
 def test_provenance_example_keeps_smollm2_from_copying_the_passage_it_is_given(capsys):
-    pytest.importorskip("gguf", reason="GGUF files need the gguf extra")
     from inference_safeguard.offline_corpora import OfflineCorpusMissingError, kjv_books
-    from inference_safeguard.offline_models import OfflineModelMissingError, smollm2_gguf
 
     try:
-        smollm2_gguf(), kjv_books()
-    except (OfflineModelMissingError, OfflineCorpusMissingError) as error:
+        kjv_books()
+    except OfflineCorpusMissingError as error:
         pytest.skip(str(error))
     spans = load("provenance_veto").main(
         ["--seeds", "1", "--num-candidates", "4", "--max-new-tokens", "24"]

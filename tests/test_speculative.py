@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,24 +315,17 @@ def test_the_guard_keeps_its_budget_with_speculative_candidates(
 
 
 # ------------------------------------------------------------------------------ CLI
-def test_cli_generates_with_a_draft_model(
-    tiny_model_dir, frequent_words, tiny_tokenizer, tmp_path, capsys
-) -> None:
-    draft_dir = tmp_path / "draft"
-    build_tiny_llama(tiny_tokenizer, seed=5, hidden_size=32, num_layers=1).save_pretrained(
-        draft_dir
-    )
-    tiny_tokenizer.save_pretrained(draft_dir)
-    argv = [
+def generate_argv(model_dir: Path, draft_model: str, avoided: list[str], *extra: str) -> list[str]:
+    """`safeguard generate` with `draft_model`, avoiding `avoided`, printing JSON."""
+    return [
         "generate",
         "--model",
-        str(tiny_model_dir),
+        str(model_dir),
         "--draft-model",
-        str(draft_dir),
-        "--draft-tokens",
-        "3",
+        draft_model,
+        *extra,
         "--cost-keywords",
-        ",".join(frequent_words),
+        ",".join(avoided),
         "--max-new-tokens",
         "16",
         "--seed",
@@ -340,7 +334,20 @@ def test_cli_generates_with_a_draft_model(
         "--prompt",
         "The safe cat",
     ]
-    assert main(argv) == 0
+
+
+def test_cli_generates_with_a_draft_model(
+    tiny_model_dir, frequent_words, tiny_tokenizer, tmp_path, capsys
+) -> None:
+    draft_dir = tmp_path / "draft"
+    build_tiny_llama(tiny_tokenizer, seed=5, hidden_size=32, num_layers=1).save_pretrained(
+        draft_dir
+    )
+    tiny_tokenizer.save_pretrained(draft_dir)
+    assert (
+        main(generate_argv(tiny_model_dir, str(draft_dir), frequent_words, "--draft-tokens", "3"))
+        == 0
+    )
     record = json.loads(capsys.readouterr().out)
     assert record["safe"] and record["cost"] <= 0 and record["text"]
 
@@ -350,18 +357,7 @@ def test_cli_refuses_a_draft_model_with_another_tokenizer(tiny_model_dir, tmp_pa
     draft_dir = tmp_path / "draft"
     build_tiny_llama(other, seed=5, hidden_size=32, num_layers=1).save_pretrained(draft_dir)
     other.save_pretrained(draft_dir)
-    argv = [
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--draft-model",
-        str(draft_dir),
-        "--cost-keywords",
-        "x",
-        "--prompt",
-        "The safe cat",
-    ]
-    assert main(argv) == 2
+    assert main(generate_argv(tiny_model_dir, str(draft_dir), ["x"])) == 2
     assert "tokenizer" in capsys.readouterr().err
 
 
@@ -432,23 +428,7 @@ def test_from_pretrained_drafts_with_the_base_model_itself(
 def test_cli_drafts_with_the_base_model_itself(
     tiny_model_dir, frequent_words, capsys, draft_model, status
 ) -> None:
-    argv = [
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--draft-model",
-        draft_model,
-        "--cost-keywords",
-        ",".join(frequent_words),
-        "--max-new-tokens",
-        "16",
-        "--seed",
-        "0",
-        "--json",
-        "--prompt",
-        "The safe cat",
-    ]
-    assert main(argv) == status
+    assert main(generate_argv(tiny_model_dir, draft_model, frequent_words)) == status
     captured = capsys.readouterr()
     if status:
         assert "self:int8" in captured.err
