@@ -19,7 +19,7 @@ from inference_safeguard.errors import (
     GenerationCancelledError,
 )
 from inference_safeguard.lm import BlockRequest, CausalLM
-from inference_safeguard.quantized_draft import quantized_draft
+from inference_safeguard.quantized_draft import KERNELS, missing_kernels, quantized_draft
 from inference_safeguard.sampling import (
     PromptSamplers,
     RepetitionPenalty,
@@ -371,7 +371,15 @@ def _mean_total_variation(first: CausalLM, second: CausalLM, ids: list[int]) -> 
     return float(0.5 * (p - q).abs().sum(-1).mean())
 
 
-@pytest.mark.parametrize(("kind", "bound"), [("bf16", 0.02), ("int8", 0.03), ("int4", 0.3)])
+INT4_KERNELS = pytest.mark.skipif(
+    bool(missing_kernels("int4")), reason="this torch has no int4 CPU kernels (torch >= 2.6)"
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "bound"),
+    [("bf16", 0.02), ("int8", 0.03), pytest.param("int4", 0.3, marks=INT4_KERNELS)],
+)
 def test_a_self_draft_predicts_nearly_what_the_base_model_does(
     base, draft, tiny_tokenizer, kind, bound
 ) -> None:
@@ -401,9 +409,10 @@ def test_bad_self_drafts_are_refused(base, tiny_tokenizer) -> None:
         quantized_draft(base, "int3")
     with pytest.raises(DraftModelError, match="self:bf16"):
         speculative.with_draft_model(base, "self:fp8")
-    narrow = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=40), tiny_tokenizer)
-    with pytest.raises(DraftModelError, match="multiple of 32"):
-        quantized_draft(narrow, "int4")
+    if not missing_kernels("int4"):
+        narrow = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=40), tiny_tokenizer)
+        with pytest.raises(DraftModelError, match="multiple of 32"):
+            quantized_draft(narrow, "int4")
     half = CausalLM(build_tiny_llama(tiny_tokenizer, hidden_size=32).bfloat16(), tiny_tokenizer)
     with pytest.raises(DraftModelError, match="already in bfloat16"):
         quantized_draft(half, "self:bf16")
@@ -424,7 +433,16 @@ def test_from_pretrained_drafts_with_the_base_model_itself(
     assert guard.lm.stats.drafted > 0
 
 
-@pytest.mark.parametrize(("draft_model", "status"), [("self:int4", 0), ("self:fp8", 2)])
+def test_a_self_draft_without_its_kernels_is_refused(base, monkeypatch) -> None:
+    monkeypatch.setitem(KERNELS, "int4", ("_no_such_int4_kernel",))
+    with pytest.raises(DraftModelError, match=r"_no_such_int4_kernel.*self:int8 or self:bf16"):
+        quantized_draft(base, "self:int4")
+
+
+@pytest.mark.parametrize(
+    ("draft_model", "status"),
+    [pytest.param("self:int4", 0, marks=INT4_KERNELS), ("self:int8", 0), ("self:fp8", 2)],
+)
 def test_cli_drafts_with_the_base_model_itself(
     tiny_model_dir, frequent_words, capsys, draft_model, status
 ) -> None:

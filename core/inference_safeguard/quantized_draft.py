@@ -39,6 +39,17 @@ SELF_DRAFT_KINDS: tuple[str, ...] = tuple(
 INT4_GROUP_SIZE = 32
 """Input channels sharing one int4 scale and zero point."""
 
+KERNELS: dict[str, tuple[str, ...]] = {
+    "int8": ("_weight_int8pack_mm",),
+    "int4": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
+}
+"""The aten operators each quantized kind runs on (the int4 ones came with torch 2.6)."""
+
+
+def missing_kernels(kind: str) -> list[str]:
+    """The aten operators `kind` needs that this torch build lacks (none for bf16)."""
+    return [op for op in KERNELS.get(kind, ()) if not hasattr(torch.ops.aten, op)]
+
 
 def is_self_draft(draft_model: str) -> bool:
     """Whether `draft_model` asks for a self-draft (starts with `self:`)."""
@@ -158,8 +169,9 @@ def quantized_draft(lm: LanguageModel, kind: str = "int8") -> CausalLM:
     Raises:
         DraftModelError: `lm` is not a `CausalLM`, an unknown kind, `bf16` for a base
             model already in bfloat16, a quantized kind for a model off the CPU (the
-            int8 and int4 kernels are CPU ones), or an int4 layer whose input size is
-            not a multiple of `INT4_GROUP_SIZE`.
+            int8 and int4 kernels are CPU ones) or for a torch without its kernels
+            (`missing_kernels`), or an int4 layer whose input size is not a multiple of
+            `INT4_GROUP_SIZE`.
     """
     if not isinstance(lm, CausalLM):
         raise DraftModelError(
@@ -173,6 +185,13 @@ def quantized_draft(lm: LanguageModel, kind: str = "int8") -> CausalLM:
         raise DraftModelError(
             f"the self:{chosen} draft runs CPU kernels, and the base model is on "
             f"{lm.device}; use draft_model='self:bf16' there"
+        )
+    missing = missing_kernels(chosen)
+    if missing:
+        raise DraftModelError(
+            f"torch {torch.__version__} has no {', '.join(missing)} kernel, which the "
+            f"self:{chosen} draft runs on; upgrade torch (2.6 or later) or use "
+            f"{'self:int8 or ' if chosen == 'int4' else ''}self:bf16"
         )
     if chosen == "bf16" and lm.model.dtype == torch.bfloat16:
         raise DraftModelError(
